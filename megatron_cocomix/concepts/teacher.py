@@ -1,0 +1,256 @@
+"""Frozen teacher LM (a local Hugging Face causal LM directory or a .gguf file) with a hook on its residual stream.
+
+Hook point: `layer` = l means the residual stream after block l-1 (0-indexed blocks), i.e. HF's
+`hidden_states[l]` for 1 <= l < num_layers (hidden_states[num_layers] has the final norm applied, so it is no
+block output and is refused). For token ids [b, t]:
+
+    h_l = block_{l-1}(... block_0(embed(tokens)))                       [b, t, d]
+    L   = sum_b mean_{i < t-1} CE(logits[b, i], tokens[b, i+1])          per-sequence mean, summed over the batch
+    g   = dL/dh_l                                                         [b, t, d]
+
+Summing per-sequence means makes each sequence's gradient independent of its batch mates. All weights have
+requires_grad False and the hook hands the blocks above a fresh leaf `h_l.detach().requires_grad_()`, so
+autograd records the graph from the hook to the loss only and the backward never runs below layer l.
+dtype: bf16 on GPU, fp32 on CPU unless given; losses and logits are computed in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_CHECK_TEXTS = (
+    "The quick brown fox jumps over the lazy dog.",
+    "In 1905, Albert Einstein published four papers; one of them introduced E = mc^2.",
+    "def main(argv):\n    return 0  # exit code\n",
+    "  Leading spaces, trailing spaces,\tand tabs.  ",
+    "Ünïcödé, emoji 🙂, and CJK 漢字 are tokenised too.",
+    "HELLO World! hello world? 12345 67.89",
+)
+
+
+class _StopForward(Exception):
+    """Raised by the hook to end a forward once the hooked layer is reached."""
+
+
+def _split_gguf(path: str) -> tuple[str, Optional[str]]:
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        return os.path.dirname(os.path.abspath(path)), os.path.basename(path)
+    return path, None
+
+
+def _check_path(path: str) -> None:
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"teacher model {path}: no such file or directory")
+    if os.path.isfile(path) and not path.endswith(".gguf"):
+        raise ValueError(f"teacher model {path}: expected a Hugging Face model directory or a .gguf file")
+    if os.path.isdir(path) and not os.path.exists(os.path.join(path, "config.json")):
+        raise ValueError(f"teacher model {path}: directory without config.json (not a Hugging Face model directory)")
+
+
+def _load_hf_model(path: str, dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory, gguf_file = _split_gguf(path)
+    if gguf_file is None:
+        return AutoModelForCausalLM.from_pretrained(directory, dtype=dtype, local_files_only=True)
+    # transformers' own gguf path in from_pretrained needs `accelerate`; its dequantising reader does not.
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    config = AutoConfig.from_pretrained(directory, gguf_file=gguf_file, local_files_only=True)
+    model = AutoModelForCausalLM.from_config(config)
+    state = load_gguf_checkpoint(os.path.join(directory, gguf_file), return_tensors=True, model_to_load=model)["tensors"]
+    result = model.load_state_dict(state, strict=False)
+    if result.unexpected_keys:
+        raise ValueError(f"teacher model {path}: unexpected tensors {result.unexpected_keys[:5]}")
+    tied = {"lm_head.weight"} if getattr(config, "tie_word_embeddings", False) else set()
+    missing = set(result.missing_keys) - tied
+    if missing:
+        raise ValueError(f"teacher model {path}: tensors missing from the gguf file: {sorted(missing)[:5]}")
+    model.tie_weights()
+    return model.to(dtype)
+
+
+def load_teacher_tokenizer(path: str):
+    """The teacher's own Hugging Face tokenizer (from the directory or the gguf file), offline."""
+    from transformers import AutoTokenizer
+
+    _check_path(path)
+    directory, gguf_file = _split_gguf(path)
+    kwargs = {"gguf_file": gguf_file} if gguf_file else {}
+    return AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
+
+
+def _find_blocks(model: nn.Module, num_layers: int, path: str) -> nn.ModuleList:
+    candidates = [(name, module) for name, module in model.named_modules()
+                  if isinstance(module, nn.ModuleList) and len(module) == num_layers]
+    preferred = [c for c in candidates if c[0].split(".")[-1] in ("h", "layers", "blocks")]
+    found = preferred or candidates
+    if not found:
+        raise ValueError(f"teacher model {path}: cannot find its {num_layers} transformer blocks")
+    return found[0][1]
+
+
+class Teacher(nn.Module):
+    """A frozen causal LM with a hook at `hidden_states[layer]`; see the module docstring."""
+
+    def __init__(self, model: nn.Module, layer: int, path: str = "<in memory>") -> None:
+        super().__init__()
+        config = model.config
+        num_layers = config.num_hidden_layers
+        if not 1 <= layer < num_layers:
+            raise ValueError(f"--teacher-layer {layer} is out of range for teacher {path}: it has {num_layers} "
+                             f"blocks, so the hook hidden_states[layer] needs 1 <= layer <= {num_layers - 1}")
+        self.model = model.eval().requires_grad_(False)
+        self.path = path
+        self.layer = layer
+        self.num_layers = num_layers
+        self.d_model = config.hidden_size
+        self.vocab_size = model.get_input_embeddings().weight.shape[0]
+        self._block = _find_blocks(model, num_layers, path)[layer - 1]
+        self._mode: Optional[str] = None
+        self._replace: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+        self._captured: Optional[torch.Tensor] = None
+        self._block.register_forward_hook(self._hook)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.get_input_embeddings().weight.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.get_input_embeddings().weight.dtype
+
+    def train(self, mode: bool = True) -> "Teacher":
+        # A teacher stays in eval mode (no dropout) whatever its owner does.
+        return super().train(False)
+
+    # ---------------------------------------------------------------------------------------------- the hook
+    def _hook(self, module: nn.Module, inputs, output):
+        hidden = output[0] if isinstance(output, tuple) else output
+        if self._mode == "stop":
+            self._captured = hidden
+            raise _StopForward
+        if self._mode == "grad":
+            hidden = hidden.detach().requires_grad_()
+            self._captured = hidden
+        elif self._mode == "replace":
+            hidden = self._replace(hidden)
+        else:
+            return None
+        return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+
+    def _check_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"teacher {self.path}: tokens must be an integer tensor [b, t], got "
+                             f"{tuple(tokens.shape)} {tokens.dtype}")
+        if tokens.numel() and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
+            raise ValueError(f"teacher {self.path}: token id {int(tokens.max())} is outside its vocabulary of "
+                             f"{self.vocab_size} (the student data uses another tokenizer?)")
+        return tokens.to(self.device, torch.long)
+
+    def _run(self, mode: str, tokens: torch.Tensor):
+        self._mode = mode
+        try:
+            return self.model(input_ids=tokens, use_cache=False)
+        finally:
+            self._mode = None
+
+    # ------------------------------------------------------------------------------------------------ public
+    @torch.no_grad()
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """h_l [b, t, d]; the forward stops at the hooked block."""
+        tokens = self._check_tokens(tokens)
+        try:
+            self._run("stop", tokens)
+        except _StopForward:
+            pass
+        hidden, self._captured = self._captured, None
+        return hidden
+
+    def hidden_and_grad(self, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(h_l, dL/dh_l, L) with L the per-sequence mean next-token CE summed over the batch."""
+        tokens = self._check_tokens(tokens)
+        with torch.enable_grad():
+            logits = self._run("grad", tokens).logits
+            hidden, self._captured = self._captured, None
+            loss = sequence_losses(logits, tokens).sum()
+            (grad,) = torch.autograd.grad(loss, hidden)
+        return hidden.detach(), grad, loss.detach()
+
+    @torch.no_grad()
+    def logits(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [b, t, V] (model dtype), for the KD baseline."""
+        return self._run(None, self._check_tokens(tokens)).logits
+
+    @torch.no_grad()
+    def sequence_losses(self, tokens: torch.Tensor,
+                        replace: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> torch.Tensor:
+        """Mean next-token CE per sequence [b]; `replace` maps h_l to what the blocks above see (for the
+        SAE's delta LM loss: replace = sae)."""
+        tokens = self._check_tokens(tokens)
+        self._replace = replace
+        try:
+            logits = self._run("replace" if replace is not None else None, tokens).logits
+        finally:
+            self._replace = None
+        return sequence_losses(logits, tokens)
+
+
+def sequence_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Mean over the t-1 shifted predictions of CE(logits[:, i], tokens[:, i+1]), per sequence: [b]."""
+    b, t = tokens.shape
+    if t < 2:
+        raise ValueError(f"sequences need at least 2 tokens for a next-token loss, got {t}")
+    ce = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]), tokens[:, 1:].reshape(-1),
+                         reduction="none")
+    return ce.view(b, t - 1).mean(dim=1)
+
+
+def load_teacher(path: str, layer: int, dtype: Optional[torch.dtype] = None,
+                 device: Optional[torch.device | str] = None) -> Teacher:
+    """Load a frozen teacher from a local HF directory (GPT-2, Llama family, ...) or a .gguf file (dequantised).
+
+    Defaults: the CUDA device when available, bf16 there and fp32 on CPU. Nothing is downloaded.
+    """
+    path = os.fspath(path)
+    _check_path(path)
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = torch.device(device)
+    if dtype is None:
+        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    model = _load_hf_model(path, dtype)
+    return Teacher(model.to(device), layer, path)
+
+
+def _student_encode(tokenizer, text: str) -> list[int]:
+    if hasattr(tokenizer, "tokenize") and hasattr(tokenizer, "detokenize"):  # megatron tokenizer interface
+        return list(tokenizer.tokenize(text))
+    return list(tokenizer.encode(text, add_special_tokens=False))
+
+
+def _vocab_size(tokenizer) -> int:
+    return int(tokenizer.vocab_size) if not hasattr(tokenizer, "__len__") else len(tokenizer)
+
+
+def check_teacher_tokenizer(teacher_path: str, student_tokenizer, texts: Sequence[str] = DEFAULT_CHECK_TEXTS) -> None:
+    """Refuse a teacher whose tokenizer gives other ids than the student's (vocab size, then sample encodings).
+
+    `student_tokenizer`: a megatron-style tokenizer (`tokenize`, `vocab_size`) or a HF tokenizer.
+    """
+    teacher_tok = load_teacher_tokenizer(teacher_path)
+    teacher_size, student_size = len(teacher_tok), _vocab_size(student_tokenizer)
+    if teacher_size != student_size:
+        raise ValueError(f"teacher {teacher_path} has a vocabulary of {teacher_size} tokens but the student "
+                         f"tokenizer has {student_size}: the teacher must share the student's tokenizer")
+    for text in texts:
+        ours, theirs = _student_encode(student_tokenizer, text), teacher_tok.encode(text, add_special_tokens=False)
+        if list(ours) != list(theirs):
+            raise ValueError(f"teacher {teacher_path} tokenises {text!r} as {list(theirs)[:12]} but the student "
+                             f"tokenizer gives {list(ours)[:12]}: the teacher must share the student's tokenizer")
