@@ -142,29 +142,28 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
+    from megatron_cocomix.data.tokenizer import add_tokenizer_args  # light: no megatron-core import
+
     g = parser.add_argument_group("data and dataloader")
     g.add_argument("--data-path", nargs="*", default=None,
-                   help="Dataset prefix(es) of .bin/.idx pairs: `PREFIX` or `W1 PREFIX1 W2 PREFIX2 ...` to blend.")
+                   help="Dataset prefix(es) of .bin/.idx pairs: `PREFIX` or `W1 PREFIX1 W2 PREFIX2 ...` to blend "
+                        "(weights are normalised; each prefix is split by --split).")
     g.add_argument("--split", default=None,
-                   help="Train/valid/test split of --data-path documents, e.g. 969,30,1 (default 969,30,1).")
-    g.add_argument("--train-data-path", nargs="*", default=None, help="Prefix(es) used only for training.")
+                   help="Train/valid/test weights of each --data-path prefix's documents (default 969,30,1).")
+    g.add_argument("--train-data-path", nargs="*", default=None,
+                   help="Prefix(es) used only for training (`P` or `W1 P1 ...`); instead of --data-path/--split.")
     g.add_argument("--valid-data-path", nargs="*", default=None, help="Prefix(es) used only for validation.")
     g.add_argument("--test-data-path", nargs="*", default=None, help="Prefix(es) used only for test.")
-    g.add_argument("--data-cache-path", default=None, help="Where dataset index caches are written.")
-    g.add_argument("--mock-data", action="store_true", help="Synthetic token data; needs no files.")
+    g.add_argument("--data-cache-path", default=None,
+                   help="Where megatron-core writes its index caches (default: a cache/ folder next to the data).")
+    g.add_argument("--mock-data", action="store_true", help="Synthetic token data (megatron-core MockGPTDataset).")
     g.add_argument("--seq-length", type=int, default=None, help="Tokens per training sequence.")
     g.add_argument("--num-workers", type=int, default=2, help="DataLoader worker processes.")
     g.add_argument("--reset-position-ids", action="store_true", help="Restart position ids after each EOD.")
-    g.add_argument("--reset-attention-mask", action="store_true", help="Block attention across EOD boundaries.")
+    g.add_argument("--reset-attention-mask", action="store_true",
+                   help="Block attention across EOD boundaries (samples then carry an attention_mask).")
     g.add_argument("--eod-mask-loss", action="store_true", help="No loss on EOD tokens.")
-    g.add_argument("--tokenizer-type", default=None,
-                   choices=["GPT2BPETokenizer", "SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"],
-                   help="Tokenizer; NullTokenizer (default with --mock-data) maps ids to themselves.")
-    g.add_argument("--vocab-file", default=None, help="GPT-2 BPE vocabulary (encoder.json).")
-    g.add_argument("--merge-file", default=None, help="GPT-2 BPE merges (vocab.bpe).")
-    g.add_argument("--tokenizer-model", default=None,
-                   help="SentencePiece .model file, or a local HF tokenizer directory / tokenizer.json.")
-    g.add_argument("--vocab-size", type=int, default=None, help="Vocabulary size for NullTokenizer / --mock-data.")
+    add_tokenizer_args(g)
 
 
 def _add_cocomix_args(parser: argparse.ArgumentParser) -> None:
@@ -325,6 +324,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         args.save_interval = args.train_iters
 
     # Data.
+    _validate_data_args(args)
     if not args.mock_data and not (args.data_path or args.train_data_path):
         raise ArgumentError("no training data: give --data-path (or --train-data-path), or --mock-data")
     if args.mock_data and args.tokenizer_type is None:
@@ -350,6 +350,57 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         path = getattr(args, flag)
         if path is not None and not os.path.exists(path):
             raise ArgumentError(f"--{flag.replace('_', '-')} {path}: no such file or directory")
+
+
+def _validate_data_args(args: argparse.Namespace) -> None:
+    """Data and tokenizer flags: what can be checked before any file is opened (files are checked by
+    megatron_cocomix.data.datasets before training starts)."""
+    from megatron_cocomix.data.datasets import parse_blend
+
+    has_per_split = any(getattr(args, f"{s}_data_path") for s in ("train", "valid", "test"))
+    if args.mock_data and (args.data_path or has_per_split):
+        raise ArgumentError("--mock-data cannot be combined with --data-path / --train-data-path")
+    if not args.mock_data and not (args.data_path or args.train_data_path):
+        raise ArgumentError("no training data: give --data-path (or --train-data-path), or --mock-data")
+    if args.data_path and has_per_split:
+        raise ArgumentError("--data-path and --train/valid/test-data-path are mutually exclusive")
+    if args.split is not None and not args.data_path:
+        raise ArgumentError(f"--split {args.split} only applies to --data-path")
+    for flag in ("data_path", "train_data_path", "valid_data_path", "test_data_path"):
+        try:
+            parse_blend(getattr(args, flag), f"--{flag.replace('_', '-')}")
+        except ValueError as e:
+            raise ArgumentError(str(e)) from None
+    if args.data_path:
+        if args.split is None:
+            args.split = "969,30,1"
+        parts = args.split.replace("/", ",").split(",")
+        try:
+            weights = [float(p) for p in parts]
+        except ValueError:
+            weights = []
+        if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or sum(weights) <= 0 or weights[0] <= 0:
+            raise ArgumentError(f"--split {args.split}: expected up to 3 non-negative weights with a positive "
+                                f"train share, e.g. 969,30,1")
+    if args.num_workers < 0:
+        raise ArgumentError(f"--num-workers must be >= 0, got {args.num_workers}")
+    if args.make_vocab_size_divisible_by <= 0:
+        raise ArgumentError(f"--make-vocab-size-divisible-by must be positive, got {args.make_vocab_size_divisible_by}")
+    if args.mock_data and args.tokenizer_type is None:
+        args.tokenizer_type = "NullTokenizer"
+    if args.tokenizer_type is None:
+        raise ArgumentError("--tokenizer-type is required with --data-path")
+    if args.tokenizer_type == "NullTokenizer" and (args.vocab_size is None or args.vocab_size <= 0):
+        raise ArgumentError("--vocab-size (positive) is required with --tokenizer-type NullTokenizer / --mock-data")
+    needed = {"GPT2BPETokenizer": ("vocab_file", "merge_file"), "SentencePieceTokenizer": ("tokenizer_model",),
+              "HuggingFaceTokenizer": ("tokenizer_model",)}.get(args.tokenizer_type, ())
+    for flag in needed:
+        path = getattr(args, flag)
+        name = f"--{flag.replace('_', '-')}"
+        if path is None:
+            raise ArgumentError(f"--tokenizer-type {args.tokenizer_type} needs {name}")
+        if not os.path.exists(path):
+            raise ArgumentError(f"{name} {path}: no such file or directory")
 
 
 def _read_json(path: str, flag: str) -> dict:

@@ -36,10 +36,12 @@ import os
 import signal
 import sys
 import time
+import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 from megatron_cocomix.data.tokenizer import add_tokenizer_args, build_tokenizer_from_flags  # noqa: E402
 
