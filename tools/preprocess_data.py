@@ -118,21 +118,41 @@ class Task:
     items: List[Tuple[int, bytes]]  # (line number, raw bytes)
 
 
+def _damage_errors() -> tuple:
+    import zstandard
+
+    return (EOFError, OSError, zstandard.ZstdError)
+
+
+def _numbered_lines(stream, path: str, progress: "Progress") -> Iterator[Tuple[int, bytes]]:
+    """(line number, line) until the end, or until a corrupt / truncated compressed stream (then warn and stop)."""
+    try:
+        yield from enumerate(stream, 1)
+    except _damage_errors() as e:
+        progress.warn(f"{path}: input stream ends early ({e}); kept the documents before the damage")
+
+
 def read_tasks(files: Sequence[str], txt_documents: str, progress: "Progress") -> Iterator[Task]:
     """Stream the inputs as tasks, in input order. A corrupt compressed stream ends that file with a warning."""
     for path in files:
         raw, stream = _open_binary(path)
+        text = is_text_file(path)
+        kind = "text" if text else "json"
         try:
-            if is_text_file(path) and txt_documents == "file":
-                yield Task(path, 1, "text", [(1, stream.read())])
+            if text and txt_documents == "file":
+                try:
+                    content = stream.read()
+                except _damage_errors() as e:
+                    progress.warn(f"{path}: cannot decompress ({e}); file skipped")
+                    continue
+                yield Task(path, 1, kind, [(1, content)])
                 progress.add_bytes(raw.tell())
                 continue
             block: List[Tuple[int, bytes]] = []
-            pending: List[bytes] = []
-            pending_start = 0
-            last_pos = 0
-            for line_no, line in enumerate(stream, 1):
-                if is_text_file(path):  # blank-line-separated blocks
+            pending: List[bytes] = []  # lines of the current blank-line-separated text block
+            pending_start = last_pos = 0
+            for line_no, line in _numbered_lines(stream, path, progress):
+                if text:
                     if line.strip():
                         if not pending:
                             pending_start = line_no
@@ -144,7 +164,7 @@ def read_tasks(files: Sequence[str], txt_documents: str, progress: "Progress") -
                 elif line.strip():
                     block.append((line_no, line))
                 if len(block) >= BATCH_LINES:
-                    yield Task(path, block[0][0], "json" if not is_text_file(path) else "text", block)
+                    yield Task(path, block[0][0], kind, block)
                     block = []
                     pos = raw.tell()
                     progress.add_bytes(pos - last_pos)
@@ -152,10 +172,8 @@ def read_tasks(files: Sequence[str], txt_documents: str, progress: "Progress") -
             if pending:
                 block.append((pending_start, b"".join(pending).rstrip(b"\r\n")))
             if block:
-                yield Task(path, block[0][0], "json" if not is_text_file(path) else "text", block)
+                yield Task(path, block[0][0], kind, block)
             progress.add_bytes(raw.tell() - last_pos)
-        except (EOFError, OSError) as e:  # truncated / corrupt .gz or .zst: keep what was read, go on
-            progress.warn(f"{path}: input stream ends early ({e}); kept the documents before the damage")
         finally:
             stream.close()
             raw.close()
