@@ -194,3 +194,37 @@ def evaluate_sae(sae: TopKSAE, teacher: Optional[Teacher], token_batches: Iterab
         result.update(clean_loss=clean / sequences, spliced_loss=spliced / sequences,
                       delta_lm_loss=(spliced - clean) / sequences)
     return result
+
+
+class TokenWindows:
+    """Token windows [seq_length] cut from a megatron .bin/.idx dataset: documents concatenated in file order
+    and split into consecutive windows (no padding, the tail that does not fill a window is dropped)."""
+
+    def __init__(self, prefix: str, seq_length: int) -> None:
+        import os
+
+        import numpy
+        from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+        for suffix in (".bin", ".idx"):
+            if not os.path.exists(prefix + suffix):
+                raise FileNotFoundError(f"--data-path {prefix}: no such file {prefix + suffix}")
+        dataset = IndexedDataset(prefix)
+        lengths = numpy.asarray(dataset.sequence_lengths, dtype=numpy.int64)
+        if lengths.sum() < seq_length:
+            raise ValueError(f"--data-path {prefix}: {int(lengths.sum())} tokens, fewer than one window of "
+                             f"--seq-length {seq_length}")
+        # Documents are contiguous in the .bin file, so the concatenated stream is one memory-mapped array.
+        first, count = int(dataset.index.sequence_pointers[0]), int(lengths.sum())
+        self.tokens = numpy.memmap(prefix + ".bin", dtype=dataset.index.dtype, mode="r", offset=first, shape=(count,))
+        self.seq_length = seq_length
+
+    def __len__(self) -> int:
+        return len(self.tokens) // self.seq_length
+
+    def batch(self, window_ids: "list[int]") -> torch.Tensor:
+        """LongTensor [len(window_ids), seq_length]."""
+        import numpy
+
+        rows = [self.tokens[i * self.seq_length:(i + 1) * self.seq_length] for i in window_ids]
+        return torch.from_numpy(numpy.stack(rows).astype(numpy.int64))

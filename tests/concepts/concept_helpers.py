@@ -12,7 +12,8 @@ def save_tiny_gpt2(path: str, vocab_size: int = 96, seed: int = 0) -> str:
 
     torch.manual_seed(seed)
     config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=32, n_layer=3, n_head=4,
-                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
+                        bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
     GPT2LMHeadModel(config).save_pretrained(path)
     return path
 
@@ -55,3 +56,22 @@ def free_port() -> int:
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def write_token_dataset(prefix: str, vocab_size: int, num_docs: int = 20, seed: int = 0, min_len: int = 20,
+                        max_len: int = 120) -> list:
+    """A megatron .bin/.idx of random token documents; returns the documents."""
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    g = torch.Generator().manual_seed(seed)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.int32)
+    docs = []
+    for _ in range(num_docs):
+        n = int(torch.randint(min_len, max_len, (1,), generator=g))
+        doc = torch.randint(0, vocab_size, (n,), generator=g, dtype=torch.int32)
+        builder.add_item(doc)
+        builder.end_document()
+        docs.append(doc)
+    builder.finalize(prefix + ".idx")
+    return docs

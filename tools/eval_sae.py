@@ -1,0 +1,68 @@
+"""Evaluate a TopK SAE on a teacher layer: FVU, L0, dead fraction and delta LM loss.
+
+    python tools/eval_sae.py --sae SAE --teacher-model MODEL --teacher-layer 6 --data-path PREFIX \
+        --seq-length 128 [--num-sequences 64]
+
+FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the evaluated tokens (teacher scale, after the SAE's own
+de-normalisation); L0 = mean active latents per token; dead fraction = latents that fired on none of the
+evaluated tokens; delta LM loss = mean next-token CE with x_hat spliced in at hidden_states[layer] minus the clean
+CE. Windows: the last --num-sequences windows of --seq-length tokens of PREFIX (the ones tools/train_sae.py holds
+out with the same --eval-sequences). Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Evaluate a TopK SAE on a teacher layer.", allow_abbrev=False)
+    p.add_argument("--sae", required=True, help="OpenAI .pt, SAELens folder or sparsify folder.")
+    p.add_argument("--teacher-model", required=True, help="Local Hugging Face model directory or .gguf file.")
+    p.add_argument("--teacher-layer", type=int, required=True, help="Hook: the teacher's hidden_states[layer].")
+    p.add_argument("--data-path", required=True, help="Prefix of a tokenised .bin/.idx dataset.")
+    p.add_argument("--seq-length", type=int, default=128, help="Tokens per window.")
+    p.add_argument("--num-sequences", type=int, default=16, help="Windows evaluated (the last ones of the data).")
+    p.add_argument("--batch-size", type=int, default=8, help="Windows per teacher forward.")
+    p.add_argument("--skip-positions", type=int, default=1, help="Leading positions left out of FVU / L0.")
+    p.add_argument("--output", default=None, help="Also write the JSON result to this file.")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from megatron_cocomix.concepts import check_teacher_sae, load_sae, load_teacher
+        from megatron_cocomix.concepts.sae_training import TokenWindows, evaluate_sae
+
+        for name in ("seq_length", "num_sequences", "batch_size"):
+            if getattr(args, name) <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+        if not 0 <= args.skip_positions < args.seq_length:
+            raise ValueError(f"--skip-positions {args.skip_positions} must be in [0, --seq-length {args.seq_length})")
+        teacher = load_teacher(args.teacher_model, args.teacher_layer)
+        sae = load_sae(args.sae, device=teacher.device).freeze()
+        check_teacher_sae(teacher, sae)
+        windows = TokenWindows(args.data_path, args.seq_length)
+        first = max(0, len(windows) - args.num_sequences)
+        ids = list(range(first, len(windows)))
+        batches = (windows.batch(ids[i:i + args.batch_size]) for i in range(0, len(ids), args.batch_size))
+        result = evaluate_sae(sae, teacher, batches, skip_positions=args.skip_positions)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    result.update(sae=args.sae, teacher_model=args.teacher_model, teacher_layer=args.teacher_layer)
+    print(json.dumps(result))
+    if args.output:
+        with open(args.output, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
