@@ -177,3 +177,38 @@ def check_fingerprint(actual: Mapping[str, Any], expected: Mapping[str, Any], pr
 def _canonical(value: Any) -> Any:
     # JSON turns tuples into lists; compare the JSON forms.
     return json.loads(json.dumps(value, sort_keys=True))
+
+
+def expected_fingerprint(args, tokenizer, num_samples: int, sae_sha256: str, mask_invalid: bool = True) -> dict:
+    """The fingerprint of labels for the training samples that `args` produce; tools/extract_concepts.py writes
+    it and training compares against it, so both sides build it here. `args`: the parsed training flags."""
+    def absolute(paths):
+        # Keep blend weights as they are; make prefixes absolute so the working directory does not matter.
+        if not paths:
+            return paths
+        return [p if _is_number(p) else os.path.abspath(p) for p in paths]
+
+    return {
+        "data_path": absolute(args.data_path),
+        "train_data_path": absolute(getattr(args, "train_data_path", None)),
+        "mock_data": bool(getattr(args, "mock_data", False)),
+        "split": args.split,
+        "seq_length": args.seq_length,
+        "seed": args.seed,
+        "tokenizer": _canonical(dict(tokenizer.unique_identifiers)),
+        "num_samples": int(num_samples),
+        "teacher_model": os.path.abspath(args.teacher_model),
+        "teacher_layer": args.teacher_layer,
+        "sae_sha256": sae_sha256,
+        "num_labels": args.concept_num_labels,
+        "attribution": args.concept_attribution,
+        "mask_invalid": bool(mask_invalid),
+    }
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+        return True
+    except ValueError:
+        return False

@@ -1,0 +1,216 @@
+"""tools/extract_concepts.py, train_sae.py, eval_sae.py and import_openai_sae.py on tiny random teachers.
+
+extract_concepts: labels aligned with the training samples (compared with attribution_labels on the samples the
+data pipeline builds), identical with 1 and 2 processes (torchrun, gloo), resumable, refusing mismatches.
+"""
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+
+import numpy
+import pytest
+import torch
+
+from concept_helpers import ROOT, free_port, save_tiny_gpt2, write_openai_sae, write_token_dataset
+
+VOCAB = 96  # NullTokenizer --vocab-size 95: ids 0..94, eod 95
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"concept_tools_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("concept_tools")
+    save_tiny_gpt2(str(tmp / "gpt2"), vocab_size=VOCAB)
+    write_token_dataset(str(tmp / "data"), VOCAB - 1, num_docs=40)
+    write_openai_sae(str(tmp / "sae.pt"), 32, 128, 8, seed=3)
+    return tmp
+
+
+def extract_flags(assets, output, **extra):
+    flags = {"--teacher-model": assets / "gpt2", "--teacher-layer": 2, "--sae": assets / "sae.pt",
+             "--data-path": assets / "data", "--split": "90,10,0", "--seq-length": 16, "--train-iters": 6,
+             "--global-batch-size": 4, "--tokenizer-type": "NullTokenizer", "--vocab-size": VOCAB - 1,
+             "--output-prefix": output, "--data-cache-path": assets / "cache", "--chunk-samples": 5}
+    flags.update(extra)
+    argv = []
+    for key, value in flags.items():
+        if value is not None:
+            argv += [key] if value is True else [key, str(value)]
+    return argv + ["--no-progress"]
+
+
+def run(cmd, **kw):
+    env = dict(os.environ, PYTHONPATH=ROOT, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300, **kw)
+
+
+def read_all(prefix):
+    from megatron_cocomix.data.concept_labels import ConceptLabelsDataset
+
+    ds = ConceptLabelsDataset(str(prefix))
+    return torch.stack([ds[i] for i in range(len(ds))]), ds
+
+
+@pytest.fixture(scope="module")
+def one_process_labels(assets):
+    out = assets / "labels_1"
+    proc = run([sys.executable, "tools/extract_concepts.py"] + extract_flags(assets, out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert json.loads(proc.stdout.strip().splitlines()[-1])["num_samples"] == 24
+    return out
+
+
+def test_labels_aligned_with_training_samples(assets, one_process_labels):
+    import torch.distributed as dist
+
+    from megatron_cocomix.concepts import attribution_labels, load_sae, load_teacher, sae_fingerprint
+    from megatron_cocomix.data.concept_labels import expected_fingerprint
+    from megatron_cocomix.data.datasets import build_train_valid_test_datasets
+    from megatron_cocomix.data.tokenizer import build_tokenizer
+
+    tool = load_tool("extract_concepts")
+    args = tool.build_parser().parse_args(extract_flags(assets, one_process_labels))
+    tool._validate(args)
+    labels, ds = read_all(one_process_labels)
+    assert labels.shape == (24, 16, 4)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+    try:
+        tokenizer = build_tokenizer(args)
+        train, _, _ = build_train_valid_test_datasets(args, tokenizer, [24, 0, 0])
+    finally:
+        dist.destroy_process_group()
+    teacher = load_teacher(str(assets / "gpt2"), 2)
+    sae = load_sae(str(assets / "sae.pt")).freeze()
+    tokens = torch.stack([torch.as_tensor(train[i]["tokens"]) for i in range(24)])
+    assert torch.equal(labels, attribution_labels(teacher, sae, tokens))
+    assert (labels[:, -1] == -1).all() and (labels[:, :-1] >= 0).any()
+    ds.check_fingerprint(expected_fingerprint(args, tokenizer, 24, sae_fingerprint(str(assets / "sae.pt"))))
+    with pytest.raises(ValueError, match="'seq_length' is 16 but this run has 32"):
+        args.seq_length = 32
+        ds.check_fingerprint(expected_fingerprint(args, tokenizer, 24, sae_fingerprint(str(assets / "sae.pt"))))
+
+
+def test_two_processes_give_identical_labels(assets, one_process_labels):
+    out = assets / "labels_2"
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), "tools/extract_concepts.py"] + extract_flags(assets, out, **{"--chunk-samples": 3}))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, ds_a = read_all(one_process_labels)
+    b, ds_b = read_all(out)
+    assert torch.equal(a, b)
+    assert ds_a.fingerprint == ds_b.fingerprint
+    assert not os.path.exists(str(out) + ".parts")
+
+
+def test_resume_after_interruption(assets, one_process_labels, monkeypatch):
+    import megatron_cocomix.concepts as concepts
+
+    tool = load_tool("extract_concepts")
+    out = assets / "labels_resume"
+    calls = {"n": 0}
+    real = concepts.attribution_labels
+
+    def failing(*a, **k):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise ValueError("simulated crash")
+        return real(*a, **k)
+
+    monkeypatch.setattr(concepts, "attribution_labels", failing)
+    assert tool.main(extract_flags(assets, out, **{"--extract-batch-size": 2})) == 2  # crashes in chunk 2
+    done = sorted(f for f in os.listdir(str(out) + ".parts") if f.endswith(".done"))
+    assert done == ["chunk_000000.done"]
+    calls["n"] = -1000
+    assert tool.main(extract_flags(assets, out, **{"--extract-batch-size": 2})) == 0
+    # Chunks of 5 samples in batches of 2: 3 calls per full chunk, 2 for the last (4 samples); chunk 0 is kept.
+    assert calls["n"] == -1000 + 3 * 3 + 2
+    assert torch.equal(read_all(out)[0], read_all(one_process_labels)[0])
+    # A finished output with the same flags is kept; other flags are refused.
+    assert tool.main(extract_flags(assets, out)) == 0
+    assert tool.main(extract_flags(assets, out, **{"--concept-attribution": "abs"})) == 2
+
+
+def test_extract_errors(assets, capsys, tmp_path):
+    tool = load_tool("extract_concepts")
+    assert tool.main(extract_flags(assets, tmp_path / "x", **{"--global-batch-size": None})) == 2
+    assert "--global-batch-size is required" in capsys.readouterr().err
+    wide = tmp_path / "wide.pt"
+    write_openai_sae(str(wide), 48, 128, 8)
+    assert tool.main(extract_flags(assets, tmp_path / "x", **{"--sae": wide})) == 2
+    assert "has d_model 48 but teacher" in capsys.readouterr().err
+    assert tool.main(extract_flags(assets, tmp_path / "x", **{"--concept-dim": 4096})) == 2
+    assert "num_latents 128 but --concept-dim expects 4096" in capsys.readouterr().err
+    assert tool.main(extract_flags(assets, tmp_path / "x", **{"--vocab-size": 500})) == 2
+    assert "the data tokenizer has 501 ids but teacher" in capsys.readouterr().err
+    # Unfinished parts of another configuration are not mixed in.
+    parts = tmp_path / "y.parts"
+    parts.mkdir()
+    (parts / "fingerprint.json").write_text(json.dumps({"seq_length": 99}))
+    assert tool.main(extract_flags(assets, tmp_path / "y")) == 2
+    assert "remove" in capsys.readouterr().err
+
+
+def train_flags(assets, save, iters, **extra):
+    flags = {"--teacher-model": assets / "gpt2", "--teacher-layer": 2, "--data-path": assets / "data",
+             "--seq-length": 16, "--num-latents": 64, "--k": 4, "--train-iters": iters, "--sequences-per-step": 4,
+             "--dead-tokens": 200, "--eval-sequences": 8, "--save": save, "--log-interval": 2}
+    flags.update(extra)
+    return [str(x) for kv in flags.items() for x in kv] + ["--no-progress"]
+
+
+def test_train_sae_resume_is_exact_and_eval(assets, tmp_path, capsys):
+    from megatron_cocomix.concepts import load_sae
+
+    tool = load_tool("train_sae")
+    assert tool.main(train_flags(assets, tmp_path / "straight", 8, **{"--save-interval": 4,
+                                                                     "--tensorboard-dir": tmp_path / "tb"})) == 0
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert result["train_fvu_last"] < result["train_fvu_first"] and result["l0"] <= 4
+    assert os.listdir(tmp_path / "tb")
+    assert tool.main(train_flags(assets, tmp_path / "resumed", 4)) == 0
+    assert tool.main(train_flags(assets, tmp_path / "resumed", 8)) == 0
+    capsys.readouterr()
+    a, b = load_sae(str(tmp_path / "straight" / "iter_0000008")), load_sae(str(tmp_path / "resumed" / "iter_0000008"))
+    for p, q in zip(a.parameters(), b.parameters()):
+        assert torch.equal(p, q)
+    eval_tool = load_tool("eval_sae")
+    assert eval_tool.main(["--sae", str(tmp_path / "straight" / "iter_0000008"), "--teacher-model",
+                           str(assets / "gpt2"), "--teacher-layer", "2", "--data-path", str(assets / "data"),
+                           "--seq-length", "16", "--num-sequences", "8"]) == 0
+    evaluated = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert evaluated["fvu"] == pytest.approx(result["fvu"], rel=1e-6)
+    assert evaluated["delta_lm_loss"] == pytest.approx(result["delta_lm_loss"], rel=1e-5, abs=1e-6)
+    # A checkpoint with another width is refused on resume, naming both values.
+    assert tool.main(train_flags(assets, tmp_path / "straight", 12, **{"--num-latents": 32})) == 2
+    assert "num_latents 64 but --num-latents/--k of this run" in capsys.readouterr().err
+
+
+def test_train_sae_two_processes(assets, tmp_path):
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                str(free_port()), "tools/train_sae.py"] + train_flags(assets, tmp_path / "dp", 6))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["steps"] == 6 and result["train_fvu_last"] < result["train_fvu_first"]
+    assert json.load(open(tmp_path / "dp" / "iter_0000006" / "cfg.json"))["world_size"] == 2
+
+
+def test_import_openai_sae(assets, tmp_path, capsys):
+    from megatron_cocomix.concepts import load_sae
+
+    tool = load_tool("import_openai_sae")
+    assert tool.main(["--input", str(assets / "sae.pt"), "--output", str(tmp_path / "out"), "--layer", "6"]) == 0
+    x = torch.randn(5, 32)
+    torch.testing.assert_close(load_sae(str(tmp_path / "out"))(x), load_sae(str(assets / "sae.pt"))(x), rtol=0, atol=0)
+    assert tool.main(["--input", str(assets / "sae.pt"), "--output", str(tmp_path / "out")]) == 2
+    assert "already holds an SAE" in capsys.readouterr().err
+    assert tool.main(["--input", str(tmp_path / "none.pt"), "--output", str(tmp_path / "o2")]) == 2

@@ -1,0 +1,233 @@
+"""Precompute CoCoMix concept labels for exactly the training samples that the training flags produce.
+
+    python tools/extract_concepts.py --teacher-model MODEL --teacher-layer 6 --sae SAE --concept-num-labels 4 \
+        --data-path PREFIX --split 969,30,1 --seq-length 1024 --seed 1234 --train-iters N --global-batch-size B \
+        --tokenizer-type GPT2BPETokenizer --vocab-file ... --merge-file ... --output-prefix labels/owt
+    torchrun --nproc_per_node 8 tools/extract_concepts.py ...      # data-parallel
+
+The flags are training's own (megatron_cocomix.arguments.build_parser), so a training command line can be
+reused as is plus --output-prefix. The training dataset is built by megatron_cocomix.data.datasets with
+train_iters x global_batch_size samples, as training does; sample i's `tokens` [seq_length] (the student's
+context window) go through the teacher and SAE (attribution_labels), giving labels [seq_length, num_labels].
+
+Work is split into chunks of --chunk-samples consecutive samples; chunk c goes to rank c mod world. Each finished
+chunk is written as OUTPUT.parts/chunk_XXXXXX.{bin,idx} plus a .done marker, so an interrupted run resumes at
+the first unfinished chunk (with any number of processes). When all chunks exist, rank 0 concatenates them in
+sample order into OUTPUT.{bin,idx}, writes the fingerprint OUTPUT.json last and removes the parts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import socket
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_cocomix.arguments import build_parser as training_parser
+
+    parser = training_parser()
+    parser.description = "Precompute CoCoMix concept labels for the training samples of these flags."
+    g = parser.add_argument_group("concept label extraction")
+    g.add_argument("--output-prefix", required=True, help="Write OUTPUT_PREFIX.{bin,idx,json}.")
+    g.add_argument("--extract-batch-size", type=int, default=None,
+                   help="Sequences per teacher forward (default --micro-batch-size, else 8).")
+    g.add_argument("--chunk-samples", type=int, default=256, help="Samples per resumable chunk.")
+    g.add_argument("--concept-reference-labels", action="store_true",
+                   help="Keep the reference code's labels where scores are not positive (no -1 masking).")
+    g.add_argument("--no-tokenizer-check", action="store_true",
+                   help="Skip comparing the teacher's tokenizer with the data tokenizer (NullTokenizer data).")
+    g.add_argument("--no-progress", action="store_true", help="No tqdm progress bar.")
+    return parser
+
+
+def _validate(args: argparse.Namespace) -> None:
+    from megatron_cocomix.arguments import _validate_data_args
+
+    for flag in ("teacher_model", "teacher_layer", "sae", "seq_length", "train_iters", "global_batch_size"):
+        if getattr(args, flag) is None:
+            raise ValueError(f"--{flag.replace('_', '-')} is required (use the training run's value)")
+    for flag in ("seq_length", "train_iters", "global_batch_size", "chunk_samples", "concept_num_labels"):
+        if getattr(args, flag) <= 0:
+            raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
+    if args.extract_batch_size is None:
+        args.extract_batch_size = args.micro_batch_size or 8
+    if args.extract_batch_size <= 0:
+        raise ValueError(f"--extract-batch-size must be positive, got {args.extract_batch_size}")
+    _validate_data_args(args)  # the same checks and defaults (e.g. --split) as training
+    for flag in ("teacher_model", "sae"):
+        if not os.path.exists(getattr(args, flag)):
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file or directory")
+
+
+def _init_distributed(args: argparse.Namespace) -> tuple[int, int, torch.device, bool]:
+    """(rank, world, device, created): joins torchrun's group, or makes a one-process group (megatron's dataset
+    builder needs one); `created` says whether this call made the group (and should destroy it)."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size(), device, False
+    backend = args.distributed_backend or ("nccl" if device.type == "cuda" else "gloo")
+    timeout = datetime.timedelta(minutes=args.distributed_timeout_minutes)
+    if "WORLD_SIZE" in os.environ:
+        dist.init_process_group(backend, timeout=timeout)
+    else:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1,
+                                timeout=timeout)
+    return dist.get_rank(), dist.get_world_size(), device, True
+
+
+def _chunk_prefix(parts: str, chunk: int) -> str:
+    return os.path.join(parts, f"chunk_{chunk:06d}")
+
+
+def _check_parts_fingerprint(parts: str, fingerprint: dict, rank: int) -> None:
+    """A parts directory from another configuration must not be mixed into this one."""
+    from megatron_cocomix.data.concept_labels import check_fingerprint
+
+    path = os.path.join(parts, "fingerprint.json")
+    if rank == 0:
+        os.makedirs(parts, exist_ok=True)
+        if not os.path.exists(path):
+            with open(path + ".tmp", "w") as f:
+                json.dump(fingerprint, f, indent=2, sort_keys=True)
+            os.replace(path + ".tmp", path)
+    dist.barrier()
+    with open(path) as f:
+        saved = json.load(f)
+    try:
+        check_fingerprint(saved, fingerprint, parts)
+    except ValueError as e:
+        raise ValueError(f"{e} (unfinished parts of another run: remove {parts} to start over)") from None
+
+
+def extract(args: argparse.Namespace) -> dict:
+    rank, world, device, created = _init_distributed(args)
+    try:
+        return _extract(args, rank, world, device)
+    finally:
+        if created and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
+    from tqdm import tqdm
+
+    from megatron_cocomix.concepts import (attribution_labels, check_sae_compatible, check_teacher_sae,
+                                           check_teacher_tokenizer, load_sae, load_teacher, sae_fingerprint)
+    from megatron_cocomix.data.concept_labels import ConceptLabelsWriter, expected_fingerprint, write_fingerprint
+    from megatron_cocomix.data.datasets import build_train_valid_test_datasets
+    from megatron_cocomix.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(args)
+    teacher = load_teacher(args.teacher_model, args.teacher_layer, device=device)
+    sae = load_sae(args.sae, device=device).freeze()
+    check_teacher_sae(teacher, sae)
+    check_sae_compatible(sae, num_latents=args.concept_dim, where="--concept-dim")
+    if args.concept_num_labels > sae.k and not args.concept_reference_labels:
+        raise ValueError(f"--concept-num-labels {args.concept_num_labels} exceeds the SAE's k {sae.k} active latents")
+    if tokenizer.vocab_size > teacher.vocab_size:
+        raise ValueError(f"the data tokenizer has {tokenizer.vocab_size} ids but teacher {args.teacher_model} only "
+                         f"{teacher.vocab_size}: the teacher must share the student's tokenizer")
+    if not args.no_tokenizer_check and args.tokenizer_type != "NullTokenizer":
+        check_teacher_tokenizer(args.teacher_model, tokenizer)
+
+    num_samples = args.train_iters * args.global_batch_size
+    train_ds, _, _ = build_train_valid_test_datasets(args, tokenizer, [num_samples, 0, 0])
+    fingerprint = expected_fingerprint(args, tokenizer, num_samples, sae_fingerprint(args.sae),
+                                       mask_invalid=not args.concept_reference_labels)
+    if os.path.exists(args.output_prefix + ".json"):
+        from megatron_cocomix.data.concept_labels import ConceptLabelsDataset
+
+        try:
+            ConceptLabelsDataset(args.output_prefix).check_fingerprint(fingerprint)
+        except ValueError as e:
+            raise ValueError(f"--output-prefix {args.output_prefix} already holds other labels ({e}); "
+                             "choose another prefix") from None
+        if rank == 0:
+            print(json.dumps({"output_prefix": args.output_prefix, "num_samples": num_samples, "complete": True}))
+        return {"output_prefix": args.output_prefix, "num_samples": num_samples, "complete": True}
+    parts = args.output_prefix + ".parts"
+    _check_parts_fingerprint(parts, fingerprint, rank)
+
+    chunks = list(range(0, num_samples, args.chunk_samples))
+    mine = [c for i, c in enumerate(chunks) if i % world == rank]
+    todo = [c for c in mine if not os.path.exists(_chunk_prefix(parts, c // args.chunk_samples) + ".done")]
+    todo_samples = sum(min(args.chunk_samples, num_samples - c) for c in todo)
+    bar = tqdm(total=todo_samples, desc=f"extract_concepts[rank {rank}]", unit="seq",
+               disable=args.no_progress or rank != 0)
+    start, tokens_done = time.time(), 0
+    for first in todo:
+        prefix = _chunk_prefix(parts, first // args.chunk_samples)
+        writer = ConceptLabelsWriter(prefix, args.seq_length, args.concept_num_labels, sae.num_latents)
+        last = min(first + args.chunk_samples, num_samples)
+        for begin in range(first, last, args.extract_batch_size):
+            ids = range(begin, min(begin + args.extract_batch_size, last))
+            tokens = torch.stack([torch.as_tensor(train_ds[i]["tokens"]) for i in ids])
+            labels = attribution_labels(teacher, sae, tokens, args.concept_num_labels, args.concept_attribution,
+                                        mask_invalid=not args.concept_reference_labels)
+            writer.add(labels)
+            tokens_done += tokens.numel()
+            bar.update(len(ids))
+        writer.finalize()
+        open(prefix + ".done", "w").close()
+    bar.close()
+    elapsed = time.time() - start
+    dist.barrier()
+
+    if rank == 0:
+        merged = ConceptLabelsWriter(args.output_prefix, args.seq_length, args.concept_num_labels, sae.num_latents)
+        for index in range(len(chunks)):
+            prefix = _chunk_prefix(parts, index)
+            if not os.path.exists(prefix + ".done"):
+                raise RuntimeError(f"chunk {prefix} is missing after all ranks finished")
+            merged.add_shard(prefix)
+        merged.finalize()
+        if merged.num_samples != num_samples:
+            raise RuntimeError(f"merged {merged.num_samples} samples, expected {num_samples}")
+        write_fingerprint(args.output_prefix, fingerprint, args.seq_length, args.concept_num_labels,
+                          sae.num_latents, num_samples)
+        shutil.rmtree(parts)
+    dist.barrier()
+    stats = torch.tensor([tokens_done, elapsed], dtype=torch.float64)
+    gathered = [torch.zeros_like(stats) for _ in range(world)]
+    dist.all_gather(gathered, stats)
+    total_tokens = sum(float(s[0]) for s in gathered)
+    wall = max(float(s[1]) for s in gathered)
+    result = {"output_prefix": args.output_prefix, "num_samples": num_samples, "tokens_labelled": int(total_tokens),
+              "tokens_per_second": total_tokens / wall if wall > 0 else None, "world_size": world}
+    if rank == 0:
+        print(json.dumps(result))
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    from megatron_cocomix.arguments import ArgumentError
+
+    args = build_parser().parse_args(argv)
+    try:
+        _validate(args)
+        extract(args)
+    except (ValueError, FileNotFoundError, ArgumentError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
