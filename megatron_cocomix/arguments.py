@@ -107,6 +107,9 @@ def _add_distributed_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="Pipeline-parallel degree.")
     g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
                    help="Layers per virtual pipeline stage (interleaved 1F1B schedule).")
+    g.add_argument("--no-overlap-p2p-communication", action="store_false", dest="overlap_p2p_comm",
+                   help="Interleaved schedule: batch pipeline sends/receives instead of overlapping them with "
+                        "compute (needs --pipeline-model-parallel-size > 2).")
     g.add_argument("--sequence-parallel", action="store_true",
                    help="Shard norms/dropout activations over the sequence dimension across tensor-parallel ranks.")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
@@ -277,6 +280,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             raise ArgumentError(f"--num-layers-per-virtual-pipeline-stage {args.num_layers_per_virtual_pipeline_stage}"
                                 f" does not divide the {per_stage} layers of each pipeline stage")
         args.virtual_pipeline_model_parallel_size = per_stage // args.num_layers_per_virtual_pipeline_stage
+        if not args.overlap_p2p_comm and pp <= 2:
+            # Batched p2p would post two sends and two receives between the same two ranks in one batch,
+            # which the transport may pair up the wrong way round.
+            raise ArgumentError("--no-overlap-p2p-communication with the interleaved schedule needs "
+                                f"--pipeline-model-parallel-size > 2, got {pp}")
+    else:
+        args.overlap_p2p_comm = False
 
     # Batch sizes.
     dp = args.data_parallel_size

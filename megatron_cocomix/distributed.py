@@ -1,0 +1,133 @@
+"""Process groups: backend choice, megatron-core's parallel state, seeding, and DeepSpeed's view of the groups.
+
+Ranks are laid out as megatron-core does (TP fastest, then DP, then PP). NCCL when CUDA is available, gloo
+otherwise; `torchrun`, the `deepspeed` launcher and a bare `python pretrain_cocomix.py` (one process) all work.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import random
+import socket
+
+import numpy as np
+import torch
+from megatron.core import parallel_state, tensor_parallel
+
+from megatron_cocomix import compat
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _set_single_process_env() -> None:
+    """A bare `python pretrain_cocomix.py` has no launcher environment: make it a world of one."""
+    if "RANK" in os.environ:
+        return
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(_free_port()))
+
+
+def _skip_deepspeed_shm_build() -> None:
+    """DeepSpeed JIT-compiles a shared-memory all-reduce op on CPU at init (about a minute, once per machine)
+    that only its inference path uses; training never calls it."""
+    import importlib
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    if hasattr(ds_torch, "build_shm_op"):
+        ds_torch.build_shm_op = lambda: None
+
+
+def initialize_distributed(args: argparse.Namespace) -> None:
+    compat.install()
+    _set_single_process_env()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    backend = args.distributed_backend or ("nccl" if compat.cuda_available() else "gloo")
+    if compat.cuda_available():
+        torch.cuda.set_device(local_rank)
+    timeout = datetime.timedelta(minutes=args.distributed_timeout_minutes)
+    if not torch.distributed.is_initialized():
+        if args.deepspeed:
+            import deepspeed
+
+            if not compat.cuda_available():
+                _skip_deepspeed_shm_build()
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
+        else:
+            torch.distributed.init_process_group(backend=backend, timeout=timeout)
+    world_size = torch.distributed.get_world_size()
+    if world_size != args.world_size:
+        raise RuntimeError(f"validated for world size {args.world_size} but the launcher started {world_size}")
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=args.tensor_model_parallel_size,
+            pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
+        )
+    set_random_seed(args.seed)
+
+
+def set_random_seed(seed: int) -> None:
+    """Megatron's seeding: one stream per pipeline stage; tensor-parallel streams from the RNG tracker."""
+    seed = seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(seed, force_reset_rng=True)
+
+
+def destroy_distributed() -> None:
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+
+
+def is_rank_0() -> bool:
+    return not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0
+
+
+def print_rank_0(*message) -> None:
+    if is_rank_0():
+        print(*message, flush=True)
+
+
+def is_last_rank() -> bool:
+    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+
+
+def print_rank_last(*message) -> None:
+    """Megatron prints the training log line from the last rank, which holds the loss."""
+    if is_last_rank():
+        print(*message, flush=True)
+
+
+class DeepSpeedMPU:
+    """megatron-core's groups in the shape DeepSpeed's `mpu` argument expects.
+
+    DeepSpeed uses "model parallel" for two things: the group over which the gradient norm is summed (all
+    model-parallel ranks: TP x PP) and the rank test that keeps parameters duplicated across tensor-parallel
+    ranks from being counted twice (the TP rank). Mapping both to megatron's model-parallel group/rank would
+    drop non-TP parameters of every stage but the first, so the rank is the TP rank.
+    """
+
+    get_data_parallel_group = staticmethod(parallel_state.get_data_parallel_group)
+    get_data_parallel_rank = staticmethod(parallel_state.get_data_parallel_rank)
+    get_data_parallel_world_size = staticmethod(parallel_state.get_data_parallel_world_size)
+    get_tensor_model_parallel_group = staticmethod(parallel_state.get_tensor_model_parallel_group)
+    get_tensor_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+    get_tensor_model_parallel_world_size = staticmethod(parallel_state.get_tensor_model_parallel_world_size)
+    get_pipeline_model_parallel_group = staticmethod(parallel_state.get_pipeline_model_parallel_group)
+    get_pipeline_model_parallel_rank = staticmethod(parallel_state.get_pipeline_model_parallel_rank)
+    get_pipeline_model_parallel_world_size = staticmethod(parallel_state.get_pipeline_model_parallel_world_size)
+    get_model_parallel_group = staticmethod(parallel_state.get_model_parallel_group)
+    get_model_parallel_rank = staticmethod(parallel_state.get_tensor_model_parallel_rank)
+
+    @staticmethod
+    def get_model_parallel_world_size() -> int:
+        return torch.distributed.get_world_size(parallel_state.get_model_parallel_group())

@@ -1,0 +1,234 @@
+"""The training driver: `pretrain()` as in Megatron-LM, on megatron-core's pipeline schedules.
+
+pretrain(datasets_provider, model_provider, forward_step):
+    parse + validate flags -> process groups -> tokenizer -> model chunks (one per virtual pipeline stage)
+    -> optimizer back end (megatron DDP + optimizer, or DeepSpeed ZeRO) -> optional checkpoint load
+    -> data iterators positioned at the consumed samples -> train() with periodic log / eval / save.
+
+One iteration = one global batch = `num_micro_batches` micro-batches per data-parallel rank, run by
+`get_forward_backward_func()` (no pipelining, 1F1B, or interleaved 1F1B with virtual stages).
+Nothing here is CoCoMix-specific: extra losses reach the log through the loss dictionary of `forward_step`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
+
+import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.transformer.module import Float16Module
+from megatron.core.utils import get_model_config
+
+from megatron_cocomix import compat
+from megatron_cocomix.arguments import ArgumentError, parse_args
+from megatron_cocomix.distributed import initialize_distributed, print_rank_0
+from megatron_cocomix.global_vars import set_args, set_tokenizer
+from megatron_cocomix.model.gpt import initialize_weights
+from megatron_cocomix.training import checkpointing
+from megatron_cocomix.training.logging import TrainingLogger
+from megatron_cocomix.training.optimizers import build_optimizer_backend
+
+
+def get_model(model_provider: Callable, args: argparse.Namespace) -> List[torch.nn.Module]:
+    """Build this rank's model chunks (one per virtual pipeline stage), initialise them, move them to the device."""
+    vp_size = args.virtual_pipeline_model_parallel_size
+    chunks = []
+    for vp_stage in range(vp_size or 1):
+        stage = vp_stage if vp_size else None
+        pre_process = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=stage)
+        post_process = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=stage)
+        chunk = model_provider(pre_process=pre_process, post_process=post_process, vp_stage=stage)
+        chunk.vp_stage = stage
+        chunks.append(chunk)
+    config = get_model_config(chunks[0])
+    initialize_weights(chunks, args.seed, config, tied_embeddings=not args.untie_embeddings_and_output_weights,
+                       extra_std=getattr(args, "extra_init_std", None))
+    for chunk in chunks:
+        for param in chunk.parameters():
+            from megatron.core import tensor_parallel
+
+            tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
+        chunk.to(compat.device())
+    if args.fp16 or args.bf16:
+        chunks = [Float16Module(config, chunk) for chunk in chunks]
+    num_params = sum(p.numel() for chunk in chunks for p in chunk.parameters())
+    if parallel_state.get_data_parallel_rank() == 0:
+        print(f" > number of parameters on (tensor, pipeline) model parallel rank "
+              f"({parallel_state.get_tensor_model_parallel_rank()}, "
+              f"{parallel_state.get_pipeline_model_parallel_rank()}): {num_params}", flush=True)
+    return chunks
+
+
+def _needs_data() -> bool:
+    """Megatron feeds data to TP rank 0 of the first and last pipeline stages; get_batch broadcasts in TP."""
+    return parallel_state.get_tensor_model_parallel_rank() == 0 and (
+        parallel_state.is_pipeline_first_stage(ignore_virtual=True)
+        or parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+
+
+class DataIterators:
+    """Train/valid/test datasets and the loaders over them, positioned by consumed samples."""
+
+    def __init__(self, args: argparse.Namespace, datasets_provider: Callable):
+        from megatron_cocomix.data.datasets import build_pretraining_data_loader
+
+        self._build_loader = build_pretraining_data_loader
+        self.args = args
+        gbs = args.global_batch_size
+        evals = args.train_iters // args.eval_interval + 1 if args.eval_iters > 0 else 0
+        num_samples = [args.train_iters * gbs, evals * args.eval_iters * gbs, args.eval_iters * gbs]
+        self.train_ds, self.valid_ds, self.test_ds = datasets_provider(num_samples)
+
+    def _loader_iter(self, dataset, consumed: int) -> Optional[Iterator]:
+        if dataset is None or not _needs_data():
+            return None
+        loader = self._build_loader(dataset, consumed, self.args.micro_batch_size,
+                                    parallel_state.get_data_parallel_rank(),
+                                    parallel_state.get_data_parallel_world_size(), self.args.num_workers)
+        return iter(loader)
+
+    def _per_chunk(self, dataset, consumed: int):
+        vp = self.args.virtual_pipeline_model_parallel_size
+        if vp is None:
+            return self._loader_iter(dataset, consumed)
+        # Every virtual stage consumes every micro-batch once, so each gets its own iterator over the same data.
+        return [self._loader_iter(dataset, consumed) for _ in range(vp)]
+
+    def train(self, consumed_samples: int):
+        return self._per_chunk(self.train_ds, consumed_samples)
+
+    def valid(self):
+        # The same validation samples at every evaluation, so successive validation losses are comparable.
+        return self._per_chunk(self.valid_ds, 0)
+
+    def test(self):
+        return self._per_chunk(self.test_ds, 0)
+
+
+def _reduce_losses(losses_reduced: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, float]:
+    """Per-token averages over the global batch: each entry holds [sum, count]; summed over micro-batches
+    here and over data-parallel ranks by an all-reduce."""
+    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True) or not losses_reduced:
+        return {}
+    out = {}
+    for key in losses_reduced[0]:
+        total = torch.stack([x[key].float().view(-1) for x in losses_reduced]).sum(dim=0)
+        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+        out[key] = (total[0] / total[1].clamp(min=1)).item() if total.numel() == 2 else total[0].item()
+    return out
+
+
+def train_step(forward_step_func, data_iterator, model, backend, config, args) -> tuple:
+    backend.zero_grad()
+    forward_backward = get_forward_backward_func()
+    losses_reduced = forward_backward(
+        forward_step_func=forward_step_func,
+        data_iterator=data_iterator,
+        model=model,
+        num_microbatches=args.num_micro_batches,
+        seq_length=args.seq_length,
+        micro_batch_size=args.micro_batch_size,
+        forward_only=False,
+    )
+    backend.after_forward_backward()
+    update_successful, grad_norm = backend.step()
+    return _reduce_losses(losses_reduced), update_successful, grad_norm
+
+
+def evaluate(forward_step_func, data_iterator, model, args, num_iters: int) -> Dict[str, float]:
+    for chunk in model:
+        chunk.eval()
+    forward_backward = get_forward_backward_func()
+    sums: Dict[str, List[float]] = {}
+    with torch.no_grad():
+        for _ in range(num_iters):
+            losses_reduced = forward_backward(
+                forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
+                num_microbatches=args.num_micro_batches, seq_length=args.seq_length,
+                micro_batch_size=args.micro_batch_size, forward_only=True)
+            for key, value in _reduce_losses(losses_reduced).items():
+                sums.setdefault(key, []).append(value)
+    for chunk in model:
+        chunk.train()
+    return {key: sum(values) / len(values) for key, values in sums.items()}
+
+
+def train(forward_step_func, model, backend, data: DataIterators, args, state: dict, logger: TrainingLogger):
+    config = get_model_config(model[0])
+    train_iterator = data.train(state["consumed_train_samples"])
+    for chunk in model:
+        chunk.train()
+    iteration = state["iteration"]
+    while iteration < args.train_iters:
+        start = time.time()
+        losses, update_successful, grad_norm = train_step(forward_step_func, train_iterator, model, backend,
+                                                           config, args)
+        iteration += 1
+        state["iteration"] = iteration
+        state["consumed_train_samples"] += args.global_batch_size
+        logger.training_log(iteration, losses, backend.learning_rate, grad_norm, backend.loss_scale,
+                            skipped=not update_successful, iteration_time=time.time() - start,
+                            consumed_samples=state["consumed_train_samples"])
+
+        if args.eval_iters > 0 and iteration % args.eval_interval == 0:
+            logger.validation_log(iteration, evaluate(forward_step_func, data.valid(), model, args, args.eval_iters))
+        saved = False
+        if args.save and args.save_interval and iteration % args.save_interval == 0:
+            checkpointing.save_checkpoint(args, iteration, model, backend, state)
+            saved = True
+        if args.exit_interval and iteration % args.exit_interval == 0:
+            if args.save and not saved:
+                checkpointing.save_checkpoint(args, iteration, model, backend, state)
+            print_rank_0(f"exiting program at iteration {iteration}")
+            break
+    return iteration
+
+
+def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,
+             argv: Optional[Sequence[str]] = None, extra_args_hook: Optional[Callable] = None) -> dict:
+    """Megatron-LM's entry point. Returns a summary (last losses, iteration) for tests and scripts."""
+    try:
+        args = parse_args(argv)
+    except ArgumentError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2)
+    if extra_args_hook is not None:
+        extra_args_hook(args)
+    set_args(args)
+    initialize_distributed(args)
+
+    from megatron_cocomix.data.tokenizer import build_tokenizer
+
+    tokenizer = build_tokenizer(args)
+    set_tokenizer(tokenizer)
+
+    model = get_model(model_provider, args)
+    config = get_model_config(model[0])
+    backend = build_optimizer_backend(args, model, config)
+    model = backend.model
+    state = {"iteration": 0, "consumed_train_samples": 0}
+    if args.load:
+        state = checkpointing.load_checkpoint(args, model, backend)
+    data = DataIterators(args, train_valid_test_datasets_provider)
+    logger = TrainingLogger(args, model)
+    logger.log_startup()
+
+    if not args.skip_train:
+        train(forward_step_func, model, backend, data, args, state, logger)
+    summary = dict(state)
+    if args.eval_iters > 0:
+        valid = evaluate(forward_step_func, data.valid(), model, args, args.eval_iters)
+        logger.validation_log(state["iteration"], valid, label="validation loss at the end of training")
+        summary["valid"] = valid
+    summary["train_history"] = logger.history
+    logger.close()
+    return summary
+
+
+def perplexity(loss: float) -> float:
+    return math.exp(min(20.0, loss))
