@@ -189,6 +189,7 @@ _worker_options: dict = {}
 def init_worker(tokenizer_flags: dict, options: dict) -> None:
     global _worker_tokenizer, _worker_options
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and cleans up
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)  # Pool.terminate() must end a worker quietly
     _worker_tokenizer = build_tokenizer_from_flags(**tokenizer_flags)
     _worker_options = options
 
@@ -368,6 +369,7 @@ def process_partition(files: Sequence[str], out_prefixes: Dict[str, str], tokeni
 
 def _partition_child(index, files, out_prefixes, tokenizer_flags, options, workers, dtype, shared, queue) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     try:
         stats = process_partition(files, out_prefixes, tokenizer_flags, options, workers, dtype,
                                   Progress(0, 1, shared=shared, quiet=True))
