@@ -12,6 +12,8 @@ run on GPU clusters:
    optimizers use the type string to tell model dtypes apart; the dtype itself is what matters).
 2. `torch.cuda` stand-ins for the calls that fail without a CUDA build (`current_device`, `synchronize`,
    streams, events, nvtx ranges, memory statistics).
+   The autograd engine does not carry Python modes into backward, so the backward of Python-defined
+   autograd Functions (megatron's sequence-parallel and tensor-parallel ones) runs under the mode too.
 3. The tensor-parallel RNG tracker keeps named CPU generator states, so seeding, dropout under tensor
    parallelism and activation recomputation (which replays the RNG) behave as on GPU.
 
@@ -188,6 +190,21 @@ def _patch_rng_tracker() -> None:
     tp_random.initialize_rng_tracker(force_reset=True)
 
 
+def _patch_custom_function_backward() -> None:
+    """The autograd engine runs backward without the Python mode stack, and megatron's custom autograd
+    Functions (sequence-parallel gathers, async TP linear) allocate CUDA buffers in `backward`: run the
+    backward of Python-defined Functions under the same mode."""
+    from torch.autograd.function import BackwardCFunction
+
+    original_apply = BackwardCFunction.apply
+
+    def apply(self, *args):
+        with _CudaToCpuMode():
+            return original_apply(self, *args)
+
+    BackwardCFunction.apply = apply
+
+
 def install() -> None:
     """Make megatron-core run on CPU. A no-op when CUDA is available or when already installed."""
     global _INSTALLED
@@ -198,4 +215,5 @@ def install() -> None:
     # Entered for the life of the process: every thread that calls torch sees it. Modes are per-thread, so
     # autograd's CPU backward (which runs on the calling thread) is covered.
     _CudaToCpuMode().__enter__()
+    _patch_custom_function_backward()
     _INSTALLED = True

@@ -1,0 +1,80 @@
+"""Launch helpers for multi-process tests: torchrun (or one plain process) on gloo, tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from typing import Dict, List, Optional, Sequence
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DRIVER = os.path.join(ROOT, "tests", "distributed", "driver.py")
+
+# A tiny GPT: 4 layers so that PP2 x virtual-PP2 has one layer per virtual stage. Vocabulary 255 + EOD = 256
+# needs no padding at TP1 or TP2, so the output softmax is the same at every layout. Dropout off: losses are
+# then a deterministic function of the weights and data.
+TINY_GPT = [
+    "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+    "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "4", "--lr", "1e-3",
+    "--lr-warmup-iters", "1", "--lr-decay-style", "cosine", "--min-lr", "1e-4",
+    "--mock-data", "--vocab-size", "255", "--make-vocab-size-divisible-by", "128",
+    "--hidden-dropout", "0", "--attention-dropout", "0", "--log-interval", "1", "--eval-interval", "2",
+    "--eval-iters", "1", "--num-workers", "0", "--seed", "1234",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_env() -> Dict[str, str]:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
+    for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(var, None)
+    return env
+
+
+def run_script(script: str, args: Sequence[str], nproc: int = 1, timeout: int = 300,
+               launcher: str = "torchrun", check: bool = True) -> subprocess.CompletedProcess:
+    """Run a script with `nproc` processes; returns the completed process (stdout + stderr captured)."""
+    if launcher == "torchrun" and nproc > 1:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_port", str(free_port()), script, *args]
+    elif launcher == "deepspeed":
+        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+               "--master_port", str(free_port()), script, *args]
+    else:
+        cmd = [sys.executable, script, *args]
+    proc = subprocess.run(cmd, cwd=ROOT, env=test_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
+                             f"{proc.stderr[-6000:]}")
+    return proc
+
+
+def run_pretrain(args: Sequence[str], tmp_path, nproc: int = 1, name: str = "run", timeout: int = 300,
+                 launcher: str = "torchrun") -> dict:
+    """Train with pretrain_cocomix's providers; returns the summary (train_history, valid, iteration...)."""
+    summary = os.path.join(str(tmp_path), f"{name}.json")
+    proc = run_script(DRIVER, [summary, *args], nproc=nproc, timeout=timeout, launcher=launcher)
+    with open(summary) as f:
+        result = json.load(f)
+    result["stdout"] = proc.stdout
+    return result
+
+
+def losses(summary: dict, key: str = "lm loss") -> List[float]:
+    return [entry[key] for entry in summary["train_history"]]
+
+
+def assert_close(actual: Sequence[float], expected: Sequence[float], rtol: float = 1e-5,
+                 what: Optional[str] = None) -> None:
+    assert len(actual) == len(expected), f"{what}: {len(actual)} values vs {len(expected)}"
+    for i, (a, e) in enumerate(zip(actual, expected)):
+        assert abs(a - e) <= rtol * abs(e), f"{what}: step {i + 1}: {a!r} vs reference {e!r} (rtol {rtol})"
