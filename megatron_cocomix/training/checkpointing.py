@@ -1,50 +1,389 @@
-"""Checkpoints with megatron-core dist_checkpointing (torch_dist), loadable at any TP / PP layout.
+"""Checkpoints with megatron-core dist_checkpointing (torch_dist format), loadable at another TP / PP / DP layout.
 
-Layout (Megatron's): <save>/iter_0000100/ (sharded tensors + common state) and <save>/latest_checkpointed_iteration.txt.
+Directory layout (Megatron-LM's):
+
+    <save>/latest_checkpointed_iteration.txt      "100": the last complete checkpoint
+    <save>/iter_0000100/                          one torch_dist checkpoint
+        common.pt                                 plain state, identical on every rank (iteration, args, scheduler)
+        __<rank>_<n>.distcp, .metadata            sharded tensors: model weights and optimizer state, keyed by
+                                                  the global parameter name and its offset in the full tensor
+        metadata.json                             backend + version (written last by dist_checkpointing)
+        deepspeed_optimizer/                      only with the DeepSpeed back end: its own optimizer files
+
+What reshards. Each model chunk's `sharded_state_dict()` describes every local tensor as a slice
+(global offset, global shape) of the full tensor, with layer numbers made global (virtual pipeline chunks
+included), so the weights load at any TP / PP / virtual-PP layout. megatron's optimizers describe their state
+the same way: Adam's exp_avg / exp_avg_sq (and the fp32 master copies under bf16 / fp16) are slices of the
+same global tensors, so the optimizer state reshards too; the distributed optimizer is saved in its
+`fully_reshardable` form (gathered to full per-parameter tensors) so it also changes DP size. DeepSpeed keeps
+its optimizer state in its own per-rank ZeRO partition files, which reload only at the same layout.
+
+What is per rank. RNG states (python, numpy, torch CPU, CUDA, and megatron's tensor-parallel tracker) differ
+between ranks, so each rank writes its own ShardedObject at offset (pp, tp, dp) of a (PP, TP, DP) grid; they are
+restored only when the layout is unchanged (another layout has other ranks and another dropout pattern).
+
+Atomicity. Every rank writes into `iter_0000100.tmp-<token>/`; after a barrier rank 0 renames it to
+`iter_0000100/` and then replaces the tracker file (write a temporary file, fsync, os.replace). A save that dies
+midway leaves only a `.tmp-` directory, which the next save removes and loading never reads, so `latest`
+always names a complete checkpoint.
+
+Save cost. dist_checkpointing's default torch_dist writer prepares an asynchronous save: it creates its result
+queue through a spawn-context multiprocessing Manager (a fresh interpreter re-importing torch and megatron,
+seconds per process) and forks writer processes, even for a synchronous save. `InProcessTorchDistSave` writes
+the same format with torch.distributed.checkpoint's synchronous FileSystemWriter from the calling process.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import random
+import shutil
+import sys
+import time
+from typing import Dict, List, Optional
 
+import numpy as np
 import torch
-from megatron.core import dist_checkpointing, parallel_state
+from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.strategies.torch import (
+    MCoreSavePlanner,
+    TorchDistSaveShardedStrategy,
+    _replace_state_dict_keys_with_sharded_keys,
+    mcore_to_pyt_state_dict,
+)
+from megatron.core.utils import unwrap_model
 
 TRACKER = "latest_checkpointed_iteration.txt"
+CHECKPOINT_VERSION = 1
+DEEPSPEED_OPTIMIZER_DIR = "deepspeed_optimizer"
+
+# Flags that fix tensor shapes: a checkpoint that disagrees on any of them cannot be loaded into this model.
+MODEL_SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
+                    "padded_vocab_size")
+
+# `fully_reshardable`: the distributed optimizer's state is saved as full per-parameter tensors, so it loads at
+# any TP / PP / DP size. `chained_optim_avoid_prefix`: the keys do not depend on how many optimizers megatron
+# chained together (that number depends on the layout).
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used with these flags (the message names the file and the flag)."""
+
+
+class InProcessTorchDistSave(TorchDistSaveShardedStrategy):
+    """The torch_dist format written synchronously by the calling process (no spawned queue, no forked writers).
+
+    The translation from megatron ShardedTensors to torch.distributed.checkpoint objects and the planner are
+    megatron's own, so the files are what the default strategy writes and its loader reads them."""
+
+    def __init__(self) -> None:
+        super().__init__("torch_dist", 1)
+
+    def save(self, sharded_state_dict, checkpoint_dir) -> None:
+        from torch.distributed.checkpoint import FileSystemWriter
+        from torch.distributed.checkpoint import save as dcp_save
+
+        sharded_state_dict, _, _ = _replace_state_dict_keys_with_sharded_keys(
+            sharded_state_dict, self.keep_only_main_replica)
+        pyt_state_dict = mcore_to_pyt_state_dict(sharded_state_dict, False)
+        dcp_save(pyt_state_dict, storage_writer=FileSystemWriter(str(checkpoint_dir), thread_count=1),
+                 planner=MCoreSavePlanner(dedup_replicated_tensors=not self.keep_only_main_replica,
+                                          flatten_state_dict=False, can_run_decentralized_global_plan=False))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Paths and the tracker file
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def _model_sharded_state_dict(model) -> dict:
-    if len(model) == 1:
-        return {"model": model[0].sharded_state_dict()}
-    return {f"model{i}": chunk.sharded_state_dict() for i, chunk in enumerate(model)}
+def read_tracker(root: str) -> Optional[int]:
+    """The iteration named by `<root>/latest_checkpointed_iteration.txt`, or None when there is no tracker."""
+    path = os.path.join(root, TRACKER)
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        text = f.read().strip()
+    try:
+        iteration = int(text)
+    except ValueError:
+        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}") from None
+    if iteration < 0:
+        raise CheckpointError(f"{path}: iteration {iteration} is negative")
+    return iteration
 
 
-def save_checkpoint(args: argparse.Namespace, iteration: int, model, backend, state: dict) -> None:
-    path = checkpoint_dir(args.save, iteration)
-    if torch.distributed.get_rank() == 0:
-        os.makedirs(path, exist_ok=True)
+def _complete_checkpoints(root: str) -> List[str]:
+    """iter_XXXXXXX directories (never `.tmp-` ones) under root, oldest first."""
+    if not os.path.isdir(root):
+        return []
+    names = [n for n in os.listdir(root) if n.startswith("iter_") and n[5:].isdigit()
+             and os.path.isdir(os.path.join(root, n))]
+    return sorted(names)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_tracker(root: str, iteration: int, token: str) -> None:
+    tmp = os.path.join(root, f"{TRACKER}.tmp-{token}")
+    with open(tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, os.path.join(root, TRACKER))
+    _fsync_dir(root)
+
+
+def _remove_stale_temporaries(root: str) -> None:
+    """Left-overs of saves killed before their rename: nothing refers to them."""
+    for name in os.listdir(root):
+        if ".tmp-" in name or ".old-" in name:
+            path = os.path.join(root, name)
+            if os.path.isdir(path):
+                shutil.rmtree(path, ignore_errors=True)
+            else:
+                os.remove(path)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# What goes into a checkpoint
+
+
+def _unwrap(chunk: torch.nn.Module) -> torch.nn.Module:
+    """The model inside megatron's DDP / Float16Module (whose own sharded_state_dict would prefix every key with
+    `module.`) or inside an engine that holds it as `.module`: keys are then those of Megatron-LM checkpoints."""
+    chunk = unwrap_model(chunk)
+    while not hasattr(chunk, "sharded_state_dict") and hasattr(chunk, "module"):
+        chunk = unwrap_model(chunk.module)
+    return chunk
+
+
+def _model_keys(model: List[torch.nn.Module]) -> List[str]:
+    return ["model"] if len(model) == 1 else [f"model{i}" for i in range(len(model))]
+
+
+def _model_sharded_state_dict(model: List[torch.nn.Module]) -> Dict[str, dict]:
+    # The key of each chunk is only a name in this dict: tensors are matched by their global key and offset,
+    # so "model0"/"model1" (virtual pipeline) load into "model" (none) and back.
+    return {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model), model)}
+
+
+def _layout() -> Dict[str, int]:
+    return {"tensor": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+            "data": parallel_state.get_data_parallel_world_size(with_context_parallel=True)}
+
+
+def _layout_string(layout: Dict[str, int]) -> str:
+    return f"TP{layout['tensor']} x PP{layout['pipeline']} x DP{layout['data']}"
+
+
+def get_rng_state() -> dict:
+    return {
+        "random": random.getstate(),
+        "numpy": np.random.get_state(),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
+    }
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["random"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _rng_sharded_object(data) -> ShardedObject:
+    """This rank's RNG states as cell (pp, tp, dp) of a (PP, TP, DP) grid: every rank saves its own."""
+    layout = _layout()
+    shape = (layout["pipeline"], layout["tensor"], layout["data"])
+    offset = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
+              parallel_state.get_data_parallel_rank(with_context_parallel=True))
+    return ShardedObject("rng_state", data, shape, offset, replica_id=0)
+
+
+def _model_args(args: argparse.Namespace) -> Dict[str, Optional[int]]:
+    return {name: getattr(args, name, None) for name in MODEL_SHAPE_ARGS}
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Save
+
+
+def save_checkpoint(args: argparse.Namespace, iteration: int, model: List[torch.nn.Module], backend,
+                    state: dict) -> None:
+    """Write <args.save>/iter_<iteration> atomically and point the tracker at it. Called on every rank."""
+    rng = get_rng_state()  # before anything below could draw random numbers
+    root = args.save
+    rank = torch.distributed.get_rank()
+    start = time.time()
+    if rank == 0:
+        print(f"saving checkpoint at iteration {iteration:7d} to {root}", flush=True)
+        os.makedirs(root, exist_ok=True)
+        _remove_stale_temporaries(root)
+    token = [f"{os.getpid()}-{time.time_ns()}" if rank == 0 else None]
+    torch.distributed.broadcast_object_list(token, src=0)
+    token = token[0]
+    final = checkpoint_dir(root, iteration)
+    tmp = f"{final}.tmp-{token}"
+    if rank == 0:
+        os.makedirs(tmp)
     torch.distributed.barrier()
+
     sharded = _model_sharded_state_dict(model)
-    sharded.update(iteration=iteration, consumed_train_samples=state["consumed_train_samples"])
-    dist_checkpointing.save(sharded, path)
+    sharded["rng_state"] = _rng_sharded_object(rng)
+    sharded.update(
+        checkpoint_version=CHECKPOINT_VERSION,
+        iteration=iteration,
+        consumed_train_samples=state["consumed_train_samples"],
+        model_args=_model_args(args),
+        layout=_layout(),
+        optimizer_backend=backend.name,
+        opt_param_scheduler=backend.scheduler.state_dict(),
+    )
+    if backend.name != "deepspeed":
+        sharded["optimizer"] = backend.optimizer.sharded_state_dict(
+            {k: v for k, v in sharded.items() if k.startswith("model")}, metadata=OPTIMIZER_METADATA)
+    dist_checkpointing.save(sharded, tmp, sharded_strategy=InProcessTorchDistSave())
+    if backend.name == "deepspeed":
+        backend.save_optimizer_state(os.path.join(tmp, DEEPSPEED_OPTIMIZER_DIR))
+    torch.distributed.barrier()  # every rank's files are on disk
+
+    if rank == 0:
+        if os.path.exists(final):  # the same iteration saved again (e.g. after a resume): replace it
+            old = f"{final}.old-{token}"
+            os.rename(final, old)
+            os.rename(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, final)
+        _fsync_dir(root)
+        _write_tracker(root, iteration, token)
+        print(f"  successfully saved checkpoint at iteration {iteration:7d} to {root} "
+              f"[{time.time() - start:.2f} s]", flush=True)
+    torch.distributed.barrier()
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Load
+
+
+def resolve_checkpoint(root: str) -> Optional[str]:
+    """The directory `--load root` refers to; None (with a warning) when root holds no checkpoint at all."""
+    iteration = read_tracker(root)
+    if iteration is None:
+        complete = _complete_checkpoints(root)
+        if complete:
+            raise CheckpointError(
+                f"{os.path.join(root, TRACKER)} is missing but {root} holds {', '.join(complete[-3:])}: write the "
+                f"iteration to load into {TRACKER}")
+        if torch.distributed.get_rank() == 0:
+            print(f"WARNING: --load {root}: no {TRACKER} and no checkpoint there; training starts from scratch",
+                  flush=True)
+        return None
+    path = checkpoint_dir(root, iteration)
+    if not os.path.isdir(path):
+        raise CheckpointError(f"{os.path.join(root, TRACKER)} names iteration {iteration} but {path} does not exist")
+    return path
+
+
+def check_compatible(path: str, common: dict, args: argparse.Namespace) -> None:
+    """Refuse a checkpoint whose tensor shapes cannot match this model, naming the first differing flag."""
+    saved = common.get("model_args")
+    if saved is None:
+        raise CheckpointError(f"{path}: not a checkpoint written by this project (no model_args in common.pt)")
+    for name, value in _model_args(args).items():
+        if saved.get(name) != value:
+            flag = "--vocab-size (padded)" if name == "padded_vocab_size" else "--" + name.replace("_", "-")
+            raise CheckpointError(f"{path} was saved with {flag} {saved.get(name)}, but this run has {flag} {value}")
+
+
+def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], backend) -> dict:
+    """Load `--load` into the model (and optimizer, scheduler, RNG unless told not to). Called on every rank.
+
+    Returns the training state to continue from: iteration, consumed_train_samples, and `rng_state` (this
+    rank's RNG states, or None) for `set_rng_state` right before training starts, so that nothing built in
+    between (datasets, loaders) shifts the random streams."""
+    fresh = {"iteration": 0, "consumed_train_samples": 0, "rng_state": None}
+    path = resolve_checkpoint(args.load)
+    if path is None:
+        return fresh
+    start = time.time()
+    common = dist_checkpointing.load_common_state_dict(path)
+    check_compatible(path, common, args)
+    saved_layout = common["layout"]
+    same_layout = saved_layout == _layout()
+    load_optimizer = not args.finetune and not args.no_load_optim
+    load_rng = not args.finetune and not args.no_load_rng
+    if load_optimizer and common["optimizer_backend"] != backend.name:
+        raise CheckpointError(f"{path} holds {common['optimizer_backend']} optimizer state, this run uses "
+                              f"{backend.name}: add --no-load-optim to load the weights only")
+    if load_optimizer and backend.name == "deepspeed" and not same_layout:
+        raise CheckpointError(f"{path}: DeepSpeed optimizer state was saved at {_layout_string(saved_layout)} and "
+                              f"reloads only there (this run: {_layout_string(_layout())}); add --no-load-optim")
+    if load_rng and not same_layout:
+        load_rng = False
+        if torch.distributed.get_rank() == 0:
+            print(f"  RNG states not loaded: saved at {_layout_string(saved_layout)}, running at "
+                  f"{_layout_string(_layout())}", flush=True)
+
+    sharded = _model_sharded_state_dict(model)
+    if load_optimizer and backend.name != "deepspeed":
+        sharded["optimizer"] = backend.optimizer.sharded_state_dict(
+            dict(sharded), is_loading=True, metadata=OPTIMIZER_METADATA)
+    if load_rng:
+        sharded["rng_state"] = _rng_sharded_object(None)
+    try:
+        loaded = dist_checkpointing.load(sharded, path)
+    except Exception as e:  # megatron's messages list every key: keep the first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: {first[:300]}") from e
+
+    for key, chunk in zip(_model_keys(model), model):
+        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+    if load_optimizer:
+        if backend.name == "deepspeed":
+            backend.load_optimizer_state(os.path.join(path, DEEPSPEED_OPTIMIZER_DIR))
+        else:
+            backend.optimizer.load_state_dict(loaded["optimizer"])
+        try:
+            backend.scheduler.load_state_dict(common["opt_param_scheduler"])
+        except AssertionError as e:  # megatron asserts that --lr etc. agree with the checkpoint
+            raise CheckpointError(f"{path}: learning-rate schedule differs from the flags: {e}") from None
+    elif hasattr(backend, "optimizer") and hasattr(backend.optimizer, "reload_model_params"):
+        # The fp32 master weights of bf16/fp16 training were copied from the initial model: refresh them.
+        backend.optimizer.reload_model_params()
+
+    out = dict(fresh)
+    if not args.finetune:
+        out.update(iteration=common["iteration"], consumed_train_samples=common["consumed_train_samples"])
+    if load_rng:
+        out["rng_state"] = loaded["rng_state"]
     torch.distributed.barrier()
     if torch.distributed.get_rank() == 0:
-        with open(os.path.join(args.save, TRACKER), "w") as f:
-            f.write(str(iteration))
+        what = "weights only" if not load_optimizer else "weights, optimizer, scheduler"
+        print(f"  loaded checkpoint {path} ({what}{', RNG' if load_rng else ''}; saved at "
+              f"{_layout_string(saved_layout)}) at iteration {common['iteration']} [{time.time() - start:.2f} s]",
+              flush=True)
+    return out
 
 
-def load_checkpoint(args: argparse.Namespace, model, backend) -> dict:
-    with open(os.path.join(args.load, TRACKER)) as f:
-        iteration = int(f.read().strip())
-    path = checkpoint_dir(args.load, iteration)
-    sharded = _model_sharded_state_dict(model)
-    sharded.update(iteration=0, consumed_train_samples=0)
-    loaded = dist_checkpointing.load(sharded, path)
-    for i, chunk in enumerate(model):
-        chunk.load_state_dict(loaded["model" if len(model) == 1 else f"model{i}"])
-    return {"iteration": loaded["iteration"], "consumed_train_samples": loaded["consumed_train_samples"]}
+def exit_on_error(error: CheckpointError) -> None:
+    """The CLI's one-line error for a checkpoint that does not fit the flags."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2)

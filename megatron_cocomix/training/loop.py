@@ -161,9 +161,15 @@ def evaluate(forward_step_func, data_iterator, model, args, num_iters: int) -> D
 def train(forward_step_func, model, backend, data: DataIterators, args, state: dict, logger: TrainingLogger):
     config = get_model_config(model[0])
     train_iterator = data.train(state["consumed_train_samples"])
+    rng_state = state.pop("rng_state", None)
+    if rng_state is not None:
+        # Restored after the loader's iterator drew its base seed from torch's generator (as the uninterrupted
+        # run's did before its first iteration), so dropout continues from the saved streams.
+        checkpointing.set_rng_state(rng_state)
     for chunk in model:
         chunk.train()
-    iteration = state["iteration"]
+    iteration = start_iteration = state["iteration"]
+    saved = False
     while iteration < args.train_iters:
         start = time.time()
         losses, update_successful, grad_norm = train_step(forward_step_func, train_iterator, model, backend,
@@ -185,7 +191,10 @@ def train(forward_step_func, model, backend, data: DataIterators, args, state: d
             if args.save and not saved:
                 checkpointing.save_checkpoint(args, iteration, model, backend, state)
             print_rank_0(f"exiting program at iteration {iteration}")
-            break
+            return iteration
+    if args.save and iteration > start_iteration and not saved:
+        # Megatron saves the end of training too when it does not fall on --save-interval.
+        checkpointing.save_checkpoint(args, iteration, model, backend, state)
     return iteration
 
 
@@ -213,13 +222,18 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
     model = backend.model
     state = {"iteration": 0, "consumed_train_samples": 0}
     if args.load:
-        state = checkpointing.load_checkpoint(args, model, backend)
+        try:
+            # Its `rng_state` entry is applied by train(), once nothing else will draw from the generators.
+            state = checkpointing.load_checkpoint(args, model, backend)
+        except checkpointing.CheckpointError as e:
+            checkpointing.exit_on_error(e)
     data = DataIterators(args, train_valid_test_datasets_provider)
     logger = TrainingLogger(args, model)
     logger.log_startup()
 
     if not args.skip_train:
         train(forward_step_func, model, backend, data, args, state, logger)
+    state.pop("rng_state", None)
     summary = dict(state)
     if args.eval_iters > 0:
         valid = evaluate(forward_step_func, data.valid(), model, args, args.eval_iters)
