@@ -1,102 +1,272 @@
 """Training and validation logs in Megatron-LM's line format (stdout) and tensorboard.
 
 The stdout line keeps Megatron's field names and number formats so scripts that parse Megatron logs keep
-working; losses print with 7 significant digits (`{:.6E}`):
+working; every entry of the loss dictionary prints with 7 significant digits (`{:.6E}`), averaged over the
+iterations of the log interval that updated the model:
 
-    [2026-01-01 12:00:00] iteration       10/     100 | consumed samples:          640 | elapsed time per
-    iteration (ms): 123.4 | ... | learning rate: 3.000000E-04 | global batch size:    64 | lm loss:
-    7.123456E+00 | loss scale: 1.0 | grad norm: 1.234 | number of skipped iterations:   0 | ...
+    [2026-01-01 12:00:00.000000] iteration       10/     100 | consumed samples:          640 | elapsed time per
+    iteration (ms): 123.4 | throughput per GPU (TFLOP/s/GPU): 312.5 | MFU (%): 31.6 | tokens per second: 531234 |
+    learning rate: 3.000000E-04 | global batch size:    64 | lm loss: 7.123456E+00 | concept loss: 9.876543E+00 |
+    loss scale: 1.0 | grad norm: 1.234 | number of skipped iterations:   0 | number of nan iterations:   0 |
+    max allocated memory (MB): 1234.5 | max reserved memory (MB): 2345.6 |
 
-The line is printed by the last rank (it holds the loss, as in Megatron); tensorboard is written there too.
+TFLOP/s per device = FLOPs per iteration (training/flops.py: model FLOPs, no recompute) / (iteration time x
+world size); MFU = that / the device's peak (flops.PEAK_TFLOPS, only on GPUs it knows); tokens per second
+counts the global batch's input tokens. Memory is the device's peak allocated / reserved bytes on GPUs and
+the process's peak resident set on CPU.
+
+Tensorboard (last rank, as in Megatron): each loss key, 'learning-rate', 'batch-size', 'grad-norm',
+'loss-scale' (also '<name> vs samples' for these), and every --log-interval: 'iteration-time' (s),
+'throughput' (Megatron's TFLOP/s/GPU tag) and its alias 'tflops-per-device', 'tokens-per-sec', 'mfu' (%, GPU
+only), 'mem-max-allocated-bytes' / 'mem-reserved-bytes' / 'mem-max-reserved-bytes' (GPU) or
+'mem-max-rss-bytes' (CPU); validation: '<key> validation' and '<key> validation ppl'.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import time
+import resource
 from datetime import datetime
 from typing import Dict, List, Optional
 
 import torch
 
-from megatron_cocomix.distributed import is_last_rank
+from megatron_cocomix.training import flops
+
+_MB = 1024.0 * 1024.0
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+
+
+def _world_size() -> int:
+    return torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
+
+
+def _is_last_rank() -> bool:
+    return _rank() == _world_size() - 1
+
+
+def memory_stats() -> Dict[str, float]:
+    """This process's memory high-water marks in bytes (GPU allocator, or resident set on CPU)."""
+    if torch.cuda.is_available():
+        return {"max allocated": float(torch.cuda.max_memory_allocated()),
+                "reserved": float(torch.cuda.memory_reserved()),
+                "max reserved": float(torch.cuda.max_memory_reserved()),
+                "allocated": float(torch.cuda.memory_allocated())}
+    # ru_maxrss is in KiB on Linux.
+    return {"max RSS": 1024.0 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
+
+
+def _device_peak_tflops(args: argparse.Namespace) -> Optional[float]:
+    override = getattr(args, "peak_tflops", None)
+    if override:
+        return float(override)
+    if not torch.cuda.is_available():
+        return None
+    return flops.peak_tflops(torch.cuda.get_device_name(), sixteen_bit=bool(args.bf16 or args.fp16))
 
 
 class TrainingLogger:
-    def __init__(self, args: argparse.Namespace, model: List[torch.nn.Module]):
+    """Accumulates per-iteration values and prints / writes them every --log-interval iterations.
+
+    `teacher_shape` / `sae_topk` size the teacher's share of the FLOPs (online CoCoMix labels, KD); when not
+    given they are read from --teacher-model's config where possible."""
+
+    def __init__(self, args: argparse.Namespace, model: List[torch.nn.Module],
+                 teacher_shape: Optional[flops.TransformerShape] = None, sae_topk: Optional[int] = None):
         self.args = args
+        self.model = model
         self.history: List[dict] = []
-        self._window: Dict[str, List[float]] = {}
+        self._sums: Dict[str, float] = {}
+        self._counts: Dict[str, int] = {}
         self._window_time = 0.0
         self._window_iters = 0
         self._skipped = 0
         self._nan = 0
+        self._memory_reported = False
+        self.teacher_shape, self.teacher_note = self._resolve_teacher(teacher_shape)
+        self.sae_topk = sae_topk
+        self.flops_per_iteration: Optional[float] = None
+        self.flops_note: Optional[str] = None
+        try:
+            self.flops_per_iteration = flops.num_floating_point_operations(
+                args, teacher=self.teacher_shape, sae_topk=sae_topk)
+        except ValueError as e:
+            self.flops_note = f"FLOPs not estimated: {e}"
+        self.peak_tflops = _device_peak_tflops(args)
         self.writer = None
-        if args.tensorboard_dir and is_last_rank():
+        if args.tensorboard_dir and _is_last_rank():
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=1000)
 
-    def log_startup(self) -> None:
-        pass
+    def _resolve_teacher(self, shape: Optional[flops.TransformerShape]):
+        args = self.args
+        needs_teacher = getattr(args, "kd", False) or (
+            getattr(args, "cocomix", False) and getattr(args, "concept_labels", "online") == "online")
+        if shape is not None or not needs_teacher:
+            return shape, None
+        path = getattr(args, "teacher_model", None)
+        if not path:
+            return None, "teacher FLOPs not counted: no --teacher-model"
+        try:
+            return flops.TransformerShape.from_pretrained_path(path), None
+        except (OSError, ValueError) as e:
+            return None, f"teacher FLOPs not counted: {e}"
 
+    # ---------------------------------------------------------------------------------------------------
+    def _built_parameters_per_stage(self) -> Optional[List[int]]:
+        """Parameters on TP rank 0 / DP rank 0 of each pipeline stage, summed over its virtual chunks.
+        Collective: every rank must call it."""
+        if not torch.distributed.is_initialized():
+            return None
+        from megatron.core import parallel_state
+
+        from megatron_cocomix import compat
+
+        pp = self.args.pipeline_model_parallel_size
+        counts = torch.zeros(pp, dtype=torch.float64, device=compat.device())
+        if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
+            # ZeRO-3 leaves a placeholder in p; ds_numel is the full size.
+            own = sum(getattr(p, "ds_numel", p.numel()) for chunk in self.model for p in chunk.parameters())
+            counts[parallel_state.get_pipeline_model_parallel_rank()] = own
+        torch.distributed.all_reduce(counts)
+        return [int(c) for c in counts.tolist()]
+
+    def log_startup(self) -> None:
+        """Rank 0 prints parameters, FLOPs per iteration and the per-device memory estimate."""
+        built = self._built_parameters_per_stage()
+        if _rank() != 0:
+            return
+        try:
+            report = flops.startup_report(self.args, actual_stage_params=built, teacher=self.teacher_shape,
+                                          sae_topk=self.sae_topk, teacher_note=self.teacher_note)
+        except ValueError as e:
+            report = f" > model size and cost estimate unavailable: {e}"
+        print(report, flush=True)
+
+    # ---------------------------------------------------------------------------------------------------
     def training_log(self, iteration: int, losses: Dict[str, float], learning_rate: float,
                      grad_norm: Optional[float], loss_scale: Optional[float], skipped: bool,
                      iteration_time: float, consumed_samples: int) -> None:
         args = self.args
         self.history.append({"iteration": iteration, **losses, "lr": learning_rate,
                              "grad_norm": grad_norm, "time": iteration_time})
-        for key, value in losses.items():
-            self._window.setdefault(key, []).append(value)
-            if not math.isfinite(value):
-                self._nan += 1
+        got_nan = any(not math.isfinite(v) for v in losses.values())
+        self._nan += int(got_nan)
         self._skipped += int(skipped)
+        if not skipped and not got_nan:
+            for key, value in losses.items():
+                self._sums[key] = self._sums.get(key, 0.0) + value
+                self._counts[key] = self._counts.get(key, 0) + 1
         self._window_time += iteration_time
         self._window_iters += 1
+        batch_size = args.global_batch_size
 
-        if self.writer is not None and iteration % args.tensorboard_log_interval == 0:
-            for key, value in losses.items():
-                self.writer.add_scalar(key, value, iteration)
-            self.writer.add_scalar("learning-rate", learning_rate, iteration)
+        writer = self.writer
+        if writer is not None and iteration % args.tensorboard_log_interval == 0:
+            scalars = dict(losses)
+            scalars["learning-rate"] = learning_rate
+            scalars["batch-size"] = batch_size
             if grad_norm is not None:
-                self.writer.add_scalar("grad-norm", grad_norm, iteration)
-            if args.fp16 and loss_scale is not None:
-                self.writer.add_scalar("loss-scale", loss_scale, iteration)
-            self.writer.add_scalar("iteration-time", iteration_time, iteration)
+                scalars["grad-norm"] = grad_norm
+            if loss_scale is not None:
+                scalars["loss-scale"] = loss_scale
+            for tag, value in scalars.items():
+                writer.add_scalar(tag, value, iteration)
+                writer.add_scalar(f"{tag} vs samples", value, consumed_samples)
 
-        if iteration % args.log_interval != 0 or not is_last_rank():
+        if iteration % args.log_interval != 0:
             return
-        elapsed_ms = 1000.0 * self._window_time / max(1, self._window_iters)
-        line = f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S')}]"
-        line += f" iteration {iteration:8d}/{args.train_iters:8d} |"
-        line += f" consumed samples: {consumed_samples:12d} |"
-        line += f" elapsed time per iteration (ms): {elapsed_ms:.1f} |"
-        line += f" learning rate: {learning_rate:.6E} |"
-        line += f" global batch size: {args.global_batch_size:5d} |"
-        for key, values in self._window.items():
-            line += f" {key}: {sum(values) / len(values):.6E} |"
-        if loss_scale is not None:
-            line += f" loss scale: {loss_scale:.1f} |"
-        if grad_norm is not None:
-            line += f" grad norm: {grad_norm:.3f} |"
-        line += f" number of skipped iterations: {self._skipped:3d} |"
-        line += f" number of nan iterations: {self._nan:3d} |"
-        print(line, flush=True)
-        self._window.clear()
+        elapsed = self._window_time / max(1, self._window_iters)
+        memory = memory_stats()
+        self._report_memory_once(iteration, memory)
+        tokens_per_sec = batch_size * args.seq_length / elapsed if elapsed > 0 else 0.0
+        tflops = mfu = None
+        if self.flops_per_iteration is not None and elapsed > 0:
+            tflops = self.flops_per_iteration / (elapsed * 1e12 * _world_size())
+            if self.peak_tflops:
+                mfu = 100.0 * tflops / self.peak_tflops
+
+        if writer is not None:
+            writer.add_scalar("iteration-time", elapsed, iteration)
+            writer.add_scalar("tokens-per-sec", tokens_per_sec, iteration)
+            if tflops is not None:
+                writer.add_scalar("throughput", tflops, iteration)
+                writer.add_scalar("tflops-per-device", tflops, iteration)
+            if mfu is not None:
+                writer.add_scalar("mfu", mfu, iteration)
+            if "max allocated" in memory:
+                writer.add_scalar("mem-max-allocated-bytes", memory["max allocated"], iteration)
+                writer.add_scalar("mem-reserved-bytes", memory["reserved"], iteration)
+                writer.add_scalar("mem-max-reserved-bytes", memory["max reserved"], iteration)
+            else:
+                writer.add_scalar("mem-max-rss-bytes", memory["max RSS"], iteration)
+
+        if _is_last_rank():
+            line = f" [{datetime.now().strftime('%Y-%m-%d %H:%M:%S.%f')}]"
+            line += f" iteration {iteration:8d}/{args.train_iters:8d} |"
+            line += f" consumed samples: {consumed_samples:12d} |"
+            line += f" elapsed time per iteration (ms): {elapsed * 1000.0:.1f} |"
+            if args.log_throughput:
+                if tflops is not None:
+                    line += f" throughput per GPU (TFLOP/s/GPU): {tflops:.1f} |"
+                if mfu is not None:
+                    line += f" MFU (%): {mfu:.1f} |"
+                line += f" tokens per second: {tokens_per_sec:.0f} |"
+            line += f" learning rate: {learning_rate:.6E} |"
+            line += f" global batch size: {batch_size:5d} |"
+            for key, total in self._sums.items():
+                line += f" {key}: {total / self._counts[key]:.6E} |"
+            line += f" loss scale: {1.0 if loss_scale is None else loss_scale:.1f} |"
+            if grad_norm is not None:
+                line += f" grad norm: {grad_norm:.3f} |"
+            line += f" number of skipped iterations: {self._skipped:3d} |"
+            line += f" number of nan iterations: {self._nan:3d} |"
+            if "max allocated" in memory:
+                line += f" max allocated memory (MB): {memory['max allocated'] / _MB:.1f} |"
+                line += f" max reserved memory (MB): {memory['max reserved'] / _MB:.1f} |"
+            else:
+                line += f" max RSS (MB): {memory['max RSS'] / _MB:.1f} |"
+            print(line, flush=True)
+        self._sums.clear()
+        self._counts.clear()
         self._window_time = 0.0
         self._window_iters = 0
         self._skipped = 0
         self._nan = 0
 
-    def validation_log(self, iteration: int, losses: Dict[str, float],
-                       label: str = "validation loss at iteration") -> None:
-        if not is_last_rank() or not losses:
+    def _report_memory_once(self, iteration: int, memory: Dict[str, float]) -> None:
+        """Megatron's per-rank memory line after the first logged iteration, from data-parallel rank 0 of every
+        model-parallel rank (stages differ; data-parallel replicas do not)."""
+        if self._memory_reported:
             return
-        line = f" {label} {iteration} |" if "iteration" in label.split()[-1:] else f" {label} |"
+        self._memory_reported = True
+        if torch.distributed.is_initialized():
+            from megatron.core import parallel_state
+
+            if parallel_state.get_data_parallel_rank() != 0:
+                return
+        line = f"[Rank {_rank()}] (after {iteration} iterations) memory (MB)"
+        for key in ("allocated", "max allocated", "reserved", "max reserved", "max RSS"):
+            if key in memory:
+                line += f" | {key}: {memory[key] / _MB:.2f}"
+        print(line, flush=True)
+
+    # ---------------------------------------------------------------------------------------------------
+    def validation_log(self, iteration: int, losses: Dict[str, float], label: Optional[str] = None) -> None:
+        """Megatron's block: ' validation loss at iteration N on validation set | lm loss value: ... | lm loss
+        PPL: ... | ' between dashed lines; `label` replaces 'validation loss at iteration N on validation set'."""
+        if not _is_last_rank() or not losses:
+            return
+        label = label or f"validation loss at iteration {iteration} on validation set"
+        line = f" {label} | "
         for key, value in losses.items():
             ppl = math.exp(min(20.0, value))
-            line += f" {key} value: {value:.6E} | {key} PPL: {ppl:.6E} |"
+            line += f"{key} value: {value:.6E} | {key} PPL: {ppl:.6E} | "
             if self.writer is not None:
                 self.writer.add_scalar(f"{key} validation", value, iteration)
                 self.writer.add_scalar(f"{key} validation ppl", ppl, iteration)

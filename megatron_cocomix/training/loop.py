@@ -237,7 +237,7 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
     summary = dict(state)
     if args.eval_iters > 0:
         valid = evaluate(forward_step_func, data.valid(), model, args, args.eval_iters)
-        logger.validation_log(state["iteration"], valid, label="validation loss at the end of training")
+        logger.validation_log(state["iteration"], valid)
         summary["valid"] = valid
     summary["train_history"] = logger.history
     logger.close()
