@@ -6,6 +6,11 @@ Shaped like Megatron-LM's pretrain_gpt.py: `model_provider`, `get_batch`, `loss_
     torchrun --nproc_per_node 8 pretrain_cocomix.py --tensor-model-parallel-size 2 ... (Megatron flags)
     deepspeed pretrain_cocomix.py --deepspeed --deepspeed_config ds_config.json ...
 
+The CoCoMix delta over plain GPT pretraining: layers >= --concept-layer come from `concept_layer_spec_for`
+(model/concept_mixing.py), the stage holding the concept layer also reads the batch (token ids for online labels,
+or precomputed labels), and the concept loss joins the NTP loss inside that layer. KD adds a teacher KL term
+to the loss on the last stage.
+
 With no arguments at all it runs the tiny CPU quickstart (examples/quickstart_args.txt).
 """
 
@@ -14,42 +19,76 @@ from __future__ import annotations
 import os
 import sys
 from functools import partial
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 from megatron.core import parallel_state, tensor_parallel
-from megatron.core.utils import get_attr_wrapped_model
+from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
+from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
+from megatron_cocomix import compat
 from megatron_cocomix.global_vars import get_args, get_tokenizer
-from megatron_cocomix.model.gpt import build_gpt_model, build_transformer_config
+from megatron_cocomix.model.concept_mixing import CONCEPT_METRICS, concept_layer_spec_for, find_concept_mixing
+from megatron_cocomix.model.gpt import build_gpt_model, build_transformer_config, gpt_block_spec, gpt_layer_spec
+from megatron_cocomix.model.losses import kd_kl_divergence
+from megatron_cocomix.training import metrics
 from megatron_cocomix.training.loop import pretrain
 
 QUICKSTART_ARGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "quickstart_args.txt")
+
+_TEACHER = None  # OnlineTeacher, built on first use on the ranks that need it
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
     """The megatron-core GPTModel for this pipeline stage (and virtual stage)."""
     args = get_args()
     config = build_transformer_config(args)
-    return build_gpt_model(args, config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage)
+    layer_spec_for = None
+    if args.cocomix or args.pause_tokens:
+        layer_spec_for = concept_layer_spec_for(args, gpt_layer_spec(args))
+    block_spec = gpt_block_spec(args, config, vp_stage, layer_spec_for)
+    return build_gpt_model(args, config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
+                           block_spec=block_spec)
 
 
-def get_batch(data_iterator, vp_stage: Optional[int] = None):
-    """Micro-batch for this stage: read on TP rank 0, broadcast to the other TP ranks (as Megatron).
+def _online_teacher():
+    global _TEACHER
+    if _TEACHER is None:
+        from megatron_cocomix.concepts.labeling import OnlineTeacher
 
-    Middle pipeline stages get nothing: their input is the previous stage's activations."""
+        _TEACHER = OnlineTeacher(get_args(), compat.device())
+    return _TEACHER
+
+
+def get_batch(data_iterator, vp_stage: Optional[int] = None, concept_stage: bool = False) -> Dict[str, torch.Tensor]:
+    """The tensors this stage needs, read on TP rank 0 and broadcast to the other TP ranks (as Megatron).
+
+    First stage: tokens, position ids (and the attention mask); last stage: labels and loss mask (and tokens for
+    KD); the stage holding the concept layer: tokens (online labels) or the precomputed concept labels."""
+    args = get_args()
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
-    if not (first or last):
-        return None, None, None, None, None
-    keys = ["tokens", "labels", "loss_mask", "position_ids"]
+    online = args.concept_labels == "online"
+    int_keys, float_keys = [], []
+    if first or (last and args.kd) or (concept_stage and online):
+        int_keys.append("tokens")
+    if first:
+        int_keys.append("position_ids")
+    if last:
+        int_keys.append("labels")
+        float_keys.append("loss_mask")
+    if concept_stage and not online:
+        int_keys.append("concept_labels")
+    if not int_keys:
+        return {}
     data = next(data_iterator) if data_iterator is not None else None
-    batch = tensor_parallel.broadcast_data(keys[:2] + keys[3:], data, torch.int64)
-    batch["loss_mask"] = tensor_parallel.broadcast_data(["loss_mask"], data, torch.float32)["loss_mask"]
-    attention_mask = None
-    if get_args().reset_attention_mask:
-        attention_mask = tensor_parallel.broadcast_data(["attention_mask"], data, torch.bool)["attention_mask"]
-    return batch["tokens"], batch["labels"], batch["loss_mask"], attention_mask, batch["position_ids"]
+    batch = tensor_parallel.broadcast_data(int_keys, data, torch.int64)
+    if float_keys:
+        batch.update(tensor_parallel.broadcast_data(float_keys, data, torch.float32))
+    if first and args.reset_attention_mask:
+        batch.update(tensor_parallel.broadcast_data(["attention_mask"], data, torch.bool))
+    return batch
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
@@ -62,17 +101,101 @@ def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):
     return loss, num_tokens, {"lm loss": report}
 
 
+def kd_loss_func(labels: torch.Tensor, loss_mask: torch.Tensor, teacher_log_probs: torch.Tensor,
+                 logits: torch.Tensor):
+    """NTP + kd_weight x KL(teacher || student), both summed over tokens (the schedule divides by the count)."""
+    args = get_args()
+    ce = vocab_parallel_cross_entropy(logits.float().clone(), labels)
+    mask = loss_mask.float()
+    ce_sum = (ce * mask).sum()
+    kl_sum, count = kd_kl_divergence(logits, teacher_log_probs, loss_mask)
+    loss = ce_sum + args.kd_weight * kl_sum
+    num_tokens = mask.sum().to(torch.int)
+    return loss, num_tokens, {"lm loss": torch.stack([ce_sum.detach(), count]),
+                              "kd loss": torch.stack([kl_sum.detach(), count])}
+
+
+def _set_concept_loss_scale(model) -> None:
+    """The concept loss enters the backward on its own stage: scale it like the main loss (1 / micro-batches,
+    times the fp16 loss scale), as megatron's schedule does for MoE auxiliary losses."""
+    config = get_model_config(model)
+    scale = torch.ones(1, device=compat.device())
+    if config.grad_scale_func is not None:
+        scale = config.grad_scale_func(scale)
+    MoEAuxLossAutoScaler.set_loss_scale(scale / get_args().num_micro_batches)
+
+
 def forward_step(data_iterator, model):
+    args = get_args()
     vp_stage = get_attr_wrapped_model(model, "vp_stage")
-    tokens, labels, loss_mask, attention_mask, position_ids = get_batch(data_iterator, vp_stage)
-    output_tensor = model(tokens, position_ids, attention_mask, labels=labels)
-    return output_tensor, partial(loss_func, loss_mask)
+    concept_stage = args.cocomix and find_concept_mixing(model) is not None
+    batch = get_batch(data_iterator, vp_stage, concept_stage)
+    tokens, labels = batch.get("tokens"), batch.get("labels")
+    first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
+
+    extra_block_kwargs = None
+    if concept_stage:
+        if args.concept_labels == "online":
+            concept_labels = _online_teacher().concept_labels(tokens)
+        else:
+            concept_labels = batch["concept_labels"]
+        # [b, s, K] -> [s, b, K]; carried to the concept layer in the block's `context` argument.
+        extra_block_kwargs = {"context": concept_labels.transpose(0, 1).contiguous()}
+        _set_concept_loss_scale(model)
+
+    input_ids = tokens if first else None
+    position_ids = batch.get("position_ids")
+    attention_mask = batch.get("attention_mask")
+    if args.kd and labels is not None:
+        logits = model(input_ids, position_ids, attention_mask, extra_block_kwargs=extra_block_kwargs)
+        teacher_log_probs = _online_teacher().log_probs(tokens)
+        return logits, partial(kd_loss_func, labels, batch["loss_mask"], teacher_log_probs)
+    output_tensor = model(input_ids, position_ids, attention_mask, labels=labels,
+                          extra_block_kwargs=extra_block_kwargs)
+    return output_tensor, partial(loss_func, batch.get("loss_mask"))
 
 
 def train_valid_test_datasets_provider(train_val_test_num_samples):
     from megatron_cocomix.data.datasets import build_train_valid_test_datasets
 
-    return build_train_valid_test_datasets(get_args(), get_tokenizer(), train_val_test_num_samples)
+    args = get_args()
+    train, valid, test = build_train_valid_test_datasets(args, get_tokenizer(), train_val_test_num_samples)
+    if args.cocomix and args.concept_labels != "online":
+        train = _attach_precomputed_labels(args, train)
+    return train, valid, test
+
+
+def _attach_precomputed_labels(args, train):
+    from megatron_cocomix.concepts.labeling import ConceptLabeledDataset
+    from megatron_cocomix.data.concept_labels import ConceptLabelsDataset, expected_fingerprint
+
+    labels = ConceptLabelsDataset(args.concept_labels)
+    if args.teacher_model and args.sae:
+        from megatron_cocomix.concepts.sae import sae_fingerprint
+
+        expected = expected_fingerprint(args, get_tokenizer(), len(labels), sae_fingerprint(args.sae))
+        labels.check_fingerprint(expected, ignore={"num_samples"})
+    return ConceptLabeledDataset(train, labels, args.seq_length)
+
+
+def resolve_concept_args(args) -> None:
+    """Concept count from the SAE (or the precomputed labels); the metrics the concept layer reports."""
+    if not args.cocomix:
+        return
+    num_latents = None
+    if args.sae:
+        from megatron_cocomix.concepts.sae import load_sae
+
+        num_latents = load_sae(args.sae).num_latents
+    elif args.concept_labels != "online":
+        from megatron_cocomix.data.concept_labels import read_fingerprint
+
+        num_latents = int(read_fingerprint(args.concept_labels)["num_latents"])
+    if args.concept_dim is None:
+        args.concept_dim = num_latents
+    elif num_latents is not None and num_latents != args.concept_dim:
+        raise SystemExit(f"error: --concept-dim {args.concept_dim} disagrees with the SAE's {num_latents} latents")
+    metrics.declare(*CONCEPT_METRICS)
 
 
 def _quickstart_argv() -> list:
@@ -80,7 +203,10 @@ def _quickstart_argv() -> list:
         return [tok for line in f if not line.lstrip().startswith("#") for tok in line.split()]
 
 
+def main(argv=None) -> dict:
+    return pretrain(train_valid_test_datasets_provider, model_provider, forward_step, argv=argv,
+                    extra_args_hook=resolve_concept_args)
+
+
 if __name__ == "__main__":
-    argv = sys.argv[1:] or _quickstart_argv()
-    train_valid_test_datasets_provider.is_distributed = True
-    pretrain(train_valid_test_datasets_provider, model_provider, forward_step, argv=argv)
+    main(sys.argv[1:] or _quickstart_argv())

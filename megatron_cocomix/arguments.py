@@ -354,6 +354,21 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             raise ArgumentError(f"--concept-layer {args.concept_layer} must be in [1, --num-layers {args.num_layers})")
     if args.cocomix and args.pause_tokens:
         raise ArgumentError("--cocomix and --pause-tokens are mutually exclusive")
+    if args.cocomix:
+        if args.concept_labels == "online":
+            for flag in ("teacher_model", "teacher_layer", "sae"):
+                if getattr(args, flag) is None:
+                    raise ArgumentError(f"--concept-labels online needs --{flag.replace('_', '-')}")
+        else:
+            for suffix in (".bin", ".idx", ".json"):
+                if not os.path.exists(args.concept_labels + suffix):
+                    raise ArgumentError(f"--concept-labels {args.concept_labels}: no such file "
+                                        f"{args.concept_labels + suffix} (write it with tools/extract_concepts.py)")
+        if args.concept_topk <= 0 or args.concept_num_labels <= 0:
+            raise ArgumentError("--concept-topk and --concept-num-labels must be positive")
+    # Pipeline stages after an interleaving layer carry 2s positions: stages exchange shapes first.
+    doubles = args.pause_tokens or (args.cocomix and args.concept_mixing == "interleave")
+    args.variable_seq_lengths = doubles and pp > 1
     if args.kd and args.teacher_model is None:
         raise ArgumentError("--kd needs --teacher-model")
     for flag in ("teacher_model", "sae", "load"):

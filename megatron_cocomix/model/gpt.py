@@ -89,6 +89,8 @@ def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
         gradient_accumulation_fusion=False,
         # Stages after a CoCoMix mixing layer carry 2s positions: let stages exchange shapes.
         variable_seq_lengths=getattr(args, "variable_seq_lengths", False),
+        # megatron's config check refuses variable lengths with the default MoE dispatcher even without MoE.
+        moe_token_dispatcher_type="alltoall",
         deallocate_pipeline_outputs=compat.can_deallocate_pipeline_outputs(),
         overlap_p2p_comm=args.overlap_p2p_comm,
         batch_p2p_comm=not args.overlap_p2p_comm,
@@ -205,9 +207,9 @@ def _canonical_name(name: str, tied: bool) -> str:
 
 def _full_tensor(name: str, shape: List[int], seed: int, std: float, out_std: float) -> torch.Tensor:
     leaf = name.rsplit(".", 1)[-1]
-    if leaf == "bias" or "layer_norm_bias" in leaf:
+    if leaf.endswith("bias"):
         return torch.zeros(shape)
-    if len(shape) == 1:  # norm weights
+    if len(shape) == 1 and "norm" in name:
         return torch.ones(shape)
     generator = torch.Generator().manual_seed(seed_for(seed, name))
     scale = out_std if name.endswith(_OUTPUT_PROJECTIONS) else std
@@ -219,7 +221,7 @@ def initialize_weights(model_chunks: List[torch.nn.Module], seed: int, config: T
     """Draw every parameter in full from (seed, global name) and keep this rank's tensor-parallel slice.
 
     std 0.02 (config.init_method_std); output projections std 0.02 / sqrt(2 * num_layers), as Megatron's
-    scaled init; biases 0; norm weights 1. `extra_std` maps name suffixes to a std for modules outside the GPT.
+    scaled init; every parameter whose name ends in "bias" 0 (including CoCoMix's pre_bias); norm weights 1. `extra_std` maps name suffixes to a std for modules outside the GPT.
     """
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()

@@ -29,7 +29,7 @@ from megatron_cocomix.arguments import ArgumentError, parse_args
 from megatron_cocomix.distributed import initialize_distributed, print_rank_0
 from megatron_cocomix.global_vars import set_args, set_tokenizer
 from megatron_cocomix.model.gpt import initialize_weights
-from megatron_cocomix.training import checkpointing
+from megatron_cocomix.training import checkpointing, metrics
 from megatron_cocomix.training.logging import TrainingLogger
 from megatron_cocomix.training.optimizers import build_optimizer_backend
 
@@ -65,10 +65,10 @@ def get_model(model_provider: Callable, args: argparse.Namespace) -> List[torch.
 
 
 def _needs_data() -> bool:
-    """Megatron feeds data to TP rank 0 of the first and last pipeline stages; get_batch broadcasts in TP."""
-    return parallel_state.get_tensor_model_parallel_rank() == 0 and (
-        parallel_state.is_pipeline_first_stage(ignore_virtual=True)
-        or parallel_state.is_pipeline_last_stage(ignore_virtual=True))
+    """TP rank 0 of every pipeline stage reads data and get_batch broadcasts it within TP. Megatron reads on the
+    first and last stages only; a middle stage may need the batch too (token ids for a teacher, precomputed
+    labels), and one that does not simply never advances its iterator."""
+    return parallel_state.get_tensor_model_parallel_rank() == 0
 
 
 class DataIterators:
@@ -137,7 +137,9 @@ def train_step(forward_step_func, data_iterator, model, backend, config, args) -
     )
     backend.after_forward_backward()
     update_successful, grad_norm = backend.step()
-    return _reduce_losses(losses_reduced), update_successful, grad_norm
+    losses = _reduce_losses(losses_reduced)
+    losses.update(metrics.reduce())
+    return losses, update_successful, grad_norm
 
 
 def evaluate(forward_step_func, data_iterator, model, args, num_iters: int) -> Dict[str, float]:
@@ -151,7 +153,9 @@ def evaluate(forward_step_func, data_iterator, model, args, num_iters: int) -> D
                 forward_step_func=forward_step_func, data_iterator=data_iterator, model=model,
                 num_microbatches=args.num_micro_batches, seq_length=args.seq_length,
                 micro_batch_size=args.micro_batch_size, forward_only=True)
-            for key, value in _reduce_losses(losses_reduced).items():
+            reduced = _reduce_losses(losses_reduced)
+            reduced.update(metrics.reduce())
+            for key, value in reduced.items():
                 sums.setdefault(key, []).append(value)
     for chunk in model:
         chunk.train()

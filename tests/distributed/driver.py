@@ -15,13 +15,11 @@ import torch  # noqa: E402
 
 import pretrain_cocomix  # noqa: E402
 from megatron_cocomix.distributed import destroy_distributed  # noqa: E402
-from megatron_cocomix.training.loop import pretrain  # noqa: E402
 
 
 def main() -> None:
     summary_path, argv = sys.argv[1], sys.argv[2:]
-    summary = pretrain(pretrain_cocomix.train_valid_test_datasets_provider, pretrain_cocomix.model_provider,
-                       pretrain_cocomix.forward_step, argv=argv)
+    summary = pretrain_cocomix.main(argv)
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
         with open(summary_path, "w") as f:
             json.dump(summary, f)

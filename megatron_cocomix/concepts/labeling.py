@@ -1,0 +1,107 @@
+"""Concept labels (and teacher distributions for KD) inside the training step.
+
+Online: the frozen teacher + SAE run on the stage that holds the concept layer (labels) or on the last stage
+(KD), for the same micro-batch the student sees. A micro-batch [b, s] is split over the tensor-parallel ranks
+(each labels b / tp sequences, then an all-gather over TP) so TP ranks do not compute identical labels; when b is
+not divisible by tp, TP rank 0 labels the whole micro-batch and broadcasts. Labels of a sequence do not depend on
+its batch mates (attribution uses per-sequence losses), so the split gives the same labels as one pass.
+
+Precomputed: `ConceptLabeledDataset` adds the labels of training sample i (from tools/extract_concepts.py's
+indexed dataset) to sample i of the token dataset; the fingerprint must match the training configuration.
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Callable, Optional
+
+import torch
+from megatron.core import parallel_state
+
+from megatron_cocomix.concepts.attribution import attribution_labels, check_teacher_sae
+from megatron_cocomix.concepts.sae import load_sae
+from megatron_cocomix.concepts.teacher import load_teacher
+
+
+def _split_over_tp(fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
+    """fn over the batch dim of tokens [b, s], shared among TP ranks; returns fn(tokens) on every TP rank."""
+    tp = parallel_state.get_tensor_model_parallel_world_size()
+    if tp == 1:
+        return fn(tokens)
+    group = parallel_state.get_tensor_model_parallel_group()
+    rank = parallel_state.get_tensor_model_parallel_rank()
+    b = tokens.shape[0]
+    if b % tp == 0:
+        part = fn(tokens[rank * (b // tp):(rank + 1) * (b // tp)]).contiguous()
+        parts = [torch.empty_like(part) for _ in range(tp)]
+        torch.distributed.all_gather(parts, part, group=group)
+        return torch.cat(parts, dim=0)
+    src = torch.distributed.get_global_rank(group, 0)
+    out = fn(tokens).contiguous() if rank == 0 else None
+    dtypes = (torch.long, torch.float32)
+    header = torch.zeros(4, dtype=torch.long, device=tokens.device)
+    if rank == 0:
+        header[: out.dim()] = torch.tensor(out.shape)
+        header[3] = dtypes.index(out.dtype)
+    torch.distributed.broadcast(header, src, group=group)
+    if rank != 0:
+        out = torch.empty(header[:3].tolist(), dtype=dtypes[int(header[3])], device=tokens.device)
+    torch.distributed.broadcast(out, src, group=group)
+    return out
+
+
+class OnlineTeacher:
+    """Loaded lazily, only on ranks that need it; weights frozen and never seen by the optimizer."""
+
+    def __init__(self, args: argparse.Namespace, device: torch.device):
+        self.args = args
+        self.device = device
+        self._teacher = None
+        self._sae = None
+
+    @property
+    def teacher(self):
+        if self._teacher is None:
+            self._teacher = load_teacher(self.args.teacher_model, self.args.teacher_layer, device=self.device)
+        return self._teacher
+
+    @property
+    def sae(self):
+        if self._sae is None:
+            self._sae = load_sae(self.args.sae, device=self.device).freeze()
+            check_teacher_sae(self.teacher, self._sae)
+        return self._sae
+
+    def concept_labels(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [b, s] -> labels [b, s, K] (int64, -1 = none)."""
+        def label(part: torch.Tensor) -> torch.Tensor:
+            return attribution_labels(self.teacher, self.sae, part, num_labels=self.args.concept_num_labels,
+                                      mode=self.args.concept_attribution).to(tokens.device)
+        return _split_over_tp(label, tokens)
+
+    def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:
+        """tokens [b, s] -> teacher next-token log-probabilities [b, s, V] (fp32)."""
+        def teacher_log_probs(part: torch.Tensor) -> torch.Tensor:
+            return torch.log_softmax(self.teacher.logits(part).float(), dim=-1).to(tokens.device)
+        return _split_over_tp(teacher_log_probs, tokens)
+
+
+class ConceptLabeledDataset(torch.utils.data.Dataset):
+    """Sample i of `dataset` plus 'concept_labels' [s, K] from precomputed labels sequence i."""
+
+    def __init__(self, dataset, labels, seq_length: int):
+        if len(labels) < len(dataset):
+            raise ValueError(f"concept labels {labels.prefix}: {len(labels)} samples but training needs "
+                             f"{len(dataset)}; re-run tools/extract_concepts.py with the training flags")
+        if labels.seq_length != seq_length:
+            raise ValueError(f"concept labels {labels.prefix}: seq length {labels.seq_length} != --seq-length "
+                             f"{seq_length}")
+        self.dataset, self.labels = dataset, labels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> dict:
+        sample = dict(self.dataset[index])
+        sample["concept_labels"] = self.labels[index]
+        return sample

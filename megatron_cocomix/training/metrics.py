@@ -1,0 +1,54 @@
+"""Scalars recorded inside the model (any layer, any pipeline stage) and reduced for the log line.
+
+Megatron's loss dictionary only exists on the last pipeline stage; a layer on another stage (a MoE router, a
+CoCoMix concept layer) records its scalars here instead, as megatron-core's MoE auxiliary-loss tracker does.
+Each metric is a running [sum, count]; `reduce()` sums them over every rank and returns sum / count. Names are
+declared up front on every rank so that all ranks join the same all-reduce. A value computed identically on all
+tensor-parallel ranks is recorded by TP rank 0 only (`record` does that).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, List
+
+import torch
+from megatron.core import parallel_state
+
+_NAMES: List[str] = []
+_VALUES: Dict[str, torch.Tensor] = {}
+
+
+def declare(*names: str) -> None:
+    for name in names:
+        if name not in _NAMES:
+            _NAMES.append(name)
+
+
+def declared() -> List[str]:
+    return list(_NAMES)
+
+
+def record(name: str, total: torch.Tensor, count: torch.Tensor) -> None:
+    """Add a (sum, count) pair; ignored on TP ranks other than 0 (their copy is identical)."""
+    if name not in _NAMES:
+        raise KeyError(f"metric {name!r} was not declared")
+    if parallel_state.get_tensor_model_parallel_rank() != 0:
+        return
+    pair = torch.stack([total.detach().float().reshape(()), count.detach().float().reshape(())]).cpu()
+    _VALUES[name] = _VALUES.get(name, torch.zeros(2)) + pair
+
+
+def reset() -> None:
+    _VALUES.clear()
+
+
+def reduce() -> Dict[str, float]:
+    """Sum every declared metric over all ranks and reset; collective (every rank must call it)."""
+    if not _NAMES:
+        return {}
+    buffer = torch.stack([_VALUES.get(name, torch.zeros(2)) for name in _NAMES])
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    buffer = buffer.to(device)
+    torch.distributed.all_reduce(buffer)
+    reset()
+    return {name: (pair[0] / pair[1]).item() for name, pair in zip(_NAMES, buffer) if pair[1] > 0}
