@@ -334,17 +334,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         args.save_interval = args.train_iters
 
     # Data.
-    _validate_data_args(args)
-    if not args.mock_data and not (args.data_path or args.train_data_path):
-        raise ArgumentError("no training data: give --data-path (or --train-data-path), or --mock-data")
-    if args.mock_data and args.tokenizer_type is None:
-        args.tokenizer_type = "NullTokenizer"
-    if args.tokenizer_type is None:
-        raise ArgumentError("--tokenizer-type is required with --data-path")
-    if args.tokenizer_type == "NullTokenizer" and args.vocab_size is None:
-        raise ArgumentError("--vocab-size is required with --tokenizer-type NullTokenizer / --mock-data")
-    if args.split is None and args.data_path:
-        args.split = "969,30,1"
+    validate_data_args(args)
 
     # CoCoMix.
     if args.cocomix or args.pause_tokens:
@@ -377,7 +367,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
             raise ArgumentError(f"--{flag.replace('_', '-')} {path}: no such file or directory")
 
 
-def _validate_data_args(args: argparse.Namespace) -> None:
+def validate_data_args(args: argparse.Namespace) -> None:
     """Data and tokenizer flags: what can be checked before any file is opened (files are checked by
     megatron_cocomix.data.datasets before training starts)."""
     from megatron_cocomix.data.datasets import parse_blend

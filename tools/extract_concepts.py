@@ -52,7 +52,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _validate(args: argparse.Namespace) -> None:
-    from megatron_cocomix.arguments import _validate_data_args
+    from megatron_cocomix.arguments import validate_data_args
 
     for flag in ("teacher_model", "teacher_layer", "sae", "seq_length", "train_iters", "global_batch_size"):
         if getattr(args, flag) is None:
@@ -64,7 +64,7 @@ def _validate(args: argparse.Namespace) -> None:
         args.extract_batch_size = args.micro_batch_size or 8
     if args.extract_batch_size <= 0:
         raise ValueError(f"--extract-batch-size must be positive, got {args.extract_batch_size}")
-    _validate_data_args(args)  # the same checks and defaults (e.g. --split) as training
+    validate_data_args(args)  # the same checks and defaults (e.g. --split) as training
     for flag in ("teacher_model", "sae"):
         if not os.path.exists(getattr(args, flag)):
             raise FileNotFoundError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: no such file or directory")
