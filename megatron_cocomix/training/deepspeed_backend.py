@@ -117,6 +117,12 @@ def check_deepspeed_config(args: argparse.Namespace, ds_config: dict, path: str)
     if args.virtual_pipeline_model_parallel_size is not None:
         raise ValueError("--num-layers-per-virtual-pipeline-stage (virtual pipeline) is not supported with "
                          "--deepspeed; use megatron's optimizer (drop --deepspeed)")
+    accum = (config.get("data_types") or {}).get("grad_accum_dtype")
+    if stage == 1 and args.bf16 and accum in ("fp32", "float32", "float"):
+        # DeepSpeed hands this combination to its BF16_Optimizer, which accumulates micro-batch gradients
+        # outside the ZeRO gradient hooks that frame megatron's micro-batches here.
+        raise ValueError(f"{name}: data_types.grad_accum_dtype {accum} with bf16 needs zero_optimization.stage 2 "
+                         f"or 3 with --deepspeed (stage 1 accumulates in bf16: drop the key)")
     if zero.get("overlap_comm") and stage == 1:
         # Stage 1 reduces once after the schedule; overlapping would start reducing inside the backward.
         raise ValueError(f"{name}: zero_optimization.overlap_comm needs stage 2 or 3 with --deepspeed")
