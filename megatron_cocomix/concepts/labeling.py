@@ -89,17 +89,20 @@ class OnlineTeacher:
 class ConceptLabeledDataset(torch.utils.data.Dataset):
     """Sample i of `dataset` plus 'concept_labels' [s, K] from precomputed labels sequence i."""
 
-    def __init__(self, dataset, labels, seq_length: int):
-        if len(labels) < len(dataset):
+    def __init__(self, dataset, labels, seq_length: int, num_samples: Optional[int] = None):
+        # Training reads the first num_samples (train iters x global batch) samples; megatron's dataset holds
+        # whole epochs, so it may be longer than what was labelled.
+        needed = len(dataset) if num_samples is None else min(num_samples, len(dataset))
+        if len(labels) < needed:
             raise ValueError(f"concept labels {labels.prefix}: {len(labels)} samples but training needs "
-                             f"{len(dataset)}; re-run tools/extract_concepts.py with the training flags")
+                             f"{needed}; re-run tools/extract_concepts.py with the training flags")
         if labels.seq_length != seq_length:
             raise ValueError(f"concept labels {labels.prefix}: seq length {labels.seq_length} != --seq-length "
                              f"{seq_length}")
         self.dataset, self.labels = dataset, labels
 
     def __len__(self) -> int:
-        return len(self.dataset)
+        return min(len(self.dataset), len(self.labels))
 
     def __getitem__(self, index: int) -> dict:
         sample = dict(self.dataset[index])
