@@ -334,20 +334,27 @@ class DeepSpeedBackend:
         return None if scale is None else float(scale)
 
     @contextlib.contextmanager
-    def gathered_parameters(self):
-        """Full parameters inside the block (ZeRO-3 keeps only this rank's shard otherwise): wrap model
-        weight saving / loading in it. A no-op for stages 1 and 2."""
+    def gathered_parameters(self, modify: bool = False):
+        """Full parameters inside the block (ZeRO-3 keeps only this rank's 1/DP shard otherwise): wrap building
+        the model's state dict for saving, and loading weights into it (modify=True: data-parallel rank 0's
+        values are re-partitioned on exit). A no-op for stages 1 and 2."""
         if self.stage != 3:
             yield
             return
         import deepspeed
 
         params = list(self.model[0].parameters())
-        with deepspeed.zero.GatheredParameters(params, modifier_rank=0):
+        with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
             yield
 
+    def reload_model_params(self) -> None:
+        """After model weights were loaded without the optimizer state (--no-load-optim, --finetune): DeepSpeed's
+        fp32 master copy still holds the initial weights and would overwrite the loaded ones at the next step."""
+        self.optimizer.refresh_fp32_params()
+
     # Checkpoints: model weights go through megatron dist_checkpointing; DeepSpeed keeps its own optimizer
-    # state (fp32 master partitions, Adam moments, loss scaler) in <checkpoint>/deepspeed/pp_rank_XXX/.
+    # state (fp32 master partitions, Adam moments, loss scaler) in PATH/pp_rank_XXX/zero/ (PATH given by the
+    # checkpointing code), plus PATH/layout.json.
     def _layout(self) -> Dict[str, int]:
         return {"tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
                 "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
@@ -358,14 +365,14 @@ class DeepSpeedBackend:
     def _stage_dir(path: str) -> str:
         # DeepSpeed names its files by TP rank ("mp_rank") and DP rank; one directory per pipeline stage keeps
         # the stages apart.
-        return os.path.join(path, "deepspeed", f"pp_rank_{parallel_state.get_pipeline_model_parallel_rank():03d}")
+        return os.path.join(path, f"pp_rank_{parallel_state.get_pipeline_model_parallel_rank():03d}")
 
     def save_optimizer_state(self, path: str) -> None:
-        """Collective over all ranks: DeepSpeed's optimizer state of this rank into `path`/deepspeed/."""
+        """Collective over all ranks: DeepSpeed's optimizer state of this rank into directory `path`."""
         stage_dir = self._stage_dir(path)
         os.makedirs(stage_dir, exist_ok=True)
         if torch.distributed.get_rank() == 0:
-            with open(os.path.join(path, "deepspeed", LAYOUT_FILE), "w") as f:
+            with open(os.path.join(path, LAYOUT_FILE), "w") as f:
                 json.dump(self._layout(), f)
         self.engine.save_checkpoint(stage_dir, tag=CHECKPOINT_TAG, save_latest=False,
                                     client_state={"layout": self._layout()})
@@ -373,7 +380,7 @@ class DeepSpeedBackend:
     def load_optimizer_state(self, path: str) -> None:
         """Collective: restore what save_optimizer_state wrote. DeepSpeed's ZeRO state loads only at the layout
         (TP, PP, DP, stage) it was saved at; anything else raises a one-line ValueError."""
-        layout_file = os.path.join(path, "deepspeed", LAYOUT_FILE)
+        layout_file = os.path.join(path, LAYOUT_FILE)
         if not os.path.exists(layout_file):
             raise FileNotFoundError(f"{layout_file}: no DeepSpeed optimizer state in this checkpoint")
         with open(layout_file) as f:
