@@ -146,6 +146,8 @@ class TrainingLogger:
                                           sae_topk=self.sae_topk, teacher_note=self.teacher_note)
         except ValueError as e:
             report = f" > model size and cost estimate unavailable: {e}"
+        if self.flops_note:
+            report += f"\n   {self.flops_note} (no TFLOP/s or MFU on the log line)"
         print(report, flush=True)
 
     # ---------------------------------------------------------------------------------------------------

@@ -174,3 +174,16 @@ def test_extra_loss_keys_skipped_and_nan_iterations(tmp_path, capsys):
     assert values["concept loss"] == {1: 5.0, 2: 7.0, 3: 1.0, 4: 6.5}
     assert values["concept top1 acc"][2] == 0.75
     assert values["mfu"][4] == pytest.approx(100 * tflops / 1e-3, rel=1e-5)
+
+
+def test_unknown_concept_count_is_reported_not_guessed(capsys):
+    args = parse_args(TINY_GPT, world_size=1)
+    args.padded_vocab_size = 256
+    args.cocomix, args.concept_layer, args.concept_dim, args.concept_labels = True, 1, None, "labels/prefix"
+    logger = TrainingLogger(args, model=[])
+    logger.log_startup()
+    logger.training_log(1, {"lm loss": 5.0}, 1e-3, 1.0, None, skipped=False, iteration_time=0.1, consumed_samples=8)
+    out = capsys.readouterr().out
+    assert "FLOPs not estimated: FLOPs estimate: --cocomix needs the number of concepts (--concept-dim" in out
+    fields = parse_log(out)[1]
+    assert "throughput per GPU (TFLOP/s/GPU)" not in fields and fields["tokens per second"] == "2560"  # 8 x 32 tokens in 0.1 s
