@@ -38,6 +38,10 @@ Teacher (online labels; weights frozen, so no weight gradients), a transformer o
     SAE encode     2 s d_t C   (dense encoder)
     attribution    2 s k_sae d_t   (gradient . the k active decoder columns)
 KD baseline: the teacher forward only.
+The terms read args.cocomix, args.concept_layer, args.concept_dim, args.concept_topk, args.concept_mixing,
+args.no_concept_loss, args.pause_tokens, args.concept_labels, args.teacher_layer and args.kd; the teacher's
+shape comes from `TransformerShape.from_pretrained_path(--teacher-model)` or is passed in, and the SAE's k
+defaults to --concept-topk. `extra_flops_per_token` gives the CoCoMix / teacher cost beyond the NTP model.
 
 Parameters and memory per device
 --------------------------------
@@ -183,6 +187,12 @@ def layers_at_2x_start(args: argparse.Namespace) -> Optional[int]:
     if interleaved or getattr(args, "pause_tokens", False):
         return concept_layer
     return None
+
+
+def layers_at_2x(args: argparse.Namespace) -> int:
+    """Number of blocks that run on 2s positions (CoCoMix interleaving or pause tokens)."""
+    start = layers_at_2x_start(args)
+    return 0 if start is None else args.num_layers - start
 
 
 def _recomputed_layers(args: argparse.Namespace) -> List[int]:

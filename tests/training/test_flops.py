@@ -386,3 +386,31 @@ def test_memory_estimate_layout_effects():
     assert full[0].activations < base[0].activations
     report = flops.startup_report(make_args("--bf16"))
     assert "FLOPs per iteration" in report and "memory estimate per device, stage 0" in report
+
+
+def test_ablations_and_pause_tokens():
+    ntp = flops.num_floating_point_operations(make_args())
+
+    def cocomix(**overrides):
+        args = make_args()
+        args.cocomix, args.concept_layer, args.concept_dim, args.concept_topk = True, 1, 512, 8
+        args.concept_mixing, args.no_concept_loss, args.concept_labels = "interleave", False, "labels/prefix"
+        for key, value in overrides.items():
+            setattr(args, key, value)
+        return args
+
+    head = 8 * 3 * 2 * 32 * 64 * 512          # batch x (fwd + bwd) x 2 s h C
+    compression = 8 * 3 * 2 * 32 * 8 * 64     # batch x (fwd + bwd) x 2 s k h
+    assert flops.layers_at_2x(cocomix()) == 3
+    # Additive mixing: the NTP model plus the concept head and compression, nothing at 2s.
+    assert flops.layers_at_2x(cocomix(concept_mixing="add")) == 0
+    assert flops.num_floating_point_operations(cocomix(concept_mixing="add")) == ntp + head + compression
+    # Neither mixing nor concept loss: the NTP model.
+    assert flops.num_floating_point_operations(cocomix(concept_mixing="none", no_concept_loss=True)) == ntp
+    # Concept prediction only.
+    assert flops.num_floating_point_operations(cocomix(concept_mixing="none")) == ntp + head
+    # Pause tokens: the same 2s layers as CoCoMix, no concept head.
+    pause = make_args()
+    pause.pause_tokens, pause.concept_layer = True, 1
+    assert flops.num_floating_point_operations(pause) == \
+        flops.num_floating_point_operations(cocomix()) - head - compression
