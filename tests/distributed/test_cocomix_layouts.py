@@ -1,0 +1,203 @@
+"""CoCoMix training at every parallel layout against one process; precomputed vs online labels; baselines.
+
+The student is tests/launch.py's TINY_GPT (4 layers) with the concept layer at block 2, online labels from a tiny
+random GPT-2 teacher + random TopK SAE (tests/cocomix_fixtures.py), dropout off. Every layout trains from the same
+seed (initialisation is layout-independent) on the same mock data, and must reproduce the single-process run's
+lm loss AND concept loss at each of the 4 iterations (and the validation losses) to 1e-5 relative.
+
+Launches are few (tests/distributed/cocomix_runs.py runs several trainings in one launch):
+- 1 process: online CoCoMix (concept layer 2 and 1), label extraction with tools/extract_concepts.py, training on
+  those precomputed labels, NTP, and the ablations / baselines (--concept-mixing none --no-concept-loss, add,
+  --pause-tokens, --kd);
+- 2 processes: TP2, PP2 (concept layer on the second stage), TP2+SP, PP2 x VPP2 (concept layer on a middle
+  virtual stage; the 2s-long stream crosses a stage boundary), PP2 with the concept layer on the first stage
+  (2s positions sent between stages), DP2 with DeepSpeed ZeRO-1;
+- 4 processes: TP2 x PP2 with online and with precomputed labels.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cocomix_fixtures import TEACHER_LAYER, cocomix_flags, tiny_sae, tiny_teacher  # noqa: E402
+from launch import ROOT, TINY_GPT, assert_close, losses, run_script  # noqa: E402
+
+RUNS = os.path.join(ROOT, "tests", "distributed", "cocomix_runs.py")
+RTOL = 1e-5
+
+
+def cocomix(concept_layer: int = 2):
+    return TINY_GPT + cocomix_flags(concept_layer=concept_layer, topk=4)
+
+
+def run_many(tmp_path, runs, nproc: int, timeout: int = 600) -> dict:
+    spec, out = tmp_path / "runs.json", tmp_path / "summaries.json"
+    spec.write_text(json.dumps(runs))
+    proc = run_script(RUNS, [str(spec), str(out)], nproc=nproc, timeout=timeout)
+    summaries = json.loads(out.read_text())
+    summaries["stdout"] = proc.stdout
+    return summaries
+
+
+def assert_same_training(result, reference, what, keys=("lm loss", "concept loss")):
+    assert result["iteration"] == 4, what
+    for key in keys:
+        assert_close(losses(result, key), losses(reference, key), rtol=RTOL, what=f"{what} train {key}")
+        if "valid" in result and "valid" in reference:
+            assert_close([result["valid"][key]], [reference["valid"][key]], rtol=RTOL, what=f"{what} valid {key}")
+
+
+@pytest.fixture(scope="module")
+def labels_prefix(tmp_path_factory):
+    return str(tmp_path_factory.mktemp("cocomix_labels") / "labels")
+
+
+def precomputed(flags, prefix):
+    # Labels exist for the training samples only: validation is off for these runs.
+    return flags + ["--concept-labels", prefix, "--eval-iters", "0"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, labels_prefix):
+    teacher = ["--teacher-model", tiny_teacher(), "--teacher-layer", str(TEACHER_LAYER)]
+    runs = [
+        ["online", "pretrain", cocomix()],
+        ["extract", "extract", cocomix() + ["--output-prefix", labels_prefix, "--no-tokenizer-check",
+                                           "--no-progress"]],
+        ["precomputed", "pretrain", precomputed(cocomix(), labels_prefix)],
+        ["online_layer1", "pretrain", cocomix(concept_layer=1)],
+        ["ntp", "pretrain", TINY_GPT],
+        ["mixing_none_no_loss", "pretrain", cocomix() + ["--concept-mixing", "none", "--no-concept-loss"]],
+        ["mixing_add", "pretrain", cocomix() + ["--concept-mixing", "add"]],
+        ["pause", "pretrain", TINY_GPT + ["--pause-tokens", "--concept-layer", "2"]],
+        ["kd", "pretrain", TINY_GPT + ["--kd"] + teacher],
+    ]
+    return run_many(tmp_path_factory.mktemp("cocomix_single"), runs, nproc=1)
+
+
+TWO_PROCESS = {
+    "tp2": ("online", ["--tensor-model-parallel-size", "2"]),
+    "pp2": ("online", ["--pipeline-model-parallel-size", "2"]),
+    "tp2_sp": ("online", ["--tensor-model-parallel-size", "2", "--sequence-parallel"]),
+    "pp2_vpp2": ("online", ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
+    "pp2_concept_layer_on_first_stage": ("online_layer1", ["--pipeline-model-parallel-size", "2"]),
+    "dp2_zero1": ("online", ["--deepspeed", "--deepspeed_config", None]),
+}
+FOUR_PROCESS = {
+    "tp2_pp2": ("online", ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
+    "tp2_pp2_precomputed": ("precomputed", ["--tensor-model-parallel-size", "2",
+                                            "--pipeline-model-parallel-size", "2"]),
+}
+
+
+def _layout_argv(case, layout_flags, labels_prefix, ds_config):
+    reference, flags = case
+    flags = [ds_config if f is None else f for f in flags]
+    base = cocomix(concept_layer=1) if reference == "online_layer1" else cocomix()
+    if reference == "precomputed":
+        base = precomputed(base, labels_prefix)
+    return base + flags
+
+
+@pytest.fixture(scope="module")
+def two_process(tmp_path_factory, single, labels_prefix):
+    tmp = tmp_path_factory.mktemp("cocomix_two")
+    ds_config = tmp / "ds_zero1.json"
+    ds_config.write_text(json.dumps({"zero_optimization": {"stage": 1}}))
+    # DeepSpeed last: it is the one run that brings its own communication layer.
+    runs = [[name, "pretrain", _layout_argv(case, None, labels_prefix, str(ds_config))]
+            for name, case in TWO_PROCESS.items()]
+    return run_many(tmp, runs, nproc=2)
+
+
+@pytest.fixture(scope="module")
+def four_process(tmp_path_factory, single, labels_prefix):
+    runs = [[name, "pretrain", _layout_argv(case, None, labels_prefix, None)] for name, case in FOUR_PROCESS.items()]
+    return run_many(tmp_path_factory.mktemp("cocomix_four"), runs, nproc=4)
+
+
+# ----------------------------------------------------------------------------------------------- layouts
+@pytest.mark.parametrize("layout", list(TWO_PROCESS))
+def test_two_process_layout_matches_single_process(layout, two_process, single):
+    reference = TWO_PROCESS[layout][0]
+    assert_same_training(two_process[layout], single[reference], layout)
+
+
+@pytest.mark.parametrize("layout", list(FOUR_PROCESS))
+def test_four_process_layout_matches_single_process(layout, four_process, single):
+    reference = FOUR_PROCESS[layout][0]
+    assert_same_training(four_process[layout], single[reference], layout)
+
+
+# ----------------------------------------------------------------------------------------------- labels
+def test_precomputed_labels_give_the_online_losses(single, labels_prefix):
+    assert single["extract"]["exit_code"] == 0
+    meta = json.loads(open(labels_prefix + ".json").read())
+    assert int(meta["num_samples"]) == 32 and int(meta["num_latents"]) == 64
+    assert_same_training(single["precomputed"], single["online"], "precomputed labels")
+    for key in ("concept top1 acc", "concept topk acc"):
+        assert_close(losses(single["precomputed"], key), losses(single["online"], key), rtol=RTOL, what=key)
+
+
+def test_cocomix_trains_and_logs_concept_metrics(single):
+    online = single["online"]
+    # The first run's Megatron log line carries the concept metrics beside the lm loss.
+    line = next(l for l in single["stdout"].splitlines() if "iteration        4/       4" in l)
+    for field in ("| lm loss: ", "| concept loss: ", "| concept top1 acc: ", "| concept topk acc: ",
+                  "| concept dead columns: "):
+        assert field in line, (field, line)
+    logged = float(line.split("| concept loss: ")[1].split(" |")[0])
+    assert logged == pytest.approx(losses(online, "concept loss")[-1], rel=1e-6)
+    for entry in online["train_history"]:
+        for key in ("concept top1 acc", "concept topk acc", "concept dead columns"):
+            assert 0 <= entry[key] <= 1, (key, entry[key])
+    # C = 64 concepts: a fresh predictor is near-uniform, so the concept loss starts near log 64.
+    first = losses(online, "concept loss")[0]
+    assert abs(first - 4.1589) < 0.3, first
+    assert losses(online, "concept loss")[-1] < first
+
+
+# ----------------------------------------------------------------------------------------------- ablations
+def test_no_mixing_no_concept_loss_equals_ntp(single):
+    """--concept-mixing none --no-concept-loss: the concept head runs (its loss is still logged) but touches
+    neither the stream nor the gradient, so training is exactly NTP's."""
+    ablation, ntp = single["mixing_none_no_loss"], single["ntp"]
+    assert_close(losses(ablation), losses(ntp), rtol=RTOL, what="lm loss")
+    assert_close([ablation["valid"]["lm loss"]], [ntp["valid"]["lm loss"]], rtol=RTOL, what="valid lm loss")
+    assert "concept loss" in ablation["train_history"][0]
+
+
+def test_ablations_and_baselines_behave_as_defined(single):
+    ntp, online = single["ntp"], single["online"]
+    first = {name: losses(single[name])[0] for name in ("ntp", "online", "mixing_add", "pause", "kd")}
+    # Layers below L are the same network in every run: the concept head sees the same input at step 1.
+    for name in ("mixing_add", "mixing_none_no_loss", "precomputed"):
+        assert_close(losses(single[name], "concept loss")[:1], losses(online, "concept loss")[:1], rtol=RTOL,
+                     what=f"{name} step-1 concept loss")
+    # KD: same student and step-1 forward as NTP (the KL term only changes the gradient), kd loss logged > 0.
+    assert_close([first["kd"]], [first["ntp"]], rtol=RTOL, what="kd step-1 lm loss")
+    kd = losses(single["kd"], "kd loss")
+    assert all(v > 0 for v in kd), kd
+    assert abs(losses(single["kd"])[-1] - losses(ntp)[-1]) > 1e-6, "the KD term did not change training"
+    # Interleaving concepts, adding them, or interleaving pause vectors each change the forward from step 1.
+    for name in ("online", "mixing_add", "pause"):
+        assert abs(first[name] - first["ntp"]) > 1e-6 * first["ntp"], f"{name} step-1 lm loss equals NTP's"
+    assert abs(first["online"] - first["mixing_add"]) > 1e-4 and abs(first["online"] - first["pause"]) > 1e-4
+    assert "concept loss" not in single["pause"]["train_history"][0]
+    assert "concept loss" not in ntp["train_history"][0]
+
+
+@pytest.mark.xfail(strict=True, reason="validation with --concept-labels PATH: the validation samples have no "
+                                       "precomputed labels and get_batch asks for them (KeyError 'concept_labels')")
+def test_precomputed_labels_with_validation(single, labels_prefix, tmp_path):
+    from launch import run_pretrain
+
+    result = run_pretrain(cocomix() + ["--concept-labels", labels_prefix], tmp_path, nproc=1)
+    assert_same_training(result, single["online"], "precomputed labels with validation", keys=("lm loss",))
+    assert "lm loss" in result["valid"]
