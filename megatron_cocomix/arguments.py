@@ -328,6 +328,13 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         raise ArgumentError("--deepspeed needs --deepspeed_config PATH")
     if args.deepspeed_config is not None:
         args.deepspeed_config_dict = _read_json(args.deepspeed_config, "--deepspeed_config")
+    if args.deepspeed:
+        from megatron_cocomix.training.deepspeed_backend import check_deepspeed_config
+
+        try:
+            check_deepspeed_config(args, args.deepspeed_config_dict, args.deepspeed_config)
+        except ValueError as e:
+            raise ArgumentError(str(e)) from None
 
     # Checkpointing.
     if args.save is not None and args.save_interval is None:

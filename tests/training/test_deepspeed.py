@@ -81,12 +81,25 @@ def test_deepspeed_launcher_zero2(reference, tmp_path):
 
 # Configuration checks: no launch.
 
-def _args(extra=(), world_size=2):
+def _args(extra=(), world_size=2, config=None):
+    import json
+    import tempfile
+
     from megatron_cocomix.arguments import parse_args
 
-    return parse_args(TINY_GPT + ["--deepspeed", "--deepspeed_config", os.path.join(ROOT, "examples",
-                                                                                    "ds_config_zero1.json"),
-                                  *extra], world_size=world_size)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "ds_config.json")
+        with open(path, "w") as f:
+            json.dump(config or {"zero_optimization": {"stage": 1}}, f)
+        return parse_args(TINY_GPT + ["--deepspeed", "--deepspeed_config", path, *extra], world_size=world_size)
+
+
+def test_parse_args_refuses_a_mismatched_config_in_one_line():
+    """The check runs while the flags are validated, before any process group starts."""
+    from megatron_cocomix.arguments import ArgumentError
+
+    with pytest.raises(ArgumentError, match=r"ds_config.json: train_batch_size 16 != --global-batch-size 8$"):
+        _args(config={"train_batch_size": 16})
 
 
 def _check(config, extra=(), world_size=2):
