@@ -267,10 +267,14 @@ class TrainingLogger:
         label = label or f"validation loss at iteration {iteration} on validation set"
         line = f" {label} | "
         for key, value in losses.items():
-            ppl = math.exp(min(20.0, value))
-            line += f"{key} value: {value:.6E} | {key} PPL: {ppl:.6E} | "
+            line += f"{key} value: {value:.6E} | "
             if self.writer is not None:
                 self.writer.add_scalar(f"{key} validation", value, iteration)
+            if "loss" not in key:  # accuracies and other metrics have no perplexity
+                continue
+            ppl = math.exp(min(20.0, value))
+            line += f"{key} PPL: {ppl:.6E} | "
+            if self.writer is not None:
                 self.writer.add_scalar(f"{key} validation ppl", ppl, iteration)
         length = len(line) + 1
         print("-" * length + "\n" + line + "\n" + "-" * length, flush=True)
