@@ -122,7 +122,13 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--log-interval", type=int, default=100, help="Iterations between log lines.")
     g.add_argument("--tensorboard-dir", default=None, help="Write tensorboard event files here.")
     g.add_argument("--tensorboard-log-interval", type=int, default=1, help="Iterations between tensorboard writes.")
-    g.add_argument("--log-throughput", action="store_true", default=True, help="Log tokens/s, TFLOP/s and MFU.")
+    g.add_argument("--log-throughput", action="store_true", default=True,
+                   help="Log tokens/s, TFLOP/s per device and MFU (on by default here).")
+    g.add_argument("--no-log-throughput", action="store_false", dest="log_throughput",
+                   help="Leave throughput out of the log line.")
+    g.add_argument("--peak-tflops", type=float, default=None,
+                   help="Dense peak TFLOP/s of one device for the MFU column; default from a table of known GPUs "
+                        "(e.g. H100/H200 989 bf16).")
 
 
 def _add_validation_args(parser: argparse.ArgumentParser) -> None:
