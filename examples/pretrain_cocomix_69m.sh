@@ -17,7 +17,8 @@
 #   CONCEPT_LABELS=/labels/owt_69m ... bash examples/pretrain_cocomix_69m.sh
 #       then train from them: no teacher forward/backward in the training step
 # Extra flags are appended to the training command and win over the ones below (argparse keeps the last),
-# e.g. `--train-iters 100 --eval-interval 50` for a smoke test. Launcher settings: see examples/common.sh.
+# e.g. `--train-iters 100 --lr-warmup-iters 1 --eval-interval 50` for a smoke test (warmup must stay below
+# the decay steps). Launcher settings: see examples/common.sh.
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"
 
