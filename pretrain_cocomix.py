@@ -161,7 +161,11 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
     args = get_args()
     train, valid, test = build_train_valid_test_datasets(args, get_tokenizer(), train_val_test_num_samples)
     if args.cocomix and args.concept_labels != "online":
+        from megatron_cocomix.concepts.labeling import ConceptLabeledDataset
+
         train = _attach_precomputed_labels(args, train)
+        valid, test = (ConceptLabeledDataset(ds, None, args.seq_length, args.concept_num_labels)
+                       if ds is not None else None for ds in (valid, test))
     return train, valid, test
 
 

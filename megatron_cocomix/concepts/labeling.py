@@ -87,24 +87,28 @@ class OnlineTeacher:
 
 
 class ConceptLabeledDataset(torch.utils.data.Dataset):
-    """Sample i of `dataset` plus 'concept_labels' [s, K] from precomputed labels sequence i."""
+    """Sample i of `dataset` plus 'concept_labels' [s, K] from precomputed labels sequence i.
 
-    def __init__(self, dataset, labels, seq_length: int, num_samples: Optional[int] = None):
-        # Training reads the first num_samples (train iters x global batch) samples; megatron's dataset holds
-        # whole epochs, so it may be longer than what was labelled.
-        needed = len(dataset) if num_samples is None else min(num_samples, len(dataset))
-        if len(labels) < needed:
-            raise ValueError(f"concept labels {labels.prefix}: {len(labels)} samples but training needs "
-                             f"{needed}; re-run tools/extract_concepts.py with the training flags")
-        if labels.seq_length != seq_length:
-            raise ValueError(f"concept labels {labels.prefix}: seq length {labels.seq_length} != --seq-length "
-                             f"{seq_length}")
+    With `labels=None` every label is -1 (ignored by the concept loss): validation and test samples have no
+    precomputed labels, and the concept layer still runs on them (only the concept loss is not reported)."""
+
+    def __init__(self, dataset, labels, seq_length: int, num_labels: Optional[int] = None,
+                 samples_needed: int = 0):
+        if labels is not None:
+            if len(labels) < samples_needed:
+                raise ValueError(f"concept labels {labels.prefix}: {len(labels)} samples but training needs "
+                                 f"{samples_needed}; re-run tools/extract_concepts.py with the training flags")
+            if labels.seq_length != seq_length:
+                raise ValueError(f"concept labels {labels.prefix}: seq length {labels.seq_length} != --seq-length "
+                                 f"{seq_length}")
+            num_labels = labels.num_labels
         self.dataset, self.labels = dataset, labels
+        self._no_labels = torch.full((seq_length, num_labels), -1, dtype=torch.long)
 
     def __len__(self) -> int:
-        return min(len(self.dataset), len(self.labels))
+        return len(self.dataset)
 
     def __getitem__(self, index: int) -> dict:
         sample = dict(self.dataset[index])
-        sample["concept_labels"] = self.labels[index]
+        sample["concept_labels"] = self.labels[index] if self.labels is not None else self._no_labels
         return sample
