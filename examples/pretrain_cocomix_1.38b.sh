@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # CoCoMix 1.38B, the paper's largest configuration, on 1 node x 8 GPUs (TP2 x PP1 x DP4, sequence parallel).
 # With LAUNCHER=deepspeed the optimizer is ZeRO-1 over the 4 data-parallel ranks; with torchrun it is
-# megatron-core's distributed optimizer. TP=1 (DP8) also fits an 80 GB GPU with MICRO_BATCH_SIZE=4.
+# megatron-core's distributed optimizer. TP=1 (DP8) with MICRO_BATCH_SIZE=4 fits too: the trainer's start-up
+# estimate is ~25 GB per GPU for the student (weights, grads, optimizer shard, activations), ~21 GB at TP2.
 #
 #   student   GPT-2 style: 24 layers, hidden 2048, 16 heads, learned positions, LayerNorm, tied embeddings
 #   concepts  layer at the input of block 5; C = 32768 concepts (read from the SAE), top-32 kept, 4 labels
