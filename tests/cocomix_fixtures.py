@@ -43,18 +43,18 @@ def _publish(build, target: str) -> str:
 
 
 def tiny_teacher(vocab_size: int = TEACHER_VOCAB, width: int = TEACHER_WIDTH, layers: int = 2,
-                 seed: int = 0) -> str:
+                 seed: int = 0, positions: int = 64) -> str:
     """A random GPT-2 (HF folder) with the given vocabulary; returns its path."""
     def build(path: str) -> None:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         torch.manual_seed(seed)
-        config = GPT2Config(vocab_size=vocab_size, n_positions=64, n_embd=width, n_layer=layers, n_head=2,
+        config = GPT2Config(vocab_size=vocab_size, n_positions=positions, n_embd=width, n_layer=layers, n_head=2,
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                             bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
         GPT2LMHeadModel(config).save_pretrained(path)
 
-    return _publish(build, _cache_dir(f"gpt2_v{vocab_size}_d{width}_l{layers}_s{seed}"))
+    return _publish(build, _cache_dir(f"gpt2_v{vocab_size}_d{width}_l{layers}_p{positions}_s{seed}"))
 
 
 def tiny_sae(d_model: int = TEACHER_WIDTH, num_latents: int = SAE_LATENTS, k: int = SAE_K, seed: int = 0) -> str:
