@@ -14,9 +14,13 @@ What reshards. Each model chunk's `sharded_state_dict()` describes every local t
 (global offset, global shape) of the full tensor, with layer numbers made global (virtual pipeline chunks
 included), so the weights load at any TP / PP / virtual-PP layout. megatron's optimizers describe their state
 the same way: Adam's exp_avg / exp_avg_sq (and the fp32 master copies under bf16 / fp16) are slices of the
-same global tensors, so the optimizer state reshards too; the distributed optimizer is saved in its
-`fully_reshardable` form (gathered to full per-parameter tensors) so it also changes DP size. DeepSpeed keeps
-its optimizer state in its own per-rank ZeRO partition files, which reload only at the same layout.
+same global tensors, so the (non-distributed) optimizer state reshards too. The distributed optimizer is saved
+in megatron's `dp_reshardable` form (its grad-buffer buckets), which loads at any DP size but only at the same
+TP and PP: megatron-core 0.16.1's fully reshardable forms (`fully_reshardable`, `fully_sharded_model_space`)
+cannot be loaded with torch's Adam (no apex / Transformer Engine), because
+DistributedOptimizer._set_main_param_and_optimizer_states copies every key of the live Adam state, which holds
+`step`, while those loaders drop `step` from the source (KeyError: 'step'). DeepSpeed keeps its optimizer state in
+its own per-rank ZeRO partition files, which reload only at the same layout.
 
 What is per rank. RNG states (python, numpy, torch CPU, CUDA, and megatron's tensor-parallel tracker) differ
 between ranks, so each rank writes its own ShardedObject at offset (pp, tp, dp) of a (PP, TP, DP) grid; they are
@@ -63,10 +67,9 @@ DEEPSPEED_OPTIMIZER_DIR = "deepspeed_optimizer"
 MODEL_SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                     "padded_vocab_size")
 
-# `fully_reshardable`: the distributed optimizer's state is saved as full per-parameter tensors, so it loads at
-# any TP / PP / DP size. `chained_optim_avoid_prefix`: the keys do not depend on how many optimizers megatron
-# chained together (that number depends on the layout).
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable", "chained_optim_avoid_prefix": True}
+# `dp_reshardable`: the distributed optimizer's buckets (any DP size, same TP / PP; see above).
+# `chained_optim_avoid_prefix`: the keys do not depend on how many optimizers megatron chained together.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "chained_optim_avoid_prefix": True}
 
 
 class CheckpointError(ValueError):
@@ -254,9 +257,11 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: List[torch.
         model_args=_model_args(args),
         layout=_layout(),
         optimizer_backend=backend.name,
+        distributed_optimizer=bool(getattr(args, "use_distributed_optimizer", False)),
         opt_param_scheduler=backend.scheduler.state_dict(),
     )
     if backend.name != "deepspeed":
+        sharded["adam_step"] = _adam_step(backend.optimizer)
         sharded["optimizer"] = backend.optimizer.sharded_state_dict(
             {k: v for k, v in sharded.items() if k.startswith("model")}, metadata=OPTIMIZER_METADATA)
     dist_checkpointing.save(sharded, tmp, sharded_strategy=InProcessTorchDistSave())
@@ -292,7 +297,7 @@ def resolve_checkpoint(root: str) -> Optional[str]:
             raise CheckpointError(
                 f"{os.path.join(root, TRACKER)} is missing but {root} holds {', '.join(complete[-3:])}: write the "
                 f"iteration to load into {TRACKER}")
-        if torch.distributed.get_rank() == 0:
+        if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0:
             print(f"WARNING: --load {root}: no {TRACKER} and no checkpoint there; training starts from scratch",
                   flush=True)
         return None
@@ -308,9 +313,51 @@ def check_compatible(path: str, common: dict, args: argparse.Namespace) -> None:
     if saved is None:
         raise CheckpointError(f"{path}: not a checkpoint written by this project (no model_args in common.pt)")
     for name, value in _model_args(args).items():
-        if saved.get(name) != value:
-            flag = "--vocab-size (padded)" if name == "padded_vocab_size" else "--" + name.replace("_", "-")
-            raise CheckpointError(f"{path} was saved with {flag} {saved.get(name)}, but this run has {flag} {value}")
+        if saved.get(name) == value:
+            continue
+        if name == "padded_vocab_size":
+            raise CheckpointError(
+                f"{path} was saved with a padded vocabulary of {saved.get(name)}, but this run's tokenizer / "
+                f"--vocab-size and --make-vocab-size-divisible-by give {value}")
+        flag = "--" + name.replace("_", "-")
+        raise CheckpointError(f"{path} was saved with {flag} {saved.get(name)}, but this run has {flag} {value}")
+
+
+def _distributed_optimizers(optimizer) -> list:
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    return [s for s in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(s, DistributedOptimizer)]
+
+
+def _adam_step(optimizer) -> Optional[float]:
+    """torch Adam's step count inside megatron's distributed optimizer (the same for every parameter)."""
+    steps = {float(state["step"]) for sub in _distributed_optimizers(optimizer)
+             for state in sub.optimizer.state.values() if "step" in state}
+    return steps.pop() if len(steps) == 1 else None
+
+
+def _prepare_adam_state_for_load(optimizer, common: dict) -> None:
+    """megatron's distributed optimizer describes what to load from its live torch-Adam state: it reads every
+    entry's step count (there is none before the first step) and hands back the step of that live state, not
+    the saved one. Live entries holding zeros and the saved step load correctly; the rest is overwritten."""
+    step = common.get("adam_step")
+    for sub in _distributed_optimizers(optimizer):
+        for group in sub.optimizer.param_groups:
+            for param in group["params"]:
+                state = sub.optimizer.state[param]
+                if "exp_avg" not in state:
+                    state.update(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+                state["step"] = torch.tensor(step or 0.0)
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron's distributed optimizer restores torch Adam's step count as ONE tensor shared by every
+    parameter's state; Adam increments each parameter's step in place, so the shared count would advance once per
+    parameter per iteration (wrong bias correction from the first resumed step on). Give each its own copy."""
+    for sub in _distributed_optimizers(optimizer):
+        for state in sub.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
 
 
 def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], backend) -> dict:
@@ -333,6 +380,17 @@ def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], back
     if load_optimizer and common["optimizer_backend"] != backend.name:
         raise CheckpointError(f"{path} holds {common['optimizer_backend']} optimizer state, this run uses "
                               f"{backend.name}: add --no-load-optim to load the weights only")
+    distributed = bool(getattr(args, "use_distributed_optimizer", False))
+    if load_optimizer and backend.name == "megatron" and common.get("distributed_optimizer") != distributed:
+        raise CheckpointError(
+            f"{path} holds {'distributed' if common.get('distributed_optimizer') else 'non-distributed'} optimizer "
+            f"state and this run {'uses' if distributed else 'does not use'} --use-distributed-optimizer: "
+            f"add --no-load-optim to load the weights only")
+    if load_optimizer and distributed and (saved_layout["tensor"], saved_layout["pipeline"]) != (
+            _layout()["tensor"], _layout()["pipeline"]):
+        raise CheckpointError(
+            f"{path}: distributed optimizer state saved at {_layout_string(saved_layout)} reloads only at the same "
+            f"TP and PP (any DP); this run is {_layout_string(_layout())}: add --no-load-optim")
     if load_optimizer and backend.name == "deepspeed" and not same_layout:
         raise CheckpointError(f"{path}: DeepSpeed optimizer state was saved at {_layout_string(saved_layout)} and "
                               f"reloads only there (this run: {_layout_string(_layout())}); add --no-load-optim")
@@ -344,6 +402,7 @@ def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], back
 
     sharded = _model_sharded_state_dict(model)
     if load_optimizer and backend.name != "deepspeed":
+        _prepare_adam_state_for_load(backend.optimizer, common)
         sharded["optimizer"] = backend.optimizer.sharded_state_dict(
             dict(sharded), is_loading=True, metadata=OPTIMIZER_METADATA)
     if load_rng:
@@ -360,7 +419,10 @@ def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], back
         if backend.name == "deepspeed":
             backend.load_optimizer_state(os.path.join(path, DEEPSPEED_OPTIMIZER_DIR))
         else:
-            backend.optimizer.load_state_dict(loaded["optimizer"])
+            # The distributed optimizer copies into views of the (grad-requiring) fp32 parameters.
+            with torch.no_grad():
+                backend.optimizer.load_state_dict(loaded["optimizer"])
+            _unshare_adam_steps(backend.optimizer)
         try:
             backend.scheduler.load_state_dict(common["opt_param_scheduler"])
         except AssertionError as e:  # megatron asserts that --lr etc. agree with the checkpoint

@@ -90,7 +90,11 @@ class DataIterators:
         loader = self._build_loader(dataset, consumed, self.args.micro_batch_size,
                                     parallel_state.get_data_parallel_rank(),
                                     parallel_state.get_data_parallel_world_size(), self.args.num_workers)
-        return iter(loader)
+        # iter() draws the workers' base seed from torch's default generator, on the data-reading ranks only.
+        # Where dropout draws from that generator too (CPU), the TP ranks' streams would part, their replicated
+        # weights drift apart, and a resumed run (one copy per replicated tensor) would differ: leave it alone.
+        with torch.random.fork_rng(devices=[]):
+            return iter(loader)
 
     def _per_chunk(self, dataset, consumed: int):
         vp = self.args.virtual_pipeline_model_parallel_size
