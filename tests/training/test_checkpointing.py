@@ -4,7 +4,6 @@ Every check compares against a run that did not go through the code under test: 
 losses (exact equality: same layout, same data, same RNG streams), or the saving run's own validation loss.
 """
 
-import json
 import os
 import re
 import shutil
@@ -13,7 +12,7 @@ import textwrap
 import pytest
 
 from megatron_cocomix.training import checkpointing
-from tests.launch import DRIVER, ROOT, TINY_GPT, assert_close, losses, run_pretrain, run_script
+from tests.launch import DRIVER, ROOT, TINY_GPT, assert_close, run_pretrain, run_script
 
 DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
 TIMEOUT = 600
