@@ -44,6 +44,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
+from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
 from megatron_cocomix.model.concept_head import ConceptPredictor, distributed_topk
 from megatron_cocomix.model.losses import concept_accuracy, concept_cross_entropy
@@ -118,6 +119,15 @@ class ConceptMixing(MegatronModule):
         self.compress_bias = torch.nn.Parameter(torch.zeros(config.hidden_size, dtype=config.params_dtype))
         setattr(self.compress_bias, "sequence_parallel", config.sequence_parallel)
 
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """The compression rows are sharded over C like the predictor's (megatron's default would call every
+        parameter of a plain module replicated)."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        key = f"{prefix}compress_weight"
+        state[key] = make_tp_sharded_tensor_for_checkpoint(self.compress_weight, key, tp_axis=0,
+                                                           prepend_offsets=sharded_offsets)
+        return state
+
     def forward(self, hidden: torch.Tensor, labels: Optional[torch.Tensor]) -> torch.Tensor:
         logits, mu, std = self.predictor(hidden)
         loss = None
@@ -173,6 +183,16 @@ class CoCoMixTransformerLayer(TransformerLayer):
         self.concept_mixing = mixing_module(config) if mixing_module is not None else None
         self.doubled = doubled
         self.returns_concept_slots = doubled and is_last_layer
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata: Optional[dict] = None):
+        """megatron stacks the layers' tensors along a prepended layer axis ('decoder.layers.<name>' of shape
+        [num_layers, ...]); only one layer holds the concept mixing, so its tensors get keys without that axis."""
+        state = super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        if self.concept_mixing is not None:
+            own = f"{prefix}concept_mixing."
+            state = {key: value for key, value in state.items() if not key.startswith(own)}
+            state.update(self.concept_mixing.sharded_state_dict(prefix=own, sharded_offsets=(), metadata=metadata))
+        return state
 
     def forward(self, hidden_states: torch.Tensor, *args, **kwargs):
         hidden = hidden_states

@@ -40,6 +40,7 @@ the same format with torch.distributed.checkpoint's synchronous FileSystemWriter
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import shutil
@@ -228,6 +229,13 @@ def _model_args(args: argparse.Namespace) -> Dict[str, Optional[int]]:
 # Save
 
 
+def _full_parameters(backend, modify: bool = False):
+    """Full weights inside the block under DeepSpeed ZeRO-3 (a no-op for every other back end)."""
+    if hasattr(backend, "gathered_parameters"):
+        return backend.gathered_parameters(modify=modify)
+    return contextlib.nullcontext()
+
+
 def save_checkpoint(args: argparse.Namespace, iteration: int, model: List[torch.nn.Module], backend,
                     state: dict) -> None:
     """Write <args.save>/iter_<iteration> atomically and point the tracker at it. Called on every rank."""
@@ -248,6 +256,15 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: List[torch.
         os.makedirs(tmp)
     torch.distributed.barrier()
 
+    with _full_parameters(backend):
+        _save_model_and_state(args, iteration, model, backend, state, rng, tmp)
+    if backend.name == "deepspeed":
+        backend.save_optimizer_state(os.path.join(tmp, DEEPSPEED_OPTIMIZER_DIR))
+    torch.distributed.barrier()  # every rank's files are on disk
+    _publish(root, iteration, final, tmp, token, rank, start)
+
+
+def _save_model_and_state(args, iteration, model, backend, state, rng, tmp) -> None:
     sharded = _model_sharded_state_dict(model)
     sharded["rng_state"] = _rng_sharded_object(rng)
     sharded.update(
@@ -265,10 +282,10 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: List[torch.
         sharded["optimizer"] = backend.optimizer.sharded_state_dict(
             {k: v for k, v in sharded.items() if k.startswith("model")}, metadata=OPTIMIZER_METADATA)
     dist_checkpointing.save(sharded, tmp, sharded_strategy=InProcessTorchDistSave())
-    if backend.name == "deepspeed":
-        backend.save_optimizer_state(os.path.join(tmp, DEEPSPEED_OPTIMIZER_DIR))
-    torch.distributed.barrier()  # every rank's files are on disk
 
+
+def _publish(root, iteration, final, tmp, token, rank, start) -> None:
+    """Rename the finished temporary directory into place and point the tracker at it."""
     if rank == 0:
         if os.path.exists(final):  # the same iteration saved again (e.g. after a resume): replace it
             old = f"{final}.old-{token}"
@@ -400,21 +417,23 @@ def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], back
             print(f"  RNG states not loaded: saved at {_layout_string(saved_layout)}, running at "
                   f"{_layout_string(_layout())}", flush=True)
 
-    sharded = _model_sharded_state_dict(model)
-    if load_optimizer and backend.name != "deepspeed":
-        _prepare_adam_state_for_load(backend.optimizer, common)
-        sharded["optimizer"] = backend.optimizer.sharded_state_dict(
-            dict(sharded), is_loading=True, metadata=OPTIMIZER_METADATA)
-    if load_rng:
-        sharded["rng_state"] = _rng_sharded_object(None)
-    try:
-        loaded = dist_checkpointing.load(sharded, path)
-    except Exception as e:  # megatron's messages list every key: keep the first line
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: {first[:300]}") from e
+    # ZeRO-3 holds 1/DP of each weight: gather them to build the full-shape state and to load into it.
+    with _full_parameters(backend, modify=True):
+        sharded = _model_sharded_state_dict(model)
+        if load_optimizer and backend.name != "deepspeed":
+            _prepare_adam_state_for_load(backend.optimizer, common)
+            sharded["optimizer"] = backend.optimizer.sharded_state_dict(
+                dict(sharded), is_loading=True, metadata=OPTIMIZER_METADATA)
+        if load_rng:
+            sharded["rng_state"] = _rng_sharded_object(None)
+        try:
+            loaded = dist_checkpointing.load(sharded, path)
+        except Exception as e:  # megatron's messages list every key: keep the first line
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{path}: {first[:300]}") from e
 
-    for key, chunk in zip(_model_keys(model), model):
-        _unwrap(chunk).load_state_dict(loaded[key], strict=True)
+        for key, chunk in zip(_model_keys(model), model):
+            _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if load_optimizer:
         if backend.name == "deepspeed":
             backend.load_optimizer_state(os.path.join(path, DEEPSPEED_OPTIMIZER_DIR))
@@ -427,7 +446,9 @@ def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], back
             backend.scheduler.load_state_dict(common["opt_param_scheduler"])
         except AssertionError as e:  # megatron asserts that --lr etc. agree with the checkpoint
             raise CheckpointError(f"{path}: learning-rate schedule differs from the flags: {e}") from None
-    elif hasattr(backend, "optimizer") and hasattr(backend.optimizer, "reload_model_params"):
+    elif backend.name == "deepspeed":
+        backend.reload_model_params()  # DeepSpeed's fp32 master copy still holds the initial weights
+    elif hasattr(backend.optimizer, "reload_model_params"):
         # The fp32 master weights of bf16/fp16 training were copied from the initial model: refresh them.
         backend.optimizer.reload_model_params()
 

@@ -169,16 +169,17 @@ def test_example_configs_agree_with_a_bf16_launch():
 
 
 @pytest.mark.slow
-def test_zero1_resume_continues_the_run(reference, tmp_path):
-    """Save at iteration 2 (model weights through dist_checkpointing, DeepSpeed's optimizer state beside them),
-    resume in a new launch: iterations 3-4 are those of the uninterrupted run."""
-    ds_config = write_ds_config(tmp_path, "zero1", {"zero_optimization": {"stage": 1}})
+@pytest.mark.parametrize("stage", [1, 3])
+def test_zero_resume_continues_the_run(stage, reference, tmp_path):
+    """Save at iteration 2 (model weights through dist_checkpointing, gathered under ZeRO-3; DeepSpeed's optimizer
+    state beside them), resume in a new launch: iterations 3-4 are those of the uninterrupted run."""
+    ds_config = write_ds_config(tmp_path, f"zero{stage}", {"zero_optimization": {"stage": stage}})
     flags = TINY_GPT + ["--clip-grad", str(CLIP), "--deepspeed", "--deepspeed_config", ds_config]
     save = str(tmp_path / "checkpoints")
     first = run_pretrain(flags + ["--save", save, "--save-interval", "2", "--exit-interval", "2"], tmp_path,
                          nproc=2, name="first")
     resumed = run_pretrain(flags + ["--load", save], tmp_path, nproc=2, name="resumed")
     assert [h["iteration"] for h in resumed["train_history"]] == [3, 4]
-    assert_close(losses(first) + losses(resumed), losses(reference), rtol=1e-5, what="ZeRO-1 resumed lm loss")
+    assert_close(losses(first) + losses(resumed), losses(reference), rtol=1e-5, what=f"ZeRO-{stage} resumed lm loss")
     assert_close(losses(resumed, "grad_norm"), losses(reference, "grad_norm")[2:], rtol=1e-5,
-                 what="ZeRO-1 resumed grad norm")
+                 what=f"ZeRO-{stage} resumed grad norm")
