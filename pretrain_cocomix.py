@@ -213,4 +213,6 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
+    if len(sys.argv) == 1:
+        os.chdir(os.path.dirname(os.path.abspath(__file__)))  # the quickstart's paths are relative to the repo
     main(sys.argv[1:] or _quickstart_argv())

@@ -1,0 +1,50 @@
+"""Flag validation: Megatron's derived defaults, and one line naming the flag for each bad combination."""
+
+import pytest
+
+from megatron_cocomix.arguments import ArgumentError, build_parser, parse_args
+
+BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+        "--micro-batch-size", "2", "--train-iters", "10", "--lr", "1e-3", "--mock-data", "--vocab-size", "255"]
+
+
+def test_megatron_defaults():
+    args = parse_args(BASE + ["--swiglu", "--tensor-model-parallel-size", "2", "--global-batch-size", "16"],
+                      world_size=4)
+    assert args.data_parallel_size == 2 and args.num_micro_batches == 4
+    assert args.ffn_hidden_size == 192  # 8h/3 rounded up to a multiple of 64, as Megatron
+    assert args.max_position_embeddings == 32 and args.lr_decay_iters == 10
+    assert args.tokenizer_type == "NullTokenizer" and args.num_query_groups == 4
+    assert parse_args(BASE, world_size=1).sequence_parallel is False
+
+
+@pytest.mark.parametrize("extra, world_size, message", [
+    (["--tensor-model-parallel-size", "3"], 4, "world size 4 is not divisible by --tensor-model-parallel-size 3"),
+    (["--pipeline-model-parallel-size", "3"], 3, "--num-layers 4 is not divisible by --pipeline-model-parallel-size 3"),
+    (["--global-batch-size", "6"], 2, "--global-batch-size 6 is not divisible by --micro-batch-size 2"),
+    (["--num-layers-per-virtual-pipeline-stage", "1"], 1, "--num-layers-per-virtual-pipeline-stage needs"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+      "--no-overlap-p2p-communication"], 2, "--no-overlap-p2p-communication with the interleaved schedule"),
+    (["--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 must be smaller than --lr-decay-iters 10"),
+    (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are mutually exclusive"),
+    (["--deepspeed"], 1, "--deepspeed needs --deepspeed_config PATH"),
+    (["--deepspeed", "--deepspeed_config", "missing.json"], 1, "--deepspeed_config missing.json: no such file"),
+    (["--cocomix"], 1, "--concept-layer is required with --cocomix"),
+    (["--cocomix", "--concept-layer", "4"], 1, "--concept-layer 4 must be in [1, --num-layers 4)"),
+    (["--cocomix", "--concept-layer", "2"], 1, "--concept-labels online needs --teacher-model"),
+    (["--cocomix", "--concept-layer", "2", "--concept-labels", "nowhere/labels"], 1,
+     "--concept-labels nowhere/labels: no such file nowhere/labels.bin"),
+    (["--kd"], 1, "--kd needs --teacher-model"),
+    (["--recompute-method", "block"], 1, "--recompute-method needs --recompute-granularity full"),
+])
+def test_bad_flags_give_one_line(extra, world_size, message):
+    with pytest.raises(ArgumentError) as error:
+        parse_args(BASE + extra, world_size=world_size)
+    assert "\n" not in str(error.value)
+    assert str(error.value).startswith(message), str(error.value)
+
+
+def test_every_flag_has_help():
+    for action in build_parser()._actions:
+        if action.option_strings and action.dest != "help":
+            assert action.help, f"{action.option_strings} has no --help text"
