@@ -118,11 +118,13 @@ def _check_parts_fingerprint(parts: str, fingerprint: dict, rank: int) -> None:
 
 def extract(args: argparse.Namespace) -> dict:
     rank, world, device, created = _init_distributed(args)
-    try:
-        return _extract(args, rank, world, device)
-    finally:
-        if created and dist.is_initialized():
-            dist.destroy_process_group()
+    result = _extract(args, rank, world, device)
+    if created and dist.is_initialized():
+        # Every rank leaves its last collective before any rank tears the group down: a gloo rank destroyed
+        # while a peer is still inside a collective can abort the peer at exit.
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
 
 def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
