@@ -13,7 +13,6 @@ Nothing here is CoCoMix-specific: extra losses reach the log through the loss di
 from __future__ import annotations
 
 import argparse
-import math
 import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -250,7 +249,3 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
     summary["train_history"] = logger.history
     logger.close()
     return summary
-
-
-def perplexity(loss: float) -> float:
-    return math.exp(min(20.0, loss))
