@@ -18,7 +18,7 @@ import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 import torch
-from megatron.core import parallel_state
+from megatron.core import parallel_state, tensor_parallel
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_model_config
@@ -49,8 +49,6 @@ def get_model(model_provider: Callable, args: argparse.Namespace) -> List[torch.
                        extra_std=getattr(args, "extra_init_std", None))
     for chunk in chunks:
         for param in chunk.parameters():
-            from megatron.core import tensor_parallel
-
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
         chunk.to(compat.device())
     if args.fp16 or args.bf16:
