@@ -57,7 +57,7 @@ def _online_teacher():
     if _TEACHER is None:
         from megatron_cocomix.concepts.labeling import OnlineTeacher
 
-        _TEACHER = OnlineTeacher(get_args(), compat.device())
+        _TEACHER = OnlineTeacher(get_args(), compat.device(), get_tokenizer())
     return _TEACHER
 
 

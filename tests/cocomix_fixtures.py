@@ -15,6 +15,8 @@ from typing import Dict, List
 import torch
 
 TEACHER_VOCAB = 256
+GPT2_VOCAB = 50257
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER_WIDTH = 32
 TEACHER_LAYER = 1
 SAE_LATENTS = 64
@@ -53,8 +55,16 @@ def tiny_teacher(vocab_size: int = TEACHER_VOCAB, width: int = TEACHER_WIDTH, la
                             resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
                             bos_token_id=vocab_size - 1, eos_token_id=vocab_size - 1)
         GPT2LMHeadModel(config).save_pretrained(path)
+        if vocab_size == GPT2_VOCAB:
+            # A teacher on the GPT-2 vocabulary tokenises like the student's GPT-2 data (training checks it).
+            from transformers import GPT2TokenizerFast
 
-    return _publish(build, _cache_dir(f"gpt2_v{vocab_size}_d{width}_l{layers}_p{positions}_s{seed}"))
+            gpt2 = os.path.join(REPO, "examples", "data", "gpt2")
+            GPT2TokenizerFast(vocab=os.path.join(gpt2, "encoder.json"),
+                              merges=os.path.join(gpt2, "vocab.bpe")).save_pretrained(path)
+
+    suffix = "_tok" if vocab_size == GPT2_VOCAB else ""
+    return _publish(build, _cache_dir(f"gpt2_v{vocab_size}_d{width}_l{layers}_p{positions}_s{seed}{suffix}"))
 
 
 def tiny_sae(d_model: int = TEACHER_WIDTH, num_latents: int = SAE_LATENTS, k: int = SAE_K, seed: int = 0) -> str:

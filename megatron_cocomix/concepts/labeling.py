@@ -20,7 +20,7 @@ from megatron.core import parallel_state
 
 from megatron_cocomix.concepts.attribution import attribution_labels, check_teacher_sae
 from megatron_cocomix.concepts.sae import load_sae
-from megatron_cocomix.concepts.teacher import load_teacher
+from megatron_cocomix.concepts.teacher import check_teacher_tokenizer, load_teacher
 
 
 def _split_over_tp(fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
@@ -53,17 +53,32 @@ def _split_over_tp(fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Ten
 class OnlineTeacher:
     """Loaded lazily, only on ranks that need it; weights frozen and never seen by the optimizer."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device):
+    def __init__(self, args: argparse.Namespace, device: torch.device, student_tokenizer=None):
         self.args = args
         self.device = device
+        self.student_tokenizer = student_tokenizer
         self._teacher = None
         self._sae = None
 
     @property
     def teacher(self):
         if self._teacher is None:
-            self._teacher = load_teacher(self.args.teacher_model, self.args.teacher_layer, device=self.device)
+            teacher = load_teacher(self.args.teacher_model, self.args.teacher_layer, device=self.device)
+            self._check_tokenizer(teacher)
+            self._teacher = teacher
         return self._teacher
+
+    def _check_tokenizer(self, teacher) -> None:
+        """The teacher must read the student's token ids: same vocabulary, same encodings (a synthetic-id
+        tokenizer, NullTokenizer, has no text to compare, only its size)."""
+        tokenizer = self.student_tokenizer
+        if tokenizer is None:
+            return
+        if tokenizer.vocab_size > teacher.vocab_size:
+            raise ValueError(f"the data tokenizer has {tokenizer.vocab_size} ids but teacher {self.args.teacher_model} "
+                             f"only {teacher.vocab_size}: the teacher must share the student's tokenizer")
+        if self.args.tokenizer_type != "NullTokenizer":
+            check_teacher_tokenizer(self.args.teacher_model, tokenizer)
 
     @property
     def sae(self):
