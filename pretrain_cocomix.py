@@ -57,7 +57,7 @@ def _online_teacher():
     if _TEACHER is None:
         from megatron_cocomix.concepts.labeling import OnlineTeacher
 
-        _TEACHER = OnlineTeacher(get_args(), compat.device(), get_tokenizer())
+        _TEACHER = OnlineTeacher(get_args(), compat.device())
     return _TEACHER
 
 
@@ -159,6 +159,12 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
     from megatron_cocomix.data.datasets import build_train_valid_test_datasets
 
     args = get_args()
+    if args.teacher_model and (args.kd or (args.cocomix and args.concept_labels == "online")):
+        from megatron_cocomix.concepts.labeling import check_teacher_reads_student_ids
+        from megatron_cocomix.training.flops import TransformerShape
+
+        teacher_vocab = TransformerShape.from_pretrained_path(args.teacher_model).vocab_size
+        check_teacher_reads_student_ids(args, get_tokenizer(), teacher_vocab)
     train, valid, test = build_train_valid_test_datasets(args, get_tokenizer(), train_val_test_num_samples)
     if args.cocomix and args.concept_labels != "online":
         from megatron_cocomix.concepts.labeling import ConceptLabeledDataset
@@ -184,13 +190,25 @@ def _attach_precomputed_labels(args, train):
 
 def resolve_concept_args(args) -> None:
     """Concept count from the SAE (or the precomputed labels); the metrics the concept layer reports."""
+    if args.teacher_model and (args.cocomix or args.kd):
+        from megatron_cocomix.training.flops import TransformerShape
+
+        # The teacher is loaded lazily where it is needed; its shape is checked here, on every rank, from the config.
+        teacher = TransformerShape.from_pretrained_path(args.teacher_model)
+        if args.cocomix and args.teacher_layer is not None and not 1 <= args.teacher_layer < teacher.num_layers:
+            raise ValueError(f"--teacher-layer {args.teacher_layer} is out of range for teacher {args.teacher_model}: "
+                             f"it has {teacher.num_layers} blocks (1 <= layer <= {teacher.num_layers - 1})")
     if not args.cocomix:
         return
     num_latents = None
     if args.sae:
         from megatron_cocomix.concepts.sae import load_sae
 
-        num_latents = load_sae(args.sae).num_latents
+        sae = load_sae(args.sae)
+        num_latents = sae.num_latents
+        if args.teacher_model and sae.d_model != teacher.hidden_size:
+            raise ValueError(f"--sae {args.sae} reads width {sae.d_model} but teacher {args.teacher_model} has "
+                             f"hidden size {teacher.hidden_size}")
     elif args.concept_labels != "online":
         from megatron_cocomix.data.concept_labels import read_fingerprint
 
@@ -198,7 +216,7 @@ def resolve_concept_args(args) -> None:
     if args.concept_dim is None:
         args.concept_dim = num_latents
     elif num_latents is not None and num_latents != args.concept_dim:
-        raise SystemExit(f"error: --concept-dim {args.concept_dim} disagrees with the SAE's {num_latents} latents")
+        raise ValueError(f"--concept-dim {args.concept_dim} disagrees with the SAE's {num_latents} latents")
     metrics.declare(*CONCEPT_METRICS)
 
 

@@ -50,35 +50,30 @@ def _split_over_tp(fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Ten
     return out
 
 
+def check_teacher_reads_student_ids(args: argparse.Namespace, student_tokenizer, teacher_vocab_size: int) -> None:
+    """The teacher must read the student's token ids: a vocabulary at least as large, and the same encodings
+    (a synthetic-id tokenizer, NullTokenizer, has no text to compare, only its size)."""
+    if student_tokenizer.vocab_size > teacher_vocab_size:
+        raise ValueError(f"the data tokenizer has {student_tokenizer.vocab_size} ids but teacher {args.teacher_model} "
+                         f"only {teacher_vocab_size}: the teacher must share the student's tokenizer")
+    if args.tokenizer_type != "NullTokenizer":
+        check_teacher_tokenizer(args.teacher_model, student_tokenizer)
+
+
 class OnlineTeacher:
     """Loaded lazily, only on ranks that need it; weights frozen and never seen by the optimizer."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device, student_tokenizer=None):
+    def __init__(self, args: argparse.Namespace, device: torch.device):
         self.args = args
         self.device = device
-        self.student_tokenizer = student_tokenizer
         self._teacher = None
         self._sae = None
 
     @property
     def teacher(self):
         if self._teacher is None:
-            teacher = load_teacher(self.args.teacher_model, self.args.teacher_layer, device=self.device)
-            self._check_tokenizer(teacher)
-            self._teacher = teacher
+            self._teacher = load_teacher(self.args.teacher_model, self.args.teacher_layer, device=self.device)
         return self._teacher
-
-    def _check_tokenizer(self, teacher) -> None:
-        """The teacher must read the student's token ids: same vocabulary, same encodings (a synthetic-id
-        tokenizer, NullTokenizer, has no text to compare, only its size)."""
-        tokenizer = self.student_tokenizer
-        if tokenizer is None:
-            return
-        if tokenizer.vocab_size > teacher.vocab_size:
-            raise ValueError(f"the data tokenizer has {tokenizer.vocab_size} ids but teacher {self.args.teacher_model} "
-                             f"only {teacher.vocab_size}: the teacher must share the student's tokenizer")
-        if self.args.tokenizer_type != "NullTokenizer":
-            check_teacher_tokenizer(self.args.teacher_model, tokenizer)
 
     @property
     def sae(self):

@@ -203,36 +203,43 @@ def train(forward_step_func, model, backend, data: DataIterators, args, state: d
     return iteration
 
 
+def _exit_on_bad_input(error: Exception) -> None:
+    """One line naming the flag, file or value (the messages of our validators), exit status 2."""
+    print(f"error: {error}", file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
 def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,
              argv: Optional[Sequence[str]] = None, extra_args_hook: Optional[Callable] = None) -> dict:
     """Megatron-LM's entry point. Returns a summary (last losses, iteration) for tests and scripts."""
     try:
         args = parse_args(argv)
-    except ArgumentError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2)
-    if extra_args_hook is not None:
-        extra_args_hook(args)
+        if extra_args_hook is not None:
+            extra_args_hook(args)
+    except (ArgumentError, ValueError, FileNotFoundError) as e:
+        _exit_on_bad_input(e)
     set_args(args)
     initialize_distributed(args)
 
     from megatron_cocomix.data.tokenizer import build_tokenizer
 
-    tokenizer = build_tokenizer(args)
-    set_tokenizer(tokenizer)
-
-    model = get_model(model_provider, args)
-    config = get_model_config(model[0])
-    backend = build_optimizer_backend(args, model, config)
-    model = backend.model
-    state = {"iteration": 0, "consumed_train_samples": 0}
-    if args.load:
-        try:
+    try:
+        # Bad inputs found while building (tokenizer files, data files, labels) are reported in one line.
+        tokenizer = build_tokenizer(args)
+        set_tokenizer(tokenizer)
+        model = get_model(model_provider, args)
+        config = get_model_config(model[0])
+        backend = build_optimizer_backend(args, model, config)
+        model = backend.model
+        state = {"iteration": 0, "consumed_train_samples": 0}
+        if args.load:
             # Its `rng_state` entry is applied by train(), once nothing else will draw from the generators.
             state = checkpointing.load_checkpoint(args, model, backend)
-        except checkpointing.CheckpointError as e:
-            checkpointing.exit_on_error(e)
-    data = DataIterators(args, train_valid_test_datasets_provider)
+        data = DataIterators(args, train_valid_test_datasets_provider)
+    except checkpointing.CheckpointError as e:
+        checkpointing.exit_on_error(e)
+    except (ValueError, FileNotFoundError) as e:
+        _exit_on_bad_input(e)
     logger = TrainingLogger(args, model)
     logger.log_startup()
 

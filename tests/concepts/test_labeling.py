@@ -1,4 +1,4 @@
-"""Training-side concept labelling: the online teacher refuses a student tokenizer it cannot read."""
+"""Training-side concept labelling: a teacher that cannot read the student's token ids is refused."""
 
 import argparse
 import os
@@ -6,7 +6,6 @@ import shutil
 import sys
 
 import pytest
-import torch
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
@@ -21,16 +20,16 @@ def _args(teacher, tokenizer_type):
 
 
 def test_online_teacher_refuses_a_larger_student_vocabulary():
-    from megatron_cocomix.concepts.labeling import OnlineTeacher
+    from megatron_cocomix.concepts.labeling import check_teacher_reads_student_ids
 
     student = argparse.Namespace(vocab_size=1000)
-    labeler = OnlineTeacher(_args(tiny_teacher(), "NullTokenizer"), torch.device("cpu"), student)
     with pytest.raises(ValueError, match=r"the data tokenizer has 1000 ids but teacher .* only 256"):
-        labeler.teacher
+        check_teacher_reads_student_ids(_args(tiny_teacher(), "NullTokenizer"), student, 256)
+    check_teacher_reads_student_ids(_args(tiny_teacher(), "NullTokenizer"), argparse.Namespace(vocab_size=256), 256)
 
 
 def test_online_teacher_refuses_other_encodings(tmp_path):
-    from megatron_cocomix.concepts.labeling import OnlineTeacher
+    from megatron_cocomix.concepts.labeling import check_teacher_reads_student_ids
     from megatron_cocomix.data.tokenizer import build_tokenizer
 
     gpt2 = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
@@ -52,8 +51,7 @@ def test_online_teacher_refuses_other_encodings(tmp_path):
         tokenizer_type="GPT2BPETokenizer", vocab_file=os.path.join(gpt2, "encoder.json"),
         merge_file=os.path.join(gpt2, "vocab.bpe"), tokenizer_model=None, vocab_size=None,
         make_vocab_size_divisible_by=128, tensor_model_parallel_size=1))
-    labeler = OnlineTeacher(_args(other, "GPT2BPETokenizer"), torch.device("cpu"), student)
     with pytest.raises(ValueError, match="the teacher must share the student's tokenizer"):
-        labeler.teacher
+        check_teacher_reads_student_ids(_args(other, "GPT2BPETokenizer"), student, 50257)
     # The same teacher with the GPT-2 tokenizer is accepted.
-    OnlineTeacher(_args(teacher_dir, "GPT2BPETokenizer"), torch.device("cpu"), student).teacher
+    check_teacher_reads_student_ids(_args(teacher_dir, "GPT2BPETokenizer"), student, 50257)

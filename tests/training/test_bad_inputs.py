@@ -1,0 +1,32 @@
+"""Bad inputs found while the run is being built stop it with one `error:` line and exit status 2."""
+
+import os
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from cocomix_fixtures import cocomix_flags  # noqa: E402
+from launch import ROOT, TINY_GPT, run_script  # noqa: E402
+
+GPT2 = os.path.join(ROOT, "examples", "data", "gpt2")
+
+
+@pytest.mark.parametrize("flags, message", [
+    ([f for f in TINY_GPT if f not in ("--mock-data",)] + [
+        "--data-path", "/nonexistent/corpus", "--tokenizer-type", "GPT2BPETokenizer",
+        "--vocab-file", os.path.join(GPT2, "encoder.json"), "--merge-file", os.path.join(GPT2, "vocab.bpe")],
+     "error: data prefix /nonexistent/corpus: /nonexistent/corpus.idx does not exist"),
+    (TINY_GPT + cocomix_flags(teacher_layer=5), "error: --teacher-layer 5 is out of range for teacher"),
+    (TINY_GPT + ["--vocab-size", "1000"] + cocomix_flags(), "error: the data tokenizer has 1001 ids but teacher"),
+], ids=["missing_data", "teacher_layer", "teacher_vocabulary"])
+def test_setup_error_is_one_line(flags, message):
+    if "--vocab-size" in flags[len(TINY_GPT):]:  # drop TINY_GPT's own --vocab-size 255
+        i = flags.index("--vocab-size")
+        flags = flags[:i] + flags[i + 2:]
+    proc = run_script(os.path.join(ROOT, "pretrain_cocomix.py"), flags, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors and errors[-1].startswith(message), proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
