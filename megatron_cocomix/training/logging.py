@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import math
 import resource
+import sys
 from datetime import datetime
 from typing import Dict, List, Optional
 
@@ -256,7 +257,9 @@ class TrainingLogger:
         for key in ("allocated", "max allocated", "reserved", "max reserved", "max RSS"):
             if key in memory:
                 line += f" | {key}: {memory[key] / _MB:.2f}"
-        print(line, flush=True)
+        # One write with its newline: every rank prints this line, possibly at the same moment.
+        sys.stdout.write(line + "\n")
+        sys.stdout.flush()
 
     # ---------------------------------------------------------------------------------------------------
     def validation_log(self, iteration: int, losses: Dict[str, float], label: Optional[str] = None) -> None:

@@ -99,8 +99,9 @@ def test_validation_block_and_startup_report(pp2_run):
     assert f"FLOPs per iteration: {model_flops:.4e} model" in result["stdout"]
     assert "memory estimate per device, stage 1 (MB)" in result["stdout"]
     for rank in (0, 1):  # Megatron's per-rank memory line, once, from each pipeline stage
-        assert len(re.findall(rf"^\[Rank {rank}\] \(after 2 iterations\) memory \(MB\) \| max RSS: [\d.]+$",
-                              result["stdout"], re.M)) == 1
+        # Not anchored to line starts: the two processes share one pipe, so lines of different ranks can meet.
+        assert len(re.findall(rf"\[Rank {rank}\] \(after 2 iterations\) memory \(MB\) \| max RSS: [\d.]+",
+                              result["stdout"])) == 1
 
 
 def test_tensorboard_scalars(pp2_run):
