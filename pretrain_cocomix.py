@@ -161,10 +161,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
     args = get_args()
     if args.teacher_model and (args.kd or (args.cocomix and args.concept_labels == "online")):
         from megatron_cocomix.concepts.labeling import check_teacher_reads_student_ids
-        from megatron_cocomix.training.flops import TransformerShape
 
-        teacher_vocab = TransformerShape.from_pretrained_path(args.teacher_model).vocab_size
-        check_teacher_reads_student_ids(args, get_tokenizer(), teacher_vocab)
+        check_teacher_reads_student_ids(args, get_tokenizer(), args.teacher_vocab_size)
     train, valid, test = build_train_valid_test_datasets(args, get_tokenizer(), train_val_test_num_samples)
     if args.cocomix and args.concept_labels != "online":
         from megatron_cocomix.concepts.labeling import ConceptLabeledDataset
@@ -195,6 +193,7 @@ def resolve_concept_args(args) -> None:
 
         # The teacher is loaded lazily where it is needed; its shape is checked here, on every rank, from the config.
         teacher = TransformerShape.from_pretrained_path(args.teacher_model)
+        args.teacher_vocab_size = teacher.vocab_size  # checked against the student tokenizer once it is built
         if args.cocomix and args.teacher_layer is not None and not 1 <= args.teacher_layer < teacher.num_layers:
             raise ValueError(f"--teacher-layer {args.teacher_layer} is out of range for teacher {args.teacher_model}: "
                              f"it has {teacher.num_layers} blocks (1 <= layer <= {teacher.num_layers - 1})")
