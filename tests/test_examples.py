@@ -7,7 +7,7 @@
 - Each launch script run with DRY_RUN=1 prints its command; the launcher part parses with the launcher's own
   parser and the training part parses and validates with `parse_args(world_size=...)` (the DeepSpeed runs also
   pass the trainer's ds_config check).
-- The paper configs match shared/DESIGN.md section 5 (written out below as the reference): sizes, concept layer,
+- The paper configs match docs/design.md §7 (written out below as the reference): sizes, concept layer,
   LR, batch tokens, 20B tokens, warmup 1/300, cosine to 10%, AdamW settings; and their parameter counts land on
   69M / 386M / 1.38B with the NTP baselines parameter-matched.
 - The quickstart data is prepared idempotently and the quickstart args validate.
@@ -37,7 +37,7 @@ ARGS_FILES = [os.path.join(EXAMPLES, "quickstart_args.txt")]
 PAPER_SCRIPTS = ["pretrain_cocomix_69m", "pretrain_cocomix_386m", "pretrain_cocomix_1.38b",
                  "pretrain_ntp_69m", "pretrain_ntp_386m", "pretrain_ntp_1.38b"]
 
-# shared/DESIGN.md section 5, written out: (CoCoMix width, layers, heads, NTP width, concept layer, peak LR,
+# docs/design.md §7, written out: (CoCoMix width, layers, heads, NTP width, concept layer, peak LR,
 # tokens per batch, nominal parameters).
 PAPER = {
     "69m": dict(d=512, layers=8, heads=8, ntp_d=624, concept_layer=3, lr=6e-4, batch_tokens=512 * 1024,

@@ -1,6 +1,6 @@
 """CoCoMix concept head: predict SAE concepts from the student's hidden state, keep the top-k logits.
 
-For the hidden state h [s, b, d] at the input of block L (DESIGN §3):
+For the hidden state h [s, b, d] at the input of block L (docs/design.md §4):
 
     xn, mu, std = LN(h)                       # SAE layer norm: unbiased std, eps added to std; NOT detached
     z = W_pred (xn - pre_bias) + b_pred       # concept logits [s, b, C]; W_pred: d -> C

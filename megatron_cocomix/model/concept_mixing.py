@@ -1,4 +1,4 @@
-"""CoCoMix concept mixing, built by megatron-core's TransformerBlock as layer L of the stack (DESIGN §3).
+"""CoCoMix concept mixing, built by megatron-core's TransformerBlock as layer L of the stack (docs/design.md §4).
 
 At the input of block L, for h [s, b, d] (a sequence shard [s/tp, b, d] under sequence parallelism):
 

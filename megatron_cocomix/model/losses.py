@@ -1,6 +1,6 @@
 """CoCoMix losses over tensor-parallel shards: the concept cross-entropy and the KD baseline's KL.
 
-Concept loss (DESIGN §3). Concept logits z are column-parallel over C: each TP rank holds [s, b, C/tp].
+Concept loss (docs/design.md §6). Concept logits z are column-parallel over C: each TP rank holds [s, b, C/tp].
 For the K_attr labels y_1..y_K of a token (-1 = no label: no positive attribution, or the last position):
 
     lse    = log sum_c exp(z_c)                       (max and sum all-reduced over TP, as megatron's
@@ -14,7 +14,7 @@ target per position; the tests check this function against it. All-reduces use m
 `reduce_from_tensor_model_parallel_region` (forward all-reduce, backward identity), so each rank's gradient is
 softmax - onehot on its own shard.
 
-KD baseline (DESIGN §4): KL(p_teacher || p_student) over the vocabulary, summed over the vocab shards the same
+KD baseline (docs/design.md §6): KL(p_teacher || p_student) over the vocabulary, summed over the vocab shards the same
 way; the teacher's distribution is restricted to the student's (padded) vocabulary slice on each rank.
 """
 

@@ -24,7 +24,7 @@ pipeline chunk); selective recompute runs the attention-core forward (scores + c
 uses model FLOPs (no recompute), as PaLM defines it and as Megatron's TFLOP/s/GPU does.
 
 CoCoMix terms (`cocomix_flops_per_sequence`), with s tokens, the mixing layer at the input of block L,
-C concepts, k kept concept logits, and the layout of shared/DESIGN.md section 3:
+C concepts, k kept concept logits, and the layout of docs/design.md §4:
     layers_at_2x = num_layers - L  blocks run on 2s positions (interleave mixing or pause tokens): their
                    token-linear cost doubles and their attention core (2s)^2 costs 4x.
     concept head   predictor d -> C:           2 s h C            (x3 in training)

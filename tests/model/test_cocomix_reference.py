@@ -1,4 +1,4 @@
-"""The CoCoMix student against an independent plain-torch reference written from DESIGN.md §3 (TP1, fp32).
+"""The CoCoMix student against an independent plain-torch reference written from docs/design.md §4-§6 (TP1, fp32).
 
 The reference below uses no megatron-core: token embeddings + learned positions (or rotary, where a concept slot
 takes its token's position), pre-LN GPT blocks with dense causal attention, and at block L the concept head:

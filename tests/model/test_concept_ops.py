@@ -4,7 +4,7 @@ tests/model/concept_ops_checks.py runs, at TP1 and TP2 (and with sequence parall
 sparse compression == dense masked matmul (values, grads w.r.t. values and W_comp); distributed top-k == global
 top-k (values, ids, grads); concept cross-entropy == megatron's vocab_parallel_cross_entropy averaged over the
 labels and a dense reference (-1 ignored, grads); KD KL == dense KL (value, grads); the whole ConceptMixing layer
-== the dense DESIGN §3 layer (output, concept loss, every gradient); gradient routes (the concept loss reaches
+== the dense docs/design.md §4 layer (output, concept loss, every gradient); gradient routes (the concept loss reaches
 the predictor, never the compression; the mixed stream reaches both).
 """
 

@@ -181,7 +181,7 @@ def test_block_recompute_counts_the_first_layers_of_each_chunk():
 # ---------------------------------------------------------------------------------------------------------
 
 def cocomix_step(model, tokens, concept_layer, predictor, compression, topk, concept_labels):
-    """CoCoMix forward (shared/DESIGN.md section 3) with the compression done sparsely as a batched matmul."""
+    """CoCoMix forward (docs/design.md §4) with the compression done sparsely as a batched matmul."""
     b, s = tokens.shape
     x = model.embedding(tokens)
     for layer in model.layers[:concept_layer]:
@@ -221,7 +221,7 @@ def test_cocomix_student_flops_match_flop_counter():
 
 def teacher_labels(teacher, tokens, hook_layer, w_enc, w_dec, sae_topk):
     """Online labels: teacher forward, input-gradient backward down to hidden_states[hook_layer], SAE encode,
-    attribution on the k active latents (shared/DESIGN.md section 2)."""
+    attribution on the k active latents (docs/design.md §2-§3)."""
     x = teacher.embedding(tokens)
     for layer in teacher.layers[:hook_layer]:
         x = layer(x)
