@@ -27,38 +27,29 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
 from megatron.core.utils import get_attr_wrapped_model, get_model_config
 
-from megatron_cocomix import compat
-from megatron_cocomix.global_vars import get_args, get_tokenizer
+from megatron_cocomix import compat, metrics
+from megatron_cocomix.global_vars import get_args, get_teacher, get_tokenizer, set_teacher
 from megatron_cocomix.model.concept_mixing import CONCEPT_METRICS, concept_layer_spec_for, find_concept_mixing
 from megatron_cocomix.model.gpt import build_gpt_model, build_transformer_config, gpt_block_spec, gpt_layer_spec
 from megatron_cocomix.model.losses import kd_kl_divergence
-from megatron_cocomix.training import metrics
 from megatron_cocomix.training.loop import pretrain
 
 QUICKSTART_ARGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "examples", "quickstart_args.txt")
-
-_TEACHER = None  # OnlineTeacher, built on first use on the ranks that need it
 
 
 def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage: Optional[int] = None):
     """The megatron-core GPTModel for this pipeline stage (and virtual stage)."""
     args = get_args()
     config = build_transformer_config(args)
+    if args.cocomix:
+        # Every rank joins the reduction of the concept layer's metrics, whichever stage holds the layer.
+        metrics.declare(*CONCEPT_METRICS)
     layer_spec_for = None
     if args.cocomix or args.pause_tokens:
         layer_spec_for = concept_layer_spec_for(args, gpt_layer_spec(args))
     block_spec = gpt_block_spec(args, config, vp_stage, layer_spec_for)
     return build_gpt_model(args, config, pre_process=pre_process, post_process=post_process, vp_stage=vp_stage,
                            block_spec=block_spec)
-
-
-def _online_teacher():
-    global _TEACHER
-    if _TEACHER is None:
-        from megatron_cocomix.concepts.labeling import OnlineTeacher
-
-        _TEACHER = OnlineTeacher(get_args(), compat.device())
-    return _TEACHER
 
 
 def get_batch(data_iterator, vp_stage: Optional[int] = None, concept_stage: bool = False) -> Dict[str, torch.Tensor]:
@@ -136,7 +127,7 @@ def forward_step(data_iterator, model):
     extra_block_kwargs = None
     if concept_stage:
         if args.concept_labels == "online":
-            concept_labels = _online_teacher().concept_labels(tokens)
+            concept_labels = get_teacher().concept_labels(tokens)
         else:
             concept_labels = batch["concept_labels"]
         # [b, s, K] -> [s, b, K]; carried to the concept layer in the block's `context` argument.
@@ -148,7 +139,7 @@ def forward_step(data_iterator, model):
     attention_mask = batch.get("attention_mask")
     if args.kd and labels is not None:
         logits = model(input_ids, position_ids, attention_mask, extra_block_kwargs=extra_block_kwargs)
-        teacher_log_probs = _online_teacher().log_probs(tokens)
+        teacher_log_probs = get_teacher().log_probs(tokens)
         return logits, partial(kd_loss_func, labels, batch["loss_mask"], teacher_log_probs)
     output_tensor = model(input_ids, position_ids, attention_mask, labels=labels,
                           extra_block_kwargs=extra_block_kwargs)
@@ -162,7 +153,7 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
     if args.teacher_model and (args.kd or (args.cocomix and args.concept_labels == "online")):
         from megatron_cocomix.concepts.labeling import check_teacher_reads_student_ids
 
-        check_teacher_reads_student_ids(args, get_tokenizer(), args.teacher_vocab_size)
+        check_teacher_reads_student_ids(args, get_tokenizer(), args.teacher_shape.vocab_size)
     train, valid, test = build_train_valid_test_datasets(args, get_tokenizer(), train_val_test_num_samples)
     if args.cocomix and args.concept_labels != "online":
         from megatron_cocomix.concepts.labeling import ConceptLabeledDataset
@@ -187,27 +178,30 @@ def _attach_precomputed_labels(args, train):
 
 
 def resolve_concept_args(args) -> None:
-    """Concept count from the SAE (or the precomputed labels); the metrics the concept layer reports."""
-    if args.teacher_model and (args.cocomix or args.kd):
-        from megatron_cocomix.training.flops import TransformerShape
+    """The values CoCoMix derives from files, resolved once before the arguments are frozen: the teacher's shape
+    (its config, checked against --teacher-layer), the SAE's shape (its header: width checked against the
+    teacher, C -> --concept-dim, k for the FLOPs), or C from the precomputed labels; and the run's teacher."""
+    from megatron_cocomix.concepts.labeling import OnlineTeacher
+    from megatron_cocomix.concepts.sae import read_sae_shape
+    from megatron_cocomix.concepts.teacher import read_teacher_shape
 
-        # The teacher is loaded lazily where it is needed; its shape is checked here, on every rank, from the config.
-        teacher = TransformerShape.from_pretrained_path(args.teacher_model)
-        args.teacher_vocab_size = teacher.vocab_size  # checked against the student tokenizer once it is built
+    uses_teacher = args.kd or (args.cocomix and args.concept_labels == "online")
+    if args.teacher_model and (args.cocomix or args.kd):
+        args.teacher_shape = teacher = read_teacher_shape(args.teacher_model)
         if args.cocomix and args.teacher_layer is not None and not 1 <= args.teacher_layer < teacher.num_layers:
             raise ValueError(f"--teacher-layer {args.teacher_layer} is out of range for teacher {args.teacher_model}: "
                              f"it has {teacher.num_layers} blocks (1 <= layer <= {teacher.num_layers - 1})")
+    if uses_teacher:
+        set_teacher(OnlineTeacher(args))
     if not args.cocomix:
         return
     num_latents = None
     if args.sae:
-        from megatron_cocomix.concepts.sae import load_sae
-
-        sae = load_sae(args.sae)
-        num_latents = sae.num_latents
-        if args.teacher_model and sae.d_model != teacher.hidden_size:
+        sae = read_sae_shape(args.sae)
+        num_latents, args.sae_topk = sae.num_latents, sae.k
+        if args.teacher_shape is not None and sae.d_model != args.teacher_shape.hidden_size:
             raise ValueError(f"--sae {args.sae} reads width {sae.d_model} but teacher {args.teacher_model} has "
-                             f"hidden size {teacher.hidden_size}")
+                             f"hidden size {args.teacher_shape.hidden_size}")
     elif args.concept_labels != "online":
         from megatron_cocomix.data.concept_labels import read_fingerprint
 
@@ -216,7 +210,6 @@ def resolve_concept_args(args) -> None:
         args.concept_dim = num_latents
     elif num_latents is not None and num_latents != args.concept_dim:
         raise ValueError(f"--concept-dim {args.concept_dim} disagrees with the SAE's {num_latents} latents")
-    metrics.declare(*CONCEPT_METRICS)
 
 
 def _quickstart_argv() -> list:

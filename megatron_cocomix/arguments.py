@@ -12,9 +12,27 @@ import json
 import os
 from typing import Optional, Sequence
 
+from megatron_cocomix.deepspeed_config import check_deepspeed_config
+
 
 class ArgumentError(ValueError):
     """A bad flag value; the message names the flag and the value."""
+
+
+class RunArguments(argparse.Namespace):
+    """The parsed flags plus the values derived from them (padded vocabulary, data-parallel size, the teacher's
+    and the SAE's shapes, ...). `pretrain()` resolves every derived value in one step, then `freeze()`s them:
+    from then on they are read-only, so any reader can rely on every attribute being present and final."""
+
+    def __setattr__(self, name, value):
+        if self.__dict__.get("_frozen"):
+            raise AttributeError(f"arguments are read-only once resolved (tried to set {name}); derive values "
+                                 f"before pretrain() publishes them")
+        super().__setattr__(name, value)
+
+    def freeze(self) -> "RunArguments":
+        self.__dict__["_frozen"] = True
+        return self
 
 
 def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
@@ -215,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: Optional[Sequence[str]] = None, world_size: Optional[int] = None) -> argparse.Namespace:
     """Parse and validate. `world_size` defaults to $WORLD_SIZE (1 when unset)."""
-    args = build_parser().parse_args(argv)
+    args = build_parser().parse_args(argv, namespace=RunArguments())
     if world_size is None:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
     validate_args(args, world_size)
@@ -236,7 +254,14 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
 
 
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
-    """Fill derived defaults (Megatron's rules) and refuse inconsistent combinations."""
+    """Fill derived defaults (Megatron's rules) and refuse inconsistent combinations.
+
+    Values that need files (the padded vocabulary from the tokenizer, the teacher's and the SAE's shapes) are
+    declared here as None and filled by pretrain() before the arguments are frozen."""
+    args.padded_vocab_size = None
+    args.teacher_shape = None
+    args.sae_topk = None
+    args.deepspeed_config_dict = None
     _require(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
              "train_iters", "lr")
     _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
@@ -320,7 +345,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     # Precision.
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
-    args.params_dtype_name = "bfloat16" if args.bf16 else "float16" if args.fp16 else "float32"
 
     # Recompute.
     if args.recompute_granularity == "full" and args.recompute_method is None:
@@ -338,8 +362,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     if args.deepspeed_config is not None:
         args.deepspeed_config_dict = _read_json(args.deepspeed_config, "--deepspeed_config")
     if args.deepspeed:
-        from megatron_cocomix.training.deepspeed_backend import check_deepspeed_config
-
         try:
             check_deepspeed_config(args, args.deepspeed_config_dict, args.deepspeed_config)
         except ValueError as e:

@@ -18,7 +18,11 @@ run on GPU clusters:
    parallelism and activation recomputation (which replays the RNG) behave as on GPU.
 
 Cost: a few microseconds per torch call on CPU, irrelevant for the tiny models CPU runs are for.
-Call `install()` before building any megatron-core object; it is idempotent.
+
+Activation is explicit: every entry point (`pretrain()`, tools and test workers that build megatron-core
+objects) calls `install()` first; nothing installs it as a side effect of an import or of process-group set-up.
+It is idempotent. The patches follow megatron-core's internals, so `install()` refuses any megatron-core other
+than the release they were written against (MEGATRON_CORE_VERSION).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 _INSTALLED = False
+MEGATRON_CORE_VERSION = "0.16."  # the release line the patches below were written and tested against
 
 
 def cuda_available() -> bool:
@@ -205,11 +210,25 @@ def _patch_custom_function_backward() -> None:
     BackwardCFunction.apply = apply
 
 
+def check_megatron_core_version() -> None:
+    import megatron.core
+
+    version = getattr(megatron.core, "__version__", "unknown")
+    if not version.startswith(MEGATRON_CORE_VERSION):
+        raise RuntimeError(f"megatron_cocomix.compat was written for megatron-core {MEGATRON_CORE_VERSION}x, found "
+                           f"{version}: its CPU patches may not match (install the pinned requirements.txt)")
+
+
+def is_installed() -> bool:
+    return _INSTALLED
+
+
 def install() -> None:
     """Make megatron-core run on CPU. A no-op when CUDA is available or when already installed."""
     global _INSTALLED
     if _INSTALLED or cuda_available():
         return
+    check_megatron_core_version()
     _patch_torch_cuda()
     _patch_rng_tracker()
     # Entered for the life of the process: every thread that calls torch sees it. Modes are per-thread, so

@@ -11,6 +11,7 @@ import datetime
 import os
 import random
 import socket
+from typing import Dict
 
 import numpy as np
 import torch
@@ -44,7 +45,8 @@ def _skip_deepspeed_shm_build() -> None:
 
 
 def initialize_distributed(args: argparse.Namespace) -> None:
-    compat.install()
+    """Process groups and seeds for a run. On a machine without CUDA the caller must have activated
+    `compat.install()` first (entry points do), since megatron-core's state below assumes a GPU."""
     _set_single_process_env()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     backend = args.distributed_backend or ("nccl" if compat.cuda_available() else "gloo")
@@ -97,14 +99,15 @@ def print_rank_0(*message) -> None:
         print(*message, flush=True)
 
 
-def is_last_rank() -> bool:
-    return torch.distributed.get_rank() == torch.distributed.get_world_size() - 1
+def current_layout() -> Dict[str, int]:
+    """This run's parallel layout, as checkpoints record it."""
+    return {"tensor": parallel_state.get_tensor_model_parallel_world_size(),
+            "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
+            "data": parallel_state.get_data_parallel_world_size(with_context_parallel=True)}
 
 
-def print_rank_last(*message) -> None:
-    """Megatron prints the training log line from the last rank, which holds the loss."""
-    if is_last_rank():
-        print(*message, flush=True)
+def layout_string(layout: Dict[str, int]) -> str:
+    return f"TP{layout['tensor']} x PP{layout['pipeline']} x DP{layout['data']}"
 
 
 class DeepSpeedMPU:

@@ -19,6 +19,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_cocomix.errors import cli_main  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Evaluate a TopK SAE on a teacher layer.", allow_abbrev=False)
@@ -34,28 +36,25 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        from megatron_cocomix.concepts import check_teacher_sae, load_sae, load_teacher
-        from megatron_cocomix.concepts.sae_training import TokenWindows, evaluate_sae
+    from megatron_cocomix.concepts import check_teacher_sae, load_sae, load_teacher
+    from megatron_cocomix.concepts.sae_training import TokenWindows, evaluate_sae
 
-        for name in ("seq_length", "num_sequences", "batch_size"):
-            if getattr(args, name) <= 0:
-                raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
-        if not 0 <= args.skip_positions < args.seq_length:
-            raise ValueError(f"--skip-positions {args.skip_positions} must be in [0, --seq-length {args.seq_length})")
-        teacher = load_teacher(args.teacher_model, args.teacher_layer)
-        sae = load_sae(args.sae, device=teacher.device).freeze()
-        check_teacher_sae(teacher, sae)
-        windows = TokenWindows(args.data_path, args.seq_length)
-        first = max(0, len(windows) - args.num_sequences)
-        ids = list(range(first, len(windows)))
-        batches = (windows.batch(ids[i:i + args.batch_size]) for i in range(0, len(ids), args.batch_size))
-        result = evaluate_sae(sae, teacher, batches, skip_positions=args.skip_positions)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    for name in ("seq_length", "num_sequences", "batch_size"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not 0 <= args.skip_positions < args.seq_length:
+        raise ValueError(f"--skip-positions {args.skip_positions} must be in [0, --seq-length {args.seq_length})")
+    teacher = load_teacher(args.teacher_model, args.teacher_layer)
+    sae = load_sae(args.sae, device=teacher.device).freeze()
+    check_teacher_sae(teacher, sae)
+    windows = TokenWindows(args.data_path, args.seq_length)
+    first = max(0, len(windows) - args.num_sequences)
+    ids = list(range(first, len(windows)))
+    batches = (windows.batch(ids[i:i + args.batch_size]) for i in range(0, len(ids), args.batch_size))
+    result = evaluate_sae(sae, teacher, batches, skip_positions=args.skip_positions)
     result.update(sae=args.sae, teacher_model=args.teacher_model, teacher_layer=args.teacher_layer)
     print(json.dumps(result))
     if args.output:

@@ -29,6 +29,8 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_cocomix.errors import cli_main  # noqa: E402
+
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -218,16 +220,11 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
     return result
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
-    from megatron_cocomix.arguments import ArgumentError
-
     args = build_parser().parse_args(argv)
-    try:
-        _validate(args)
-        extract(args)
-    except (ValueError, FileNotFoundError, ArgumentError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    _validate(args)
+    extract(args)
     return 0
 
 

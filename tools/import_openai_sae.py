@@ -16,7 +16,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_cocomix.errors import cli_main  # noqa: E402
 
+
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="Convert an OpenAI TopK SAE .pt file to a SAELens folder.",
                                 allow_abbrev=False)
@@ -25,25 +28,21 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--layer", type=int, default=None, help="Record hook_name hidden_states.LAYER in cfg.json.")
     p.add_argument("--no-layer-norm", action="store_true", help="The SAE was trained without input LN.")
     args = p.parse_args(argv)
-    try:
-        import torch
+    import torch
 
-        from megatron_cocomix.concepts import load_sae, save_saelens
+    from megatron_cocomix.concepts import load_sae, save_saelens
 
-        if os.path.exists(os.path.join(args.output, "sae_weights.safetensors")):
-            raise ValueError(f"--output {args.output}: already holds an SAE; choose a new folder")
-        sae = load_sae(args.input, normalize_input=not args.no_layer_norm)
-        extra = {"source": os.path.abspath(args.input)}
-        if args.layer is not None:
-            extra["hook_name"] = f"hidden_states.{args.layer}"
-        save_saelens(sae, args.output, extra_config=extra)
-        again = load_sae(args.output)
-        x = torch.randn(64, sae.d_model, generator=torch.Generator().manual_seed(0)) * 3
-        if not torch.equal(sae(x), again(x)):
-            raise ValueError(f"--output {args.output}: the converted SAE does not reproduce {args.input}")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if os.path.exists(os.path.join(args.output, "sae_weights.safetensors")):
+        raise ValueError(f"--output {args.output}: already holds an SAE; choose a new folder")
+    sae = load_sae(args.input, normalize_input=not args.no_layer_norm)
+    extra = {"source": os.path.abspath(args.input)}
+    if args.layer is not None:
+        extra["hook_name"] = f"hidden_states.{args.layer}"
+    save_saelens(sae, args.output, extra_config=extra)
+    again = load_sae(args.output)
+    x = torch.randn(64, sae.d_model, generator=torch.Generator().manual_seed(0)) * 3
+    if not torch.equal(sae(x), again(x)):
+        raise ValueError(f"--output {args.output}: the converted SAE does not reproduce {args.input}")
     print(f"wrote {args.output}: d_model {sae.d_model}, {sae.num_latents} latents, k {sae.k}")
     return 0
 

@@ -17,6 +17,8 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_cocomix.errors import cli_main  # noqa: E402
+
 from megatron_cocomix.data.tokenizer import add_tokenizer_args, build_tokenizer_from_flags  # noqa: E402
 
 
@@ -76,13 +78,10 @@ def inspect(args: argparse.Namespace) -> str:
     return "\n".join(lines)
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        print(inspect(args))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    print(inspect(args))
     return 0
 
 

@@ -25,6 +25,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
+from megatron_cocomix.errors import cli_main  # noqa: E402
+
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Write a tiny random GPT-2 teacher and TopK SAE for CPU CoCoMix runs.",
@@ -101,26 +103,23 @@ def write_sae(path: str, args: argparse.Namespace) -> None:
     os.replace(tmp, path)
 
 
+@cli_main
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        _validate(args)
-        os.makedirs(args.output_dir, exist_ok=True)
-        teacher_dir, sae_dir = os.path.join(args.output_dir, "teacher"), os.path.join(args.output_dir, "sae")
-        if args.force or not os.path.isfile(os.path.join(teacher_dir, "config.json")):
-            write_teacher(teacher_dir, args)
-            print(f"wrote {teacher_dir}: random GPT-2, {args.layers} layers x {args.hidden}, {args.heads} heads")
-        else:
-            print(f"kept {teacher_dir} (--force rebuilds it)")
-        if args.force or not os.path.isfile(os.path.join(sae_dir, "cfg.json")):
-            write_sae(sae_dir, args)
-            print(f"wrote {sae_dir}: random TopK SAE, d_model {args.hidden}, {args.num_latents} latents, "
-                  f"k {args.sae_k}")
-        else:
-            print(f"kept {sae_dir} (--force rebuilds it)")
-    except (ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    _validate(args)
+    os.makedirs(args.output_dir, exist_ok=True)
+    teacher_dir, sae_dir = os.path.join(args.output_dir, "teacher"), os.path.join(args.output_dir, "sae")
+    if args.force or not os.path.isfile(os.path.join(teacher_dir, "config.json")):
+        write_teacher(teacher_dir, args)
+        print(f"wrote {teacher_dir}: random GPT-2, {args.layers} layers x {args.hidden}, {args.heads} heads")
+    else:
+        print(f"kept {teacher_dir} (--force rebuilds it)")
+    if args.force or not os.path.isfile(os.path.join(sae_dir, "cfg.json")):
+        write_sae(sae_dir, args)
+        print(f"wrote {sae_dir}: random TopK SAE, d_model {args.hidden}, {args.num_latents} latents, "
+              f"k {args.sae_k}")
+    else:
+        print(f"kept {sae_dir} (--force rebuilds it)")
     return 0
 
 

@@ -41,71 +41,19 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_cocomix.errors import cli_main  # noqa: E402
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
+from megatron_cocomix.data.corpus import is_text_file, open_binary, resolve_inputs  # noqa: E402
 from megatron_cocomix.data.tokenizer import add_tokenizer_args, build_tokenizer_from_flags  # noqa: E402
 
-JSON_SUFFIXES = (".jsonl", ".json")
-TEXT_SUFFIXES = (".txt",)
-COMPRESSED_SUFFIXES = ("", ".gz", ".zst")
 BATCH_LINES = 64  # raw lines per task sent to a worker: large enough to amortise pickling, small for balance
 MAX_REPORTED_SKIPS = 5
 
 
 class PreprocessError(ValueError):
     """A bad input or flag; the message is one line naming the file or flag."""
-
-
-def supported(path: str) -> bool:
-    return any(path.endswith(s + c) for s in JSON_SUFFIXES + TEXT_SUFFIXES for c in COMPRESSED_SUFFIXES)
-
-
-def is_text_file(path: str) -> bool:
-    return any(path.endswith(s + c) for s in TEXT_SUFFIXES for c in COMPRESSED_SUFFIXES)
-
-
-def resolve_inputs(specs: Sequence[str]) -> List[str]:
-    """Expand files / globs / directories into a sorted, de-duplicated list of readable input files."""
-    files: List[str] = []
-    for spec in specs:
-        if os.path.isdir(spec):
-            found = sorted(os.path.join(root, name) for root, _, names in os.walk(spec) for name in names
-                           if supported(name))
-            if not found:
-                raise PreprocessError(f"--input {spec}: directory holds no .jsonl/.json/.txt(.gz/.zst) files")
-        elif any(ch in spec for ch in "*?["):
-            found = sorted(p for p in glob.glob(spec, recursive=True) if os.path.isfile(p))
-            if not found:
-                raise PreprocessError(f"--input {spec}: pattern matches no files")
-        elif os.path.isfile(spec):
-            found = [spec]
-        else:
-            raise PreprocessError(f"--input {spec}: no such file or directory")
-        for path in found:
-            if not supported(path):
-                raise PreprocessError(f"--input {path}: unsupported file type (expected .jsonl, .json or .txt, "
-                                      f"optionally .gz or .zst)")
-            if path not in files:
-                files.append(path)
-    for path in files:
-        try:
-            with open(path, "rb") as f:
-                f.read(1)
-        except OSError as e:
-            raise PreprocessError(f"--input {path}: cannot read ({e.strerror})") from None
-    return files
-
-
-def _open_binary(path: str) -> Tuple[io.BufferedReader, io.BufferedIOBase]:
-    """(raw file, decompressed byte stream); the raw file's position measures progress."""
-    raw = open(path, "rb")
-    if path.endswith(".gz"):
-        return raw, gzip.GzipFile(fileobj=raw, mode="rb")
-    if path.endswith(".zst"):
-        import zstandard
-
-        return raw, io.BufferedReader(zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True))
-    return raw, raw
 
 
 @dataclass
@@ -135,7 +83,7 @@ def _numbered_lines(stream, path: str, progress: "Progress") -> Iterator[Tuple[i
 def read_tasks(files: Sequence[str], txt_documents: str, progress: "Progress") -> Iterator[Task]:
     """Stream the inputs as tasks, in input order. A corrupt compressed stream ends that file with a warning."""
     for path in files:
-        raw, stream = _open_binary(path)
+        raw, stream = open_binary(path)
         text = is_text_file(path)
         kind = "text" if text else "json"
         try:
@@ -557,13 +505,11 @@ def _describe_skips(stats: Stats) -> str:
     return f": {reasons}; first: {first}"
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         stats = run(args)
-    except (PreprocessError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         print("error: interrupted; no output written (temporary files removed)", file=sys.stderr)
         return 130

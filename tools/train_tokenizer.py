@@ -23,13 +23,14 @@ from typing import Iterator, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from tools.preprocess_data import PreprocessError, _open_binary, is_text_file, resolve_inputs  # noqa: E402
+from megatron_cocomix.data.corpus import is_text_file, open_binary, resolve_inputs  # noqa: E402
+from megatron_cocomix.errors import cli_main  # noqa: E402
 
 
 def iter_texts(files: Sequence[str], json_keys: Sequence[str]) -> Iterator[str]:
     """The documents' texts; lines that are not JSON objects with string values are skipped."""
     for path in files:
-        raw, stream = _open_binary(path)
+        raw, stream = open_binary(path)
         with raw, stream:
             if is_text_file(path):
                 yield stream.read().decode("utf-8", errors="replace")
@@ -68,10 +69,10 @@ def train(args: argparse.Namespace) -> str:
     import sentencepiece
 
     if args.vocab_size < 260:
-        raise PreprocessError(f"--vocab-size {args.vocab_size}: must be >= 260 (256 byte pieces + specials)")
+        raise ValueError(f"--vocab-size {args.vocab_size}: must be >= 260 (256 byte pieces + specials)")
     out_dir = os.path.dirname(os.path.abspath(args.model_prefix))
     if not os.path.isdir(out_dir):
-        raise PreprocessError(f"--model-prefix {args.model_prefix}: directory {out_dir} does not exist")
+        raise ValueError(f"--model-prefix {args.model_prefix}: directory {out_dir} does not exist")
     files = resolve_inputs(args.input)
     # SentencePiece trains on lines, so documents are fed line by line; "\n" is a user-defined piece, which
     # makes a newline inside a document one id at encoding time.
@@ -85,7 +86,7 @@ def train(args: argparse.Namespace) -> str:
                     count += 1
     try:
         if count == 0:
-            raise PreprocessError(f"--input {' '.join(args.input)}: no text found")
+            raise ValueError(f"--input {' '.join(args.input)}: no text found")
         sentencepiece.set_random_generator_seed(args.seed)
         sentencepiece.SentencePieceTrainer.train(
             input=corpus, model_prefix=args.model_prefix, vocab_size=args.vocab_size, model_type=args.model_type,
@@ -96,19 +97,16 @@ def train(args: argparse.Namespace) -> str:
             user_defined_symbols=["\n"], unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
             minloglevel=2)
     except RuntimeError as e:
-        raise PreprocessError(f"SentencePiece training failed: {str(e).splitlines()[0]}") from None
+        raise ValueError(f"SentencePiece training failed: {str(e).splitlines()[0]}") from None
     finally:
         os.remove(corpus)
     return args.model_prefix + ".model"
 
 
+@cli_main
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        path = train(args)
-    except (PreprocessError, ValueError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    path = train(args)
     print(f"wrote {path} ({args.vocab_size} pieces) and {args.model_prefix}.vocab")
     return 0
 

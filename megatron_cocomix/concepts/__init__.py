@@ -7,11 +7,22 @@
 """
 
 from .attribution import ATTRIBUTION_MODES, attribution_labels, check_teacher_sae, sparse_attribution_scores
-from .sae import SparseCode, TopKSAE, check_sae_compatible, layer_norm_stats, load_sae, sae_fingerprint, save_saelens
-from .teacher import Teacher, check_teacher_tokenizer, load_teacher, load_teacher_tokenizer
+from .sae import (
+    SAEShape,
+    SparseCode,
+    TopKSAE,
+    check_sae_compatible,
+    layer_norm_stats,
+    load_sae,
+    read_sae_shape,
+    sae_fingerprint,
+    save_saelens,
+)
+from .teacher import Teacher, check_teacher_tokenizer, load_teacher, load_teacher_tokenizer, read_teacher_shape
 
 __all__ = [
-    "ATTRIBUTION_MODES", "SparseCode", "Teacher", "TopKSAE", "attribution_labels", "check_sae_compatible",
-    "check_teacher_sae", "check_teacher_tokenizer", "layer_norm_stats", "load_sae", "load_teacher",
-    "load_teacher_tokenizer", "sae_fingerprint", "save_saelens", "sparse_attribution_scores",
+    "ATTRIBUTION_MODES", "SAEShape", "SparseCode", "Teacher", "TopKSAE", "attribution_labels",
+    "check_sae_compatible", "check_teacher_sae", "check_teacher_tokenizer", "layer_norm_stats", "load_sae",
+    "load_teacher", "load_teacher_tokenizer", "read_sae_shape", "read_teacher_shape", "sae_fingerprint",
+    "save_saelens", "sparse_attribution_scores",
 ]

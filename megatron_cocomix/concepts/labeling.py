@@ -18,6 +18,7 @@ from typing import Callable, Optional
 import torch
 from megatron.core import parallel_state
 
+from megatron_cocomix import compat
 from megatron_cocomix.concepts.attribution import attribution_labels, check_teacher_sae
 from megatron_cocomix.concepts.sae import load_sae
 from megatron_cocomix.concepts.teacher import check_teacher_tokenizer, load_teacher
@@ -61,13 +62,20 @@ def check_teacher_reads_student_ids(args: argparse.Namespace, student_tokenizer,
 
 
 class OnlineTeacher:
-    """Loaded lazily, only on ranks that need it; weights frozen and never seen by the optimizer."""
+    """Loaded lazily, only on ranks that need it; weights frozen and never seen by the optimizer. Lives on
+    `device`, by default this rank's device at first use (known only once the process groups exist)."""
 
-    def __init__(self, args: argparse.Namespace, device: torch.device):
+    def __init__(self, args: argparse.Namespace, device: Optional[torch.device] = None):
         self.args = args
-        self.device = device
+        self._device = device
         self._teacher = None
         self._sae = None
+
+    @property
+    def device(self) -> torch.device:
+        if self._device is None:
+            self._device = compat.device()
+        return self._device
 
     @property
     def teacher(self):

@@ -39,6 +39,14 @@ SAELENS_WEIGHTS = "sae_weights.safetensors"
 SPARSIFY_WEIGHTS = "sae.safetensors"
 
 
+class SAEShape(NamedTuple):
+    """What an SAE file says about its shape, read without loading its weights."""
+
+    d_model: int
+    num_latents: int
+    k: int
+
+
 class SparseCode(NamedTuple):
     """The k active latents of each token and the LN statistics needed to decode back to x's scale."""
 
@@ -269,6 +277,45 @@ def load_sae(path: str, normalize_input: Optional[bool] = None, device: Optional
     else:
         sae = _load_openai(path, True if normalize_input is None else normalize_input)
     return sae.to(device=device, dtype=dtype)
+
+
+def read_sae_shape(path: str) -> SAEShape:
+    """(d_model, num_latents, k) of the SAE at `path` (any format `load_sae` reads) from its config and tensor
+    headers: safetensors headers, or a memory-mapped torch file, so no weight is read into memory."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"SAE {path}: no such file or directory")
+    if not os.path.isdir(path):
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except Exception as e:  # a pickle with code in it, or not a torch file at all
+            raise ValueError(f"SAE {path}: not a tensor-only torch state dict ({type(e).__name__}: {e})") from None
+        if not isinstance(state, dict):
+            raise ValueError(f"SAE {path}: expected a state dict, got {type(state).__name__}")
+        _require(state, ("encoder.weight",), path)
+        num_latents, d_model = state["encoder.weight"].shape
+        k = (state.get("activation_state_dict") or {}).get("k")
+        if k is None:
+            raise ValueError(f"SAE {path}: activation_state_dict has no k")
+        return SAEShape(int(d_model), int(num_latents), int(k))
+    from safetensors import safe_open
+
+    cfg_path = os.path.join(path, SAELENS_CONFIG)
+    if not os.path.exists(cfg_path):
+        raise ValueError(f"SAE {path}: folder without {SAELENS_CONFIG} (expected a SAELens or sparsify SAE)")
+    cfg = _read_json(cfg_path)
+    for weights, key, latents_dim in ((SAELENS_WEIGHTS, "W_enc", 1), (SPARSIFY_WEIGHTS, "encoder.weight", 0)):
+        file = os.path.join(path, weights)
+        if os.path.exists(file):
+            with safe_open(file, framework="pt") as f:
+                if key not in f.keys():
+                    raise ValueError(f"SAE {path}: missing tensor(s) {key} (found {', '.join(sorted(f.keys()))})")
+                shape = f.get_slice(key).get_shape()
+            k = cfg.get("k", (cfg.get("activation_fn_kwargs") or {}).get("k"))
+            if k is None:
+                raise ValueError(f"SAE {path}: {SAELENS_CONFIG} has no k (only TopK SAEs are supported)")
+            return SAEShape(int(shape[1 - latents_dim]), int(shape[latents_dim]), int(k))
+    raise ValueError(f"SAE {path}: neither {SAELENS_WEIGHTS} (SAELens) nor {SPARSIFY_WEIGHTS} (sparsify) found")
 
 
 def save_saelens(sae: TopKSAE, path: str, extra_config: Optional[dict] = None) -> None:

@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from megatron_cocomix.shapes import TransformerShape
+
 DEFAULT_CHECK_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
     "In 1905, Albert Einstein published four papers; one of them introduced E = mc^2.",
@@ -257,3 +259,23 @@ def check_teacher_tokenizer(teacher_path: str, student_tokenizer, texts: Sequenc
         if list(ours) != list(theirs):
             raise ValueError(f"teacher {teacher_path} tokenises {text!r} as {list(theirs)[:12]} but the student "
                              f"tokenizer gives {list(ours)[:12]}: the teacher must share the student's tokenizer")
+
+
+def read_teacher_shape(path: str) -> TransformerShape:
+    """The teacher's shape from a local Hugging Face model directory (config.json) or a .gguf file's metadata,
+    without loading any weight: read once at start-up to check --teacher-layer and size the FLOPs."""
+    if os.path.isdir(path):
+        import json
+
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
+            raise FileNotFoundError(f"teacher model {path}: no config.json")
+        with open(config_path) as f:
+            return TransformerShape.from_hf_config(json.load(f))
+    if os.path.isfile(path) and path.endswith(".gguf"):
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(os.path.dirname(path) or ".", gguf_file=os.path.basename(path),
+                                            local_files_only=True)
+        return TransformerShape.from_hf_config(config)
+    raise FileNotFoundError(f"teacher model {path}: expected a Hugging Face model directory or a .gguf file")

@@ -2,7 +2,7 @@
 
 For the hidden state h [s, b, d] at the input of block L (docs/design.md §4):
 
-    xn, mu, std = LN(h)                       # SAE layer norm: unbiased std, eps added to std; NOT detached
+    xn, mu, std = LN(h)                       # the SAE's layer norm (concepts/sae.py): NOT detached
     z = W_pred (xn - pre_bias) + b_pred       # concept logits [s, b, C]; W_pred: d -> C
     v, idx = TopK_k(z)                        # raw logits (may be negative, no ReLU), k = --concept-topk
 
@@ -25,15 +25,7 @@ from megatron.core.tensor_parallel.mappings import gather_from_tensor_model_para
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-SAE_LN_EPS = 1e-5
-
-
-def sae_layer_norm(x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """OpenAI TopK-SAE input normalisation: (x - mu) / (std + eps) with the unbiased std. Returns xn, mu, std."""
-    mu = x.mean(dim=-1, keepdim=True)
-    centred = x - mu
-    std = centred.std(dim=-1, keepdim=True, unbiased=True)
-    return centred / (std + SAE_LN_EPS), mu, std
+from megatron_cocomix.concepts.sae import layer_norm_stats
 
 
 def distributed_topk(local_logits: torch.Tensor, k: int) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -66,6 +58,6 @@ class ConceptPredictor(MegatronModule):
             gather_output=False, skip_bias_add=False)
 
     def forward(self, hidden: torch.Tensor):
-        xn, mu, std = sae_layer_norm(hidden)
+        xn, mu, std = layer_norm_stats(hidden)
         logits, _ = self.linear(xn - self.pre_bias)
         return logits, mu, std

@@ -21,7 +21,7 @@ final norm and output layer produce next-token logits from the concept slots.
 The concept labels for the concept loss travel in the TransformerBlock's `context` argument: megatron passes it
 to every layer and saves it for activation recomputation (GPT layers have no cross-attention to read it).
 The concept loss joins the main loss through megatron's MoEAuxLossAutoScaler (its gradient is injected where the
-layer lives, on any pipeline stage); its value and accuracies go to training/metrics.py for the log line.
+layer lives, on any pipeline stage); its value and accuracies go to megatron_cocomix/metrics.py for the log line.
 
 Ablations: --concept-mixing add (h + c^, s positions), none (concept prediction only); --pause-tokens
 interleaves one learned vector instead of c^.
@@ -48,7 +48,7 @@ from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
 from megatron_cocomix.model.concept_head import ConceptPredictor, distributed_topk
 from megatron_cocomix.model.losses import concept_accuracy, concept_cross_entropy
-from megatron_cocomix.training import metrics
+from megatron_cocomix import metrics
 
 CONCEPT_METRICS = ("concept loss", "concept top1 acc", "concept topk acc", "concept dead columns")
 DEAD_COLUMN_NORM = 1e-3

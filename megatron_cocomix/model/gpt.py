@@ -88,7 +88,7 @@ def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
         apply_rope_fusion=False,
         gradient_accumulation_fusion=False,
         # Stages after a CoCoMix mixing layer carry 2s positions: let stages exchange shapes.
-        variable_seq_lengths=getattr(args, "variable_seq_lengths", False),
+        variable_seq_lengths=args.variable_seq_lengths,
         # megatron's config check refuses variable lengths with the default MoE dispatcher even without MoE.
         moe_token_dispatcher_type="alltoall",
         deallocate_pipeline_outputs=compat.can_deallocate_pipeline_outputs(),
@@ -217,11 +217,11 @@ def _full_tensor(name: str, shape: List[int], seed: int, std: float, out_std: fl
 
 
 def initialize_weights(model_chunks: List[torch.nn.Module], seed: int, config: TransformerConfig,
-                       tied_embeddings: bool, extra_std: Optional[dict] = None) -> None:
+                       tied_embeddings: bool) -> None:
     """Draw every parameter in full from (seed, global name) and keep this rank's tensor-parallel slice.
 
     std 0.02 (config.init_method_std); output projections std 0.02 / sqrt(2 * num_layers), as Megatron's
-    scaled init; every parameter whose name ends in "bias" 0 (including CoCoMix's pre_bias); norm weights 1. `extra_std` maps name suffixes to a std for modules outside the GPT.
+    scaled init; every parameter whose name ends in "bias" 0 (including CoCoMix's pre_bias); norm weights 1.
     """
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -236,11 +236,7 @@ def initialize_weights(model_chunks: List[torch.nn.Module], seed: int, config: T
             full_shape = list(local_shape)
             if partitioned:
                 full_shape[dim] *= tp_size
-            param_std = std
-            for suffix, value in (extra_std or {}).items():
-                if name.endswith(suffix):
-                    param_std = value
-            full = _full_tensor(name, full_shape, seed, param_std, out_std)
+            full = _full_tensor(name, full_shape, seed, std, out_std)
             if partitioned:
                 if config.gated_linear_unit and name.endswith("linear_fc1.weight"):
                     # The fused fc1 holds [gate; up]; each TP rank keeps its slice of both halves.

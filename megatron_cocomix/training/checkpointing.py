@@ -9,18 +9,16 @@ Directory layout (Megatron-LM's):
                                                   the global parameter name and its offset in the full tensor
         metadata.json                             backend + version (written last by dist_checkpointing)
         deepspeed_optimizer/                      only with the DeepSpeed back end: its own optimizer files
+                                                  (each back end decides where its optimizer state goes)
 
 What reshards. Each model chunk's `sharded_state_dict()` describes every local tensor as a slice
 (global offset, global shape) of the full tensor, with layer numbers made global (virtual pipeline chunks
-included), so the weights load at any TP / PP / virtual-PP layout. megatron's optimizers describe their state
-the same way: Adam's exp_avg / exp_avg_sq (and the fp32 master copies under bf16 / fp16) are slices of the
-same global tensors, so the (non-distributed) optimizer state reshards too. The distributed optimizer is saved
-in megatron's `dp_reshardable` form (its grad-buffer buckets), which loads at any DP size but only at the same
-TP and PP: megatron-core 0.16.1's fully reshardable forms (`fully_reshardable`, `fully_sharded_model_space`)
-cannot be loaded with torch's Adam (no apex / Transformer Engine), because
-DistributedOptimizer._set_main_param_and_optimizer_states copies every key of the live Adam state, which holds
-`step`, while those loaders drop `step` from the source (KeyError: 'step'). DeepSpeed keeps its optimizer state in
-its own per-rank ZeRO partition files, which reload only at the same layout.
+included), so the weights load at any TP / PP / virtual-PP layout. The optimizer state is the back end's
+business (training/backends/): megatron's optimizer describes its state as slices of the same global tensors
+(reshards; the distributed optimizer at the same TP / PP only), DeepSpeed keeps its own per-rank ZeRO files
+(same layout only). This module never asks which back end it holds: it saves and loads what the back end's
+`checkpoint_metadata`, `optimizer_sharded_state`, `save_optimizer_files` and `load_optimizer_state` give, and
+refuses what `check_optimizer_loadable` refuses.
 
 What is per rank. RNG states (python, numpy, torch CPU, CUDA, and megatron's tensor-parallel tracker) differ
 between ranks, so each rank writes its own ShardedObject at offset (pp, tp, dp) of a (PP, TP, DP) grid; they are
@@ -40,11 +38,9 @@ the same format with torch.distributed.checkpoint's synchronous FileSystemWriter
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import random
 import shutil
-import sys
 import time
 from typing import Dict, List, Optional
 
@@ -60,17 +56,15 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 )
 from megatron.core.utils import unwrap_model
 
+from megatron_cocomix.distributed import current_layout, layout_string
+from megatron_cocomix.training.backends import OptimizerBackend
+
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 1
-DEEPSPEED_OPTIMIZER_DIR = "deepspeed_optimizer"
 
 # Flags that fix tensor shapes: a checkpoint that disagrees on any of them cannot be loaded into this model.
 MODEL_SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
                     "padded_vocab_size")
-
-# `dp_reshardable`: the distributed optimizer's buckets (any DP size, same TP / PP; see above).
-# `chained_optim_avoid_prefix`: the keys do not depend on how many optimizers megatron chained together.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "chained_optim_avoid_prefix": True}
 
 
 class CheckpointError(ValueError):
@@ -183,16 +177,6 @@ def _model_sharded_state_dict(model: List[torch.nn.Module]) -> Dict[str, dict]:
     return {key: _unwrap(chunk).sharded_state_dict() for key, chunk in zip(_model_keys(model), model)}
 
 
-def _layout() -> Dict[str, int]:
-    return {"tensor": parallel_state.get_tensor_model_parallel_world_size(),
-            "pipeline": parallel_state.get_pipeline_model_parallel_world_size(),
-            "data": parallel_state.get_data_parallel_world_size(with_context_parallel=True)}
-
-
-def _layout_string(layout: Dict[str, int]) -> str:
-    return f"TP{layout['tensor']} x PP{layout['pipeline']} x DP{layout['data']}"
-
-
 def get_rng_state() -> dict:
     return {
         "random": random.getstate(),
@@ -214,7 +198,7 @@ def set_rng_state(state: dict) -> None:
 
 def _rng_sharded_object(data) -> ShardedObject:
     """This rank's RNG states as cell (pp, tp, dp) of a (PP, TP, DP) grid: every rank saves its own."""
-    layout = _layout()
+    layout = current_layout()
     shape = (layout["pipeline"], layout["tensor"], layout["data"])
     offset = (parallel_state.get_pipeline_model_parallel_rank(), parallel_state.get_tensor_model_parallel_rank(),
               parallel_state.get_data_parallel_rank(with_context_parallel=True))
@@ -222,22 +206,15 @@ def _rng_sharded_object(data) -> ShardedObject:
 
 
 def _model_args(args: argparse.Namespace) -> Dict[str, Optional[int]]:
-    return {name: getattr(args, name, None) for name in MODEL_SHAPE_ARGS}
+    return {name: getattr(args, name) for name in MODEL_SHAPE_ARGS}
 
 
 # ----------------------------------------------------------------------------------------------------------
 # Save
 
 
-def _full_parameters(backend, modify: bool = False):
-    """Full weights inside the block under DeepSpeed ZeRO-3 (a no-op for every other back end)."""
-    if hasattr(backend, "gathered_parameters"):
-        return backend.gathered_parameters(modify=modify)
-    return contextlib.nullcontext()
-
-
-def save_checkpoint(args: argparse.Namespace, iteration: int, model: List[torch.nn.Module], backend,
-                    state: dict) -> None:
+def save_checkpoint(args: argparse.Namespace, iteration: int, model: List[torch.nn.Module],
+                    backend: OptimizerBackend, state: dict) -> None:
     """Write <args.save>/iter_<iteration> atomically and point the tracker at it. Called on every rank."""
     rng = get_rng_state()  # before anything below could draw random numbers
     root = args.save
@@ -256,15 +233,14 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: List[torch.
         os.makedirs(tmp)
     torch.distributed.barrier()
 
-    with _full_parameters(backend):
+    with backend.full_parameters():
         _save_model_and_state(args, iteration, model, backend, state, rng, tmp)
-    if backend.name == "deepspeed":
-        backend.save_optimizer_state(os.path.join(tmp, DEEPSPEED_OPTIMIZER_DIR))
+    backend.save_optimizer_files(tmp)
     torch.distributed.barrier()  # every rank's files are on disk
     _publish(root, iteration, final, tmp, token, rank, start)
 
 
-def _save_model_and_state(args, iteration, model, backend, state, rng, tmp) -> None:
+def _save_model_and_state(args, iteration, model, backend: OptimizerBackend, state, rng, tmp) -> None:
     sharded = _model_sharded_state_dict(model)
     sharded["rng_state"] = _rng_sharded_object(rng)
     sharded.update(
@@ -272,15 +248,12 @@ def _save_model_and_state(args, iteration, model, backend, state, rng, tmp) -> N
         iteration=iteration,
         consumed_train_samples=state["consumed_train_samples"],
         model_args=_model_args(args),
-        layout=_layout(),
-        optimizer_backend=backend.name,
-        distributed_optimizer=bool(getattr(args, "use_distributed_optimizer", False)),
+        layout=current_layout(),
         opt_param_scheduler=backend.scheduler.state_dict(),
+        **backend.checkpoint_metadata(),
     )
-    if backend.name != "deepspeed":
-        sharded["adam_step"] = _adam_step(backend.optimizer)
-        sharded["optimizer"] = backend.optimizer.sharded_state_dict(
-            {k: v for k, v in sharded.items() if k.startswith("model")}, metadata=OPTIMIZER_METADATA)
+    model_state = {k: v for k, v in sharded.items() if k.startswith("model")}
+    sharded.update(backend.optimizer_sharded_state(model_state))
     dist_checkpointing.save(sharded, tmp, sharded_strategy=InProcessTorchDistSave())
 
 
@@ -340,44 +313,7 @@ def check_compatible(path: str, common: dict, args: argparse.Namespace) -> None:
         raise CheckpointError(f"{path} was saved with {flag} {saved.get(name)}, but this run has {flag} {value}")
 
 
-def _distributed_optimizers(optimizer) -> list:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
-    return [s for s in getattr(optimizer, "chained_optimizers", [optimizer]) if isinstance(s, DistributedOptimizer)]
-
-
-def _adam_step(optimizer) -> Optional[float]:
-    """torch Adam's step count inside megatron's distributed optimizer (the same for every parameter)."""
-    steps = {float(state["step"]) for sub in _distributed_optimizers(optimizer)
-             for state in sub.optimizer.state.values() if "step" in state}
-    return steps.pop() if len(steps) == 1 else None
-
-
-def _prepare_adam_state_for_load(optimizer, common: dict) -> None:
-    """megatron's distributed optimizer describes what to load from its live torch-Adam state: it reads every
-    entry's step count (there is none before the first step) and hands back the step of that live state, not
-    the saved one. Live entries holding zeros and the saved step load correctly; the rest is overwritten."""
-    step = common.get("adam_step")
-    for sub in _distributed_optimizers(optimizer):
-        for group in sub.optimizer.param_groups:
-            for param in group["params"]:
-                state = sub.optimizer.state[param]
-                if "exp_avg" not in state:
-                    state.update(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
-                state["step"] = torch.tensor(step or 0.0)
-
-
-def _unshare_adam_steps(optimizer) -> None:
-    """megatron's distributed optimizer restores torch Adam's step count as ONE tensor shared by every
-    parameter's state; Adam increments each parameter's step in place, so the shared count would advance once per
-    parameter per iteration (wrong bias correction from the first resumed step on). Give each its own copy."""
-    for sub in _distributed_optimizers(optimizer):
-        for state in sub.optimizer.state.values():
-            if torch.is_tensor(state.get("step")):
-                state["step"] = state["step"].clone()
-
-
-def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], backend) -> dict:
+def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], backend: OptimizerBackend) -> dict:
     """Load `--load` into the model (and optimizer, scheduler, RNG unless told not to). Called on every rank.
 
     Returns the training state to continue from: iteration, consumed_train_samples, and `rng_state` (this
@@ -391,39 +327,24 @@ def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], back
     common = dist_checkpointing.load_common_state_dict(path)
     check_compatible(path, common, args)
     saved_layout = common["layout"]
-    same_layout = saved_layout == _layout()
+    same_layout = saved_layout == current_layout()
     load_optimizer = not args.finetune and not args.no_load_optim
     load_rng = not args.finetune and not args.no_load_rng
-    if load_optimizer and common["optimizer_backend"] != backend.name:
-        raise CheckpointError(f"{path} holds {common['optimizer_backend']} optimizer state, this run uses "
-                              f"{backend.name}: add --no-load-optim to load the weights only")
-    distributed = bool(getattr(args, "use_distributed_optimizer", False))
-    if load_optimizer and backend.name == "megatron" and common.get("distributed_optimizer") != distributed:
-        raise CheckpointError(
-            f"{path} holds {'distributed' if common.get('distributed_optimizer') else 'non-distributed'} optimizer "
-            f"state and this run {'uses' if distributed else 'does not use'} --use-distributed-optimizer: "
-            f"add --no-load-optim to load the weights only")
-    if load_optimizer and distributed and (saved_layout["tensor"], saved_layout["pipeline"]) != (
-            _layout()["tensor"], _layout()["pipeline"]):
-        raise CheckpointError(
-            f"{path}: distributed optimizer state saved at {_layout_string(saved_layout)} reloads only at the same "
-            f"TP and PP (any DP); this run is {_layout_string(_layout())}: add --no-load-optim")
-    if load_optimizer and backend.name == "deepspeed" and not same_layout:
-        raise CheckpointError(f"{path}: DeepSpeed optimizer state was saved at {_layout_string(saved_layout)} and "
-                              f"reloads only there (this run: {_layout_string(_layout())}); add --no-load-optim")
+    if load_optimizer:
+        reason = backend.check_optimizer_loadable(common, saved_layout, current_layout())
+        if reason:
+            raise CheckpointError(f"{path}: {reason}: add --no-load-optim to load the weights only")
     if load_rng and not same_layout:
         load_rng = False
         if torch.distributed.get_rank() == 0:
-            print(f"  RNG states not loaded: saved at {_layout_string(saved_layout)}, running at "
-                  f"{_layout_string(_layout())}", flush=True)
+            print(f"  RNG states not loaded: saved at {layout_string(saved_layout)}, running at "
+                  f"{layout_string(current_layout())}", flush=True)
 
     # ZeRO-3 holds 1/DP of each weight: gather them to build the full-shape state and to load into it.
-    with _full_parameters(backend, modify=True):
+    with backend.full_parameters(modify=True):
         sharded = _model_sharded_state_dict(model)
-        if load_optimizer and backend.name != "deepspeed":
-            _prepare_adam_state_for_load(backend.optimizer, common)
-            sharded["optimizer"] = backend.optimizer.sharded_state_dict(
-                dict(sharded), is_loading=True, metadata=OPTIMIZER_METADATA)
+        if load_optimizer:
+            sharded.update(backend.optimizer_sharded_state(dict(sharded), common=common))
         if load_rng:
             sharded["rng_state"] = _rng_sharded_object(None)
         try:
@@ -435,22 +356,13 @@ def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], back
         for key, chunk in zip(_model_keys(model), model):
             _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if load_optimizer:
-        if backend.name == "deepspeed":
-            backend.load_optimizer_state(os.path.join(path, DEEPSPEED_OPTIMIZER_DIR))
-        else:
-            # The distributed optimizer copies into views of the (grad-requiring) fp32 parameters.
-            with torch.no_grad():
-                backend.optimizer.load_state_dict(loaded["optimizer"])
-            _unshare_adam_steps(backend.optimizer)
+        backend.load_optimizer_state(loaded, path)
         try:
             backend.scheduler.load_state_dict(common["opt_param_scheduler"])
         except AssertionError as e:  # megatron asserts that --lr etc. agree with the checkpoint
             raise CheckpointError(f"{path}: learning-rate schedule differs from the flags: {e}") from None
-    elif backend.name == "deepspeed":
-        backend.reload_model_params()  # DeepSpeed's fp32 master copy still holds the initial weights
-    elif hasattr(backend.optimizer, "reload_model_params"):
-        # The fp32 master weights of bf16/fp16 training were copied from the initial model: refresh them.
-        backend.optimizer.reload_model_params()
+    else:
+        backend.reload_model_params()
 
     out = dict(fresh)
     if not args.finetune:
@@ -461,12 +373,6 @@ def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], back
     if torch.distributed.get_rank() == 0:
         what = "weights only" if not load_optimizer else "weights, optimizer, scheduler"
         print(f"  loaded checkpoint {path} ({what}{', RNG' if load_rng else ''}; saved at "
-              f"{_layout_string(saved_layout)}) at iteration {common['iteration']} [{time.time() - start:.2f} s]",
+              f"{layout_string(saved_layout)}) at iteration {common['iteration']} [{time.time() - start:.2f} s]",
               flush=True)
     return out
-
-
-def exit_on_error(error: CheckpointError) -> None:
-    """The CLI's one-line error for a checkpoint that does not fit the flags."""
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    raise SystemExit(2)

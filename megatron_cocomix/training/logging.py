@@ -11,7 +11,7 @@ iterations of the log interval that updated the model:
     max allocated memory (MB): 1234.5 | max reserved memory (MB): 2345.6 |
 
 TFLOP/s per device = FLOPs per iteration (training/flops.py: model FLOPs, no recompute) / (iteration time x
-world size); MFU = that / the device's peak (flops.PEAK_TFLOPS, only on GPUs it knows); tokens per second
+world size); MFU = that / the device's peak (hardware.PEAK_TFLOPS, only on GPUs it knows); tokens per second
 counts the global batch's input tokens. Memory is the device's peak allocated / reserved bytes on GPUs and
 the process's peak resident set on CPU.
 
@@ -26,14 +26,14 @@ from __future__ import annotations
 
 import argparse
 import math
-import resource
 import sys
 from datetime import datetime
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
-from megatron_cocomix.training import flops
+from megatron_cocomix.training import flops, memory
+from megatron_cocomix.training.hardware import device_peak_tflops, memory_stats
 
 _MB = 1024.0 * 1024.0
 
@@ -50,36 +50,15 @@ def _is_last_rank() -> bool:
     return _rank() == _world_size() - 1
 
 
-def memory_stats() -> Dict[str, float]:
-    """This process's memory high-water marks in bytes (GPU allocator, or resident set on CPU)."""
-    if torch.cuda.is_available():
-        return {"max allocated": float(torch.cuda.max_memory_allocated()),
-                "reserved": float(torch.cuda.memory_reserved()),
-                "max reserved": float(torch.cuda.max_memory_reserved()),
-                "allocated": float(torch.cuda.memory_allocated())}
-    # ru_maxrss is in KiB on Linux.
-    return {"max RSS": 1024.0 * resource.getrusage(resource.RUSAGE_SELF).ru_maxrss}
-
-
-def _device_peak_tflops(args: argparse.Namespace) -> Optional[float]:
-    override = getattr(args, "peak_tflops", None)
-    if override:
-        return float(override)
-    if not torch.cuda.is_available():
-        return None
-    return flops.peak_tflops(torch.cuda.get_device_name(), sixteen_bit=bool(args.bf16 or args.fp16))
-
-
 class TrainingLogger:
     """Accumulates per-iteration values and prints / writes them every --log-interval iterations.
 
-    `teacher_shape` / `sae_topk` size the teacher's share of the FLOPs (online CoCoMix labels, KD); when not
-    given they are read from --teacher-model's config where possible."""
+    `local_parameter_count` is this rank's parameter count (as the optimizer back end counts it): the start-up
+    report compares it, per pipeline stage, with the estimate."""
 
-    def __init__(self, args: argparse.Namespace, model: List[torch.nn.Module],
-                 teacher_shape: Optional[flops.TransformerShape] = None, sae_topk: Optional[int] = None):
+    def __init__(self, args: argparse.Namespace, local_parameter_count: Optional[int] = None):
         self.args = args
-        self.model = model
+        self.local_parameter_count = local_parameter_count
         self.history: List[dict] = []
         self._sums: Dict[str, float] = {}
         self._counts: Dict[str, int] = {}
@@ -88,41 +67,24 @@ class TrainingLogger:
         self._skipped = 0
         self._nan = 0
         self._memory_reported = False
-        self.teacher_shape, self.teacher_note = self._resolve_teacher(teacher_shape)
-        self.sae_topk = sae_topk
         self.flops_per_iteration: Optional[float] = None
         self.flops_note: Optional[str] = None
         try:
-            self.flops_per_iteration = flops.num_floating_point_operations(
-                args, teacher=self.teacher_shape, sae_topk=sae_topk)
+            self.flops_per_iteration = flops.num_floating_point_operations(args)
         except ValueError as e:
             self.flops_note = f"FLOPs not estimated: {e}"
-        self.peak_tflops = _device_peak_tflops(args)
+        self.peak_tflops = device_peak_tflops(args)
         self.writer = None
         if args.tensorboard_dir and _is_last_rank():
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=1000)
 
-    def _resolve_teacher(self, shape: Optional[flops.TransformerShape]):
-        args = self.args
-        needs_teacher = getattr(args, "kd", False) or (
-            getattr(args, "cocomix", False) and getattr(args, "concept_labels", "online") == "online")
-        if shape is not None or not needs_teacher:
-            return shape, None
-        path = getattr(args, "teacher_model", None)
-        if not path:
-            return None, "teacher FLOPs not counted: no --teacher-model"
-        try:
-            return flops.TransformerShape.from_pretrained_path(path), None
-        except (OSError, ValueError) as e:
-            return None, f"teacher FLOPs not counted: {e}"
-
     # ---------------------------------------------------------------------------------------------------
     def _built_parameters_per_stage(self) -> Optional[List[int]]:
         """Parameters on TP rank 0 / DP rank 0 of each pipeline stage, summed over its virtual chunks.
         Collective: every rank must call it."""
-        if not torch.distributed.is_initialized():
+        if not torch.distributed.is_initialized() or self.local_parameter_count is None:
             return None
         from megatron.core import parallel_state
 
@@ -131,9 +93,7 @@ class TrainingLogger:
         pp = self.args.pipeline_model_parallel_size
         counts = torch.zeros(pp, dtype=torch.float64, device=compat.device())
         if parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.get_data_parallel_rank() == 0:
-            # ZeRO-3 leaves a placeholder in p; ds_numel is the full size.
-            own = sum(getattr(p, "ds_numel", p.numel()) for chunk in self.model for p in chunk.parameters())
-            counts[parallel_state.get_pipeline_model_parallel_rank()] = own
+            counts[parallel_state.get_pipeline_model_parallel_rank()] = self.local_parameter_count
         torch.distributed.all_reduce(counts)
         return [int(c) for c in counts.tolist()]
 
@@ -143,8 +103,7 @@ class TrainingLogger:
         if _rank() != 0:
             return
         try:
-            report = flops.startup_report(self.args, actual_stage_params=built, teacher=self.teacher_shape,
-                                          sae_topk=self.sae_topk, teacher_note=self.teacher_note)
+            report = startup_report(self.args, actual_stage_params=built)
         except ValueError as e:
             report = f" > model size and cost estimate unavailable: {e}"
         if self.flops_note:
@@ -286,3 +245,43 @@ class TrainingLogger:
         if self.writer is not None:
             self.writer.flush()
             self.writer.close()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Start-up report
+
+def format_count(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def startup_report(args: argparse.Namespace, actual_stage_params: Optional[Sequence[int]] = None) -> str:
+    """The start-up summary: parameters, FLOPs per iteration by term, memory per device by stage."""
+    counts = memory.parameter_counts(args)
+    lines = [" > model size and cost estimate:"]
+    lines.append(f"   parameters (unique): {counts.unique_total} ({format_count(counts.unique_total)})")
+    tp = args.tensor_model_parallel_size
+    for stage in range(args.pipeline_model_parallel_size):
+        line = (f"   parameters on pipeline stage {stage}: {counts.stage_total(stage)}, per tensor-parallel rank: "
+                f"{counts.per_device(stage, tp):.0f}")
+        if actual_stage_params is not None:
+            line += f" (built model: {actual_stage_params[stage]})"
+        lines.append(line)
+    terms = flops.flops_per_sequence(args)
+    gbs = args.global_batch_size
+    model = flops.num_floating_point_operations(args)
+    hardware = flops.num_floating_point_operations(args, include_recompute=True)
+    lines.append(f"   FLOPs per iteration: {model:.4e} model, {hardware:.4e} with recompute "
+                 f"({model / (gbs * args.seq_length):.4e} per token; causal attention counted as half)")
+    for name, value in terms.items():
+        if value:
+            lines.append(f"     {name}: {gbs * value:.4e} ({100 * value / max(sum(terms.values()), 1):.1f}%)")
+    mib = 1024.0 ** 2
+    for est in memory.memory_estimate(args):
+        lines.append(f"   memory estimate per device, stage {est.stage} (MB): weights {est.weights / mib:.1f} | "
+                     f"grads {est.grads / mib:.1f} | optimizer {est.optimizer / mib:.1f} | "
+                     f"activations {est.activations / mib:.1f} | total {est.total / mib:.1f} "
+                     f"({'; '.join(est.notes)})")
+    return "\n".join(lines)

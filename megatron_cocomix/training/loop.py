@@ -13,7 +13,6 @@ Nothing here is CoCoMix-specific: extra losses reach the log through the loss di
 from __future__ import annotations
 
 import argparse
-import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -23,14 +22,15 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.transformer.module import Float16Module
 from megatron.core.utils import get_model_config
 
-from megatron_cocomix import compat
-from megatron_cocomix.arguments import ArgumentError, parse_args
+from megatron_cocomix import compat, metrics
+from megatron_cocomix.arguments import parse_args
 from megatron_cocomix.distributed import initialize_distributed, print_rank_0
-from megatron_cocomix.global_vars import set_args, set_tokenizer
+from megatron_cocomix.errors import exit_on_bad_input
+from megatron_cocomix.global_vars import reset_global_vars, set_args, set_tokenizer
 from megatron_cocomix.model.gpt import initialize_weights
-from megatron_cocomix.training import checkpointing, metrics
+from megatron_cocomix.training import checkpointing
+from megatron_cocomix.training.backends import OptimizerBackend, build_optimizer_backend
 from megatron_cocomix.training.logging import TrainingLogger
-from megatron_cocomix.training.optimizers import build_optimizer_backend
 
 
 def get_model(model_provider: Callable, args: argparse.Namespace) -> List[torch.nn.Module]:
@@ -45,8 +45,7 @@ def get_model(model_provider: Callable, args: argparse.Namespace) -> List[torch.
         chunk.vp_stage = stage
         chunks.append(chunk)
     config = get_model_config(chunks[0])
-    initialize_weights(chunks, args.seed, config, tied_embeddings=not args.untie_embeddings_and_output_weights,
-                       extra_std=getattr(args, "extra_init_std", None))
+    initialize_weights(chunks, args.seed, config, tied_embeddings=not args.untie_embeddings_and_output_weights)
     for chunk in chunks:
         for param in chunk.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)
@@ -124,7 +123,7 @@ def _reduce_losses(losses_reduced: Sequence[Dict[str, torch.Tensor]]) -> Dict[st
     return out
 
 
-def train_step(forward_step_func, data_iterator, model, backend, config, args) -> tuple:
+def train_step(forward_step_func, data_iterator, model, backend: OptimizerBackend, args) -> tuple:
     backend.zero_grad()
     forward_backward = get_forward_backward_func()
     losses_reduced = forward_backward(
@@ -163,8 +162,8 @@ def evaluate(forward_step_func, data_iterator, model, args, num_iters: int) -> D
     return {key: sum(values) / len(values) for key, values in sums.items()}
 
 
-def train(forward_step_func, model, backend, data: DataIterators, args, state: dict, logger: TrainingLogger):
-    config = get_model_config(model[0])
+def train(forward_step_func, model, backend: OptimizerBackend, data: DataIterators, args, state: dict,
+          logger: TrainingLogger):
     train_iterator = data.train(state["consumed_train_samples"])
     rng_state = state.pop("rng_state", None)
     if rng_state is not None:
@@ -177,8 +176,7 @@ def train(forward_step_func, model, backend, data: DataIterators, args, state: d
     saved = False
     while iteration < args.train_iters:
         start = time.time()
-        losses, update_successful, grad_norm = train_step(forward_step_func, train_iterator, model, backend,
-                                                           config, args)
+        losses, update_successful, grad_norm = train_step(forward_step_func, train_iterator, model, backend, args)
         iteration += 1
         state["iteration"] = iteration
         state["consumed_train_samples"] += args.global_batch_size
@@ -203,30 +201,30 @@ def train(forward_step_func, model, backend, data: DataIterators, args, state: d
     return iteration
 
 
-def _exit_on_bad_input(error: Exception) -> None:
-    """One line naming the flag, file or value (the messages of our validators), exit status 2."""
-    print(f"error: {error}", file=sys.stderr, flush=True)
-    raise SystemExit(2)
-
-
 def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,
              argv: Optional[Sequence[str]] = None, extra_args_hook: Optional[Callable] = None) -> dict:
-    """Megatron-LM's entry point. Returns a summary (last losses, iteration) for tests and scripts."""
-    try:
-        args = parse_args(argv)
-        if extra_args_hook is not None:
-            extra_args_hook(args)
-    except (ArgumentError, ValueError, FileNotFoundError) as e:
-        _exit_on_bad_input(e)
-    set_args(args)
-    initialize_distributed(args)
+    """Megatron-LM's entry point. Returns a summary (last losses, iteration) for tests and scripts.
 
+    Every derived value is resolved before anything is built: the flags' own (parse_args), the padded
+    vocabulary (the tokenizer), then the caller's (`extra_args_hook(args)`: for CoCoMix the teacher's and the
+    SAE's shapes). The arguments are then frozen and published. A bad flag or file, found at any step up to the
+    first iteration, ends the run with one `error:` line and exit status 2."""
+    compat.install()
+    reset_global_vars()
+    metrics.reset()
     from megatron_cocomix.data.tokenizer import build_tokenizer
 
-    try:
-        # Bad inputs found while building (tokenizer files, data files, labels) are reported in one line.
-        tokenizer = build_tokenizer(args)
-        set_tokenizer(tokenizer)
+    with exit_on_bad_input():
+        args = parse_args(argv)
+        tokenizer = build_tokenizer(args)  # sets args.padded_vocab_size
+        if extra_args_hook is not None:
+            extra_args_hook(args)
+    args.freeze()
+    set_args(args)
+    set_tokenizer(tokenizer)
+    initialize_distributed(args)
+
+    with exit_on_bad_input():
         model = get_model(model_provider, args)
         config = get_model_config(model[0])
         backend = build_optimizer_backend(args, model, config)
@@ -236,11 +234,7 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
             # Its `rng_state` entry is applied by train(), once nothing else will draw from the generators.
             state = checkpointing.load_checkpoint(args, model, backend)
         data = DataIterators(args, train_valid_test_datasets_provider)
-    except checkpointing.CheckpointError as e:
-        checkpointing.exit_on_error(e)
-    except (ValueError, FileNotFoundError) as e:
-        _exit_on_bad_input(e)
-    logger = TrainingLogger(args, model)
+    logger = TrainingLogger(args, backend.local_parameter_count())
     logger.log_startup()
 
     if not args.skip_train:

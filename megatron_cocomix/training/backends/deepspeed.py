@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import json
 import os
 from typing import Dict, List, Optional, Tuple
@@ -42,99 +41,13 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_cocomix.distributed import DeepSpeedMPU
-from megatron_cocomix.training.optimizers import build_scheduler
+from megatron_cocomix.deepspeed_config import check_deepspeed_config
+from megatron_cocomix.distributed import DeepSpeedMPU, layout_string
+from megatron_cocomix.training.backends.base import OptimizerBackend, build_scheduler
 
+OPTIMIZER_DIR = "deepspeed_optimizer"
 LAYOUT_FILE = "layout.json"
 CHECKPOINT_TAG = "zero"
-
-
-def _mismatch(path: str, key: str, value, flag_text: str) -> ValueError:
-    return ValueError(f"{os.path.basename(path)}: {key} {value} != {flag_text}")
-
-
-def check_deepspeed_config(args: argparse.Namespace, ds_config: dict, path: str) -> dict:
-    """The DeepSpeed JSON checked against the Megatron flags; returns a copy with the missing keys filled.
-
-    Batch: train_batch_size = --global-batch-size, train_micro_batch_size_per_gpu = --micro-batch-size,
-    gradient_accumulation_steps = --global-batch-size / (--micro-batch-size x DP). Precision: bf16.enabled /
-    fp16.enabled = --bf16 / --fp16. gradient_clipping = --clip-grad. ZeRO stage 1 with any layout, stages 2
-    and 3 with --pipeline-model-parallel-size 1, never a virtual pipeline. Raises a one-line ValueError
-    naming the JSON key, its value and the flag.
-    """
-    if not isinstance(ds_config, dict):
-        raise ValueError(f"{path}: expected a JSON object, got {type(ds_config).__name__}")
-    name = os.path.basename(path)
-    config = copy.deepcopy(ds_config)
-    dp = args.data_parallel_size
-    expected = {
-        "train_batch_size": (args.global_batch_size, f"--global-batch-size {args.global_batch_size}"),
-        "train_micro_batch_size_per_gpu": (args.micro_batch_size, f"--micro-batch-size {args.micro_batch_size}"),
-        "gradient_accumulation_steps": (
-            args.num_micro_batches,
-            f"--global-batch-size {args.global_batch_size} / (--micro-batch-size {args.micro_batch_size} x "
-            f"data-parallel size {dp}) = {args.num_micro_batches}"),
-    }
-    for key, (value, flag_text) in expected.items():
-        if key in config and config[key] != "auto" and config[key] != value:
-            raise _mismatch(path, key, config[key], flag_text)
-        config[key] = value
-
-    for section, flag, enabled in (("bf16", "--bf16", args.bf16), ("fp16", "--fp16", args.fp16)):
-        sub = config.setdefault(section, {})
-        if not isinstance(sub, dict):
-            raise ValueError(f"{name}: {section} must be an object, got {sub!r}")
-        if "enabled" in sub and sub["enabled"] != "auto" and bool(sub["enabled"]) != enabled:
-            raise _mismatch(path, f"{section}.enabled", json.dumps(sub["enabled"]),
-                            f"{flag} {'given' if enabled else 'not given'}")
-        sub["enabled"] = enabled
-    if args.fp16 and args.loss_scale is not None:
-        current = config["fp16"].get("loss_scale")
-        if current not in (None, "auto") and float(current) != args.loss_scale:
-            raise _mismatch(path, "fp16.loss_scale", current, f"--loss-scale {args.loss_scale}")
-        config["fp16"]["loss_scale"] = args.loss_scale
-    elif args.fp16:
-        config["fp16"].setdefault("initial_scale_power", int(round(torch.log2(torch.tensor(
-            float(args.initial_loss_scale))).item())))
-
-    clip = config.get("gradient_clipping")
-    if clip is not None and clip != "auto" and float(clip) != float(args.clip_grad):
-        raise _mismatch(path, "gradient_clipping", clip, f"--clip-grad {args.clip_grad}")
-    config["gradient_clipping"] = float(args.clip_grad)
-
-    zero = config.setdefault("zero_optimization", {})
-    if not isinstance(zero, dict):
-        raise ValueError(f"{name}: zero_optimization must be an object, got {zero!r}")
-    stage = zero.setdefault("stage", 1)
-    if stage not in (1, 2, 3):
-        raise ValueError(f"{name}: zero_optimization.stage {stage} is not supported with --deepspeed "
-                         f"(use 1, 2 or 3; without ZeRO, drop --deepspeed to use megatron's optimizer)")
-    pp = args.pipeline_model_parallel_size
-    if stage > 1 and pp > 1:
-        raise ValueError(f"{name}: zero_optimization.stage {stage} needs --pipeline-model-parallel-size 1, got {pp} "
-                         f"(ZeRO-{stage} partitions gradients during each micro-batch backward; use stage 1 "
-                         f"with pipeline parallelism)")
-    if args.virtual_pipeline_model_parallel_size is not None:
-        raise ValueError("--num-layers-per-virtual-pipeline-stage (virtual pipeline) is not supported with "
-                         "--deepspeed; use megatron's optimizer (drop --deepspeed)")
-    accum = (config.get("data_types") or {}).get("grad_accum_dtype")
-    if stage == 1 and args.bf16 and accum in ("fp32", "float32", "float"):
-        # DeepSpeed hands this combination to its BF16_Optimizer, which accumulates micro-batch gradients
-        # outside the ZeRO gradient hooks that frame megatron's micro-batches here.
-        raise ValueError(f"{name}: data_types.grad_accum_dtype {accum} with bf16 needs zero_optimization.stage 2 "
-                         f"or 3 with --deepspeed (stage 1 accumulates in bf16: drop the key)")
-    if zero.get("overlap_comm") and stage == 1:
-        # Stage 1 reduces once after the schedule; overlapping would start reducing inside the backward.
-        raise ValueError(f"{name}: zero_optimization.overlap_comm needs stage 2 or 3 with --deepspeed")
-    for key in ("offload_param",):
-        if zero.get(key) and stage != 3:
-            raise ValueError(f"{name}: zero_optimization.{key} needs stage 3, got stage {stage}")
-    if args.overlap_grad_reduce:
-        raise ValueError("--overlap-grad-reduce applies to megatron's DDP; with --deepspeed set "
-                         "zero_optimization.overlap_comm in the DeepSpeed config")
-    config.setdefault("steps_per_print", 2 ** 31 - 1)  # the training log line reports the same numbers
-    config.setdefault("wall_clock_breakdown", False)
-    return config
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float) -> List[dict]:
@@ -182,8 +95,8 @@ def _tied_embedding_weight(module: torch.nn.Module) -> Optional[torch.nn.Paramet
     return inner.shared_embedding_or_output_weight()
 
 
-class DeepSpeedBackend:
-    """DeepSpeed ZeRO (stage 1/2/3) behind the optimizer back-end interface of training/optimizers.py.
+class DeepSpeedBackend(OptimizerBackend):
+    """DeepSpeed ZeRO (stage 1/2/3) behind the optimizer back-end protocol (training/backends/base.py).
 
     `model` holds the raw chunk the schedule runs; `engine` is the DeepSpeedEngine around it.
     """
@@ -296,7 +209,7 @@ class DeepSpeedBackend:
                 self._tied_embedding.grad = grad
             torch.distributed.all_reduce(grad, group=parallel_state.get_embedding_group())
 
-    # Back-end interface.
+    # ---- one iteration (the protocol) ----------------------------------------------------------------
     def zero_grad(self) -> None:
         self._backwards = 0
 
@@ -323,38 +236,38 @@ class DeepSpeedBackend:
         return applied, None if grad_norm is None else float(grad_norm)
 
     @property
-    def learning_rate(self) -> float:
-        return self.optimizer.param_groups[0]["lr"]
-
-    @property
     def loss_scale(self) -> Optional[float]:
         if not self._needs_scaler:
             return 1.0
         scale = self.engine._get_optimizer_loss_scale()
         return None if scale is None else float(scale)
 
+    # Parameters: ZeRO-3 keeps only this rank's 1/DP shard of each weight.
     @contextlib.contextmanager
-    def gathered_parameters(self, modify: bool = False):
-        """Full parameters inside the block (ZeRO-3 keeps only this rank's 1/DP shard otherwise): wrap building
-        the model's state dict for saving, and loading weights into it (modify=True: data-parallel rank 0's
-        values are re-partitioned on exit). A no-op for stages 1 and 2."""
-        if self.stage != 3:
-            yield
-            return
+    def _gathered(self, modify: bool):
         import deepspeed
 
         params = list(self.model[0].parameters())
         with deepspeed.zero.GatheredParameters(params, modifier_rank=0 if modify else None):
             yield
 
+    def full_parameters(self, modify: bool = False):
+        """Full parameters inside the block (data-parallel rank 0's values are re-partitioned on exit when
+        modify=True). A no-op for stages 1 and 2."""
+        return self._gathered(modify) if self.stage == 3 else contextlib.nullcontext()
+
+    def local_parameter_count(self) -> int:
+        # ZeRO-3 leaves a placeholder in each parameter; ds_numel is its full size.
+        return sum(getattr(p, "ds_numel", p.numel()) for p in self.model[0].parameters())
+
     def reload_model_params(self) -> None:
-        """After model weights were loaded without the optimizer state (--no-load-optim, --finetune): DeepSpeed's
-        fp32 master copy still holds the initial weights and would overwrite the loaded ones at the next step."""
+        """DeepSpeed's fp32 master copy still holds the initial weights and would overwrite the loaded ones at
+        the next step."""
         self.optimizer.refresh_fp32_params()
 
     # Checkpoints: model weights go through megatron dist_checkpointing; DeepSpeed keeps its own optimizer
-    # state (fp32 master partitions, Adam moments, loss scaler) in PATH/pp_rank_XXX/zero/ (PATH given by the
-    # checkpointing code), plus PATH/layout.json.
+    # state (fp32 master partitions, Adam moments, loss scaler) in <checkpoint>/deepspeed_optimizer/pp_rank_XXX/
+    # zero/, plus <checkpoint>/deepspeed_optimizer/layout.json.
     def _layout(self) -> Dict[str, int]:
         return {"tensor_model_parallel_size": parallel_state.get_tensor_model_parallel_world_size(),
                 "pipeline_model_parallel_size": parallel_state.get_pipeline_model_parallel_world_size(),
@@ -367,8 +280,16 @@ class DeepSpeedBackend:
         # the stages apart.
         return os.path.join(path, f"pp_rank_{parallel_state.get_pipeline_model_parallel_rank():03d}")
 
-    def save_optimizer_state(self, path: str) -> None:
-        """Collective over all ranks: DeepSpeed's optimizer state of this rank into directory `path`."""
+    def check_optimizer_loadable(self, common: dict, saved_layout: Dict[str, int],
+                                 layout: Dict[str, int]) -> Optional[str]:
+        reason = super().check_optimizer_loadable(common, saved_layout, layout)
+        if reason is None and saved_layout != layout:
+            reason = (f"DeepSpeed optimizer state was saved at {layout_string(saved_layout)} and reloads only there "
+                      f"(this run: {layout_string(layout)})")
+        return reason
+
+    def save_optimizer_files(self, checkpoint_dir: str) -> None:
+        path = os.path.join(checkpoint_dir, OPTIMIZER_DIR)
         stage_dir = self._stage_dir(path)
         os.makedirs(stage_dir, exist_ok=True)
         if torch.distributed.get_rank() == 0:
@@ -377,9 +298,10 @@ class DeepSpeedBackend:
         self.engine.save_checkpoint(stage_dir, tag=CHECKPOINT_TAG, save_latest=False,
                                     client_state={"layout": self._layout()})
 
-    def load_optimizer_state(self, path: str) -> None:
-        """Collective: restore what save_optimizer_state wrote. DeepSpeed's ZeRO state loads only at the layout
-        (TP, PP, DP, stage) it was saved at; anything else raises a one-line ValueError."""
+    def load_optimizer_state(self, loaded: dict, checkpoint_dir: str) -> None:
+        """DeepSpeed's ZeRO state loads only at the layout (TP, PP, DP, stage) it was saved at; anything else
+        raises a one-line ValueError."""
+        path = os.path.join(checkpoint_dir, OPTIMIZER_DIR)
         layout_file = os.path.join(path, LAYOUT_FILE)
         if not os.path.exists(layout_file):
             raise FileNotFoundError(f"{layout_file}: no DeepSpeed optimizer state in this checkpoint")
@@ -392,12 +314,3 @@ class DeepSpeedBackend:
                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
             raise FileNotFoundError(f"{self._stage_dir(path)}/{CHECKPOINT_TAG}: DeepSpeed found no checkpoint")
-
-    def state_dict_for_checkpoint(self, model_sharded_state_dict=None) -> dict:
-        """What megatron's checkpoint keeps for this back end: the LR schedule (the optimizer state is
-        DeepSpeed's, see save_optimizer_state)."""
-        return {"opt_param_scheduler": self.scheduler.state_dict()}
-
-    def load_state_dict_from_checkpoint(self, state: dict) -> None:
-        if "opt_param_scheduler" in state:
-            self.scheduler.load_state_dict(state["opt_param_scheduler"])

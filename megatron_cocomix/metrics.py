@@ -2,6 +2,8 @@
 
 Megatron's loss dictionary only exists on the last pipeline stage; a layer on another stage (a MoE router, a
 CoCoMix concept layer) records its scalars here instead, as megatron-core's MoE auxiliary-loss tracker does.
+It sits below both the model and the training loop (as megatron-core keeps that tracker in core): the model
+records, the loop reduces, and neither imports the other.
 Each metric is a running [sum, count]; `reduce()` sums them over every rank and returns sum / count. Names are
 declared up front on every rank so that all ranks join the same all-reduce. A value computed identically on all
 tensor-parallel ranks is recorded by TP rank 0 only (`record` does that).
@@ -14,6 +16,8 @@ from typing import Dict, List
 import torch
 from megatron.core import parallel_state
 
+from megatron_cocomix import compat
+
 _NAMES: List[str] = []
 _VALUES: Dict[str, torch.Tensor] = {}
 
@@ -22,10 +26,6 @@ def declare(*names: str) -> None:
     for name in names:
         if name not in _NAMES:
             _NAMES.append(name)
-
-
-def declared() -> List[str]:
-    return list(_NAMES)
 
 
 def record(name: str, total: torch.Tensor, count: torch.Tensor) -> None:
@@ -47,8 +47,7 @@ def reduce() -> Dict[str, float]:
     if not _NAMES:
         return {}
     buffer = torch.stack([_VALUES.get(name, torch.zeros(2)) for name in _NAMES])
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    buffer = buffer.to(device)
+    buffer = buffer.to(compat.device())
     torch.distributed.all_reduce(buffer)
     reset()
     return {name: (pair[0] / pair[1]).item() for name, pair in zip(_NAMES, buffer) if pair[1] > 0}

@@ -1,0 +1,165 @@
+"""megatron-core's DistributedDataParallel + optimizer as the back end.
+
+DDP: contiguous grad buffers, bucketed data-parallel reduce inside the schedule (`finalize_model_grads`).
+Optimizer (`get_megatron_optimizer`): Adam with decoupled weight decay; bf16 / fp16 with fp32 master weights;
+fp16 dynamic loss scaling; global-norm clipping over all model-parallel ranks; `--use-distributed-optimizer`
+shards optimizer state over data-parallel ranks.
+
+Checkpoints. The optimizer state is saved inside the dist checkpoint, as slices of the same global tensors as
+the weights, so the non-distributed optimizer reshards freely. The distributed optimizer is saved in megatron's
+`dp_reshardable` form (its grad-buffer buckets), which loads at any DP size but only at the same TP and PP:
+megatron-core 0.16.1's fully reshardable forms cannot be loaded with torch's Adam (no apex / Transformer Engine),
+because DistributedOptimizer._set_main_param_and_optimizer_states copies every key of the live Adam state,
+which holds `step`, while those loaders drop `step` from the source (KeyError: 'step').
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Dict, List, Optional, Tuple
+
+import torch
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_cocomix.distributed import layout_string
+from megatron_cocomix.training.backends.base import OptimizerBackend, build_scheduler
+
+# `dp_reshardable`: the distributed optimizer's buckets (any DP size, same TP / PP; see above).
+# `chained_optim_avoid_prefix`: the keys do not depend on how many optimizers megatron chained together.
+OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "chained_optim_avoid_prefix": True}
+
+
+class MegatronOptimizerBackend(OptimizerBackend):
+    """megatron-core DDP + optimizer. `model` holds the DDP-wrapped chunks the schedule runs."""
+
+    name = "megatron"
+
+    def __init__(self, args: argparse.Namespace, model_chunks: List[torch.nn.Module], config: TransformerConfig):
+        self.distributed = bool(args.use_distributed_optimizer)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=args.bf16 or args.fp16,
+            overlap_grad_reduce=args.overlap_grad_reduce,
+            use_distributed_optimizer=self.distributed,
+        )
+        self.model = [
+            # Only the first chunk buckets its grads: later virtual-pipeline chunks finish backward first.
+            DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk, disable_bucketing=i > 0)
+            for i, chunk in enumerate(model_chunks)
+        ]
+        opt_config = OptimizerConfig(
+            optimizer="adam",
+            lr=args.lr,
+            min_lr=args.min_lr,
+            weight_decay=args.weight_decay,
+            adam_beta1=args.adam_beta1,
+            adam_beta2=args.adam_beta2,
+            adam_eps=args.adam_eps,
+            bf16=args.bf16,
+            fp16=args.fp16,
+            params_dtype=config.params_dtype,
+            loss_scale=args.loss_scale,
+            initial_loss_scale=args.initial_loss_scale,
+            clip_grad=args.clip_grad,
+            use_distributed_optimizer=self.distributed,
+        )
+        self.optimizer = get_megatron_optimizer(opt_config, self.model)
+        self.scheduler = build_scheduler(args, self.optimizer)
+        config.finalize_model_grads_func = finalize_model_grads
+        config.grad_scale_func = self.optimizer.scale_loss
+        no_sync = [chunk.no_sync for chunk in self.model]
+        config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
+        if args.overlap_grad_reduce:
+            sync = [chunk.start_grad_sync for chunk in self.model]
+            config.grad_sync_func = sync[0] if len(sync) == 1 else sync
+
+    # ---- one iteration -------------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
+        self.optimizer.zero_grad()
+
+    def step(self) -> Tuple[bool, Optional[float]]:
+        """Gradients were reduced inside the schedule (finalize_model_grads). fp16 overflow skips the update."""
+        update_successful, grad_norm, _ = self.optimizer.step()
+        if update_successful:
+            self.scheduler.step(increment=1)
+        return update_successful, grad_norm
+
+    @property
+    def loss_scale(self) -> Optional[float]:
+        scale = self.optimizer.get_loss_scale()
+        return float(scale.item()) if torch.is_tensor(scale) else float(scale)
+
+    def reload_model_params(self) -> None:
+        # The fp32 master weights of bf16/fp16 training were copied from the initial model: refresh them.
+        if hasattr(self.optimizer, "reload_model_params"):
+            self.optimizer.reload_model_params()
+
+    # ---- checkpoints ---------------------------------------------------------------------------------
+    def checkpoint_metadata(self) -> Dict[str, object]:
+        return {"optimizer_backend": self.name, "distributed_optimizer": self.distributed,
+                "adam_step": self._adam_step()}
+
+    def check_optimizer_loadable(self, common: dict, saved_layout: Dict[str, int],
+                                 layout: Dict[str, int]) -> Optional[str]:
+        reason = super().check_optimizer_loadable(common, saved_layout, layout)
+        if reason:
+            return reason
+        if bool(common.get("distributed_optimizer")) != self.distributed:
+            return (f"it holds {'distributed' if common.get('distributed_optimizer') else 'non-distributed'} "
+                    f"optimizer state and this run {'uses' if self.distributed else 'does not use'} "
+                    f"--use-distributed-optimizer")
+        if self.distributed and (saved_layout["tensor"], saved_layout["pipeline"]) != (layout["tensor"],
+                                                                                       layout["pipeline"]):
+            return (f"distributed optimizer state saved at {layout_string(saved_layout)} reloads only at the "
+                    f"same TP and PP (any DP); this run is {layout_string(layout)}")
+        return None
+
+    def optimizer_sharded_state(self, model_sharded_state: dict, common: Optional[dict] = None) -> dict:
+        loading = common is not None
+        if loading:
+            self._prepare_adam_state_for_load(common.get("adam_step"))
+        return {"optimizer": self.optimizer.sharded_state_dict(dict(model_sharded_state), is_loading=loading,
+                                                               metadata=OPTIMIZER_METADATA)}
+
+    def load_optimizer_state(self, loaded: dict, checkpoint_dir: str) -> None:
+        # The distributed optimizer copies into views of the (grad-requiring) fp32 parameters.
+        with torch.no_grad():
+            self.optimizer.load_state_dict(loaded["optimizer"])
+        self._unshare_adam_steps()
+
+    # torch Adam's `step` inside megatron's distributed optimizer needs care on both sides of a checkpoint.
+    def _distributed_optimizers(self) -> list:
+        from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+        return [s for s in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+                if isinstance(s, DistributedOptimizer)]
+
+    def _adam_step(self) -> Optional[float]:
+        """torch Adam's step count inside megatron's distributed optimizer (the same for every parameter)."""
+        steps = {float(state["step"]) for sub in self._distributed_optimizers()
+                 for state in sub.optimizer.state.values() if "step" in state}
+        return steps.pop() if len(steps) == 1 else None
+
+    def _prepare_adam_state_for_load(self, step: Optional[float]) -> None:
+        """megatron's distributed optimizer describes what to load from its live torch-Adam state: it reads every
+        entry's step count (there is none before the first step) and hands back the step of that live state, not
+        the saved one. Live entries holding zeros and the saved step load correctly; the rest is overwritten."""
+        for sub in self._distributed_optimizers():
+            for group in sub.optimizer.param_groups:
+                for param in group["params"]:
+                    state = sub.optimizer.state[param]
+                    if "exp_avg" not in state:
+                        state.update(exp_avg=torch.zeros_like(param), exp_avg_sq=torch.zeros_like(param))
+                    state["step"] = torch.tensor(step or 0.0)
+
+    def _unshare_adam_steps(self) -> None:
+        """megatron's distributed optimizer restores torch Adam's step count as ONE tensor shared by every
+        parameter's state; Adam increments each parameter's step in place, so the shared count would advance once
+        per parameter per iteration (wrong bias correction from the first resumed step on). Give each its own."""
+        for sub in self._distributed_optimizers():
+            for state in sub.optimizer.state.values():
+                if torch.is_tensor(state.get("step")):
+                    state["step"] = state["step"].clone()
