@@ -1,4 +1,5 @@
-# Shared by the launch scripts in examples/ (sourced, not run): input checks and the launcher command line.
+# Sourced by examples/pretrain_paper.sh (and any launch script of your own): flag files, input checks and the
+# launcher command line.
 #
 # Launcher settings, all from the environment:
 #   LAUNCHER        torchrun (default) | deepspeed
@@ -23,6 +24,29 @@ REPO_DIR="$(dirname "${EXAMPLES_DIR}")"
 die() {
     echo "error: $*" >&2
     exit 2
+}
+
+# read_args FILE: append FILE's flags to the array ARGS, read exactly as pretrain_cocomix.py reads
+# examples/quickstart_args.txt (a line whose first non-blank is `#` is a comment; the rest split on blanks, with no
+# quoting or globbing), so a flag file means the same to both.
+read_args() {
+    local line words
+    [ -f "$1" ] || die "no flag file $1"
+    while IFS= read -r line || [ -n "${line}" ]; do
+        [[ "${line}" =~ ^[[:space:]]*# ]] && continue
+        read -r -a words <<< "${line}"
+        ARGS+=("${words[@]}")
+    done < "$1"
+}
+
+# flag_value FLAG: the value of FLAG's last occurrence in ARGS, the one argparse keeps.
+flag_value() {
+    local i value=""
+    for ((i = 0; i + 1 < ${#ARGS[@]}; i++)); do
+        [ "${ARGS[i]}" != "$1" ] || value="${ARGS[i + 1]}"
+    done
+    [ -n "${value}" ] || die "$1 is in none of the flag files"
+    printf '%s\n' "${value}"
 }
 
 # require_var NAME DESCRIPTION: NAME must be set and non-empty.

@@ -10,7 +10,7 @@
 # 2. tools/make_tiny_teacher.py writes a random 3-layer GPT-2 teacher (width 64, the GPT-2 tokenizer) and a
 #    random TopK SAE (512 latents, k 8) on its hidden_states[2] to runs/tiny_cocomix/assets (skipped when done).
 #    Random weights give labels that are a fixed function of the context, so the concept loss can fall, but they
-#    mean nothing: this checks the machinery, not the method (see examples/pretrain_cocomix_*.sh for that).
+#    mean nothing: this checks the machinery, not the method (see examples/pretrain_paper.sh for that).
 # 3. A 4-layer student (hidden 128, seq 128) with the concept layer at the input of block 2 trains for 200 steps
 #    of 8 x 128 tokens; the log line shows lm loss and concept loss every 10 steps, validation every 50.
 # Paths are resolved from the repository root, whatever the current directory.

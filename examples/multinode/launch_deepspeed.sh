@@ -2,18 +2,17 @@
 # Multi-node training with the DeepSpeed launcher: run ONCE, on the first host of the hostfile.
 #
 #   HOSTFILE=examples/multinode/hostfile.example NNODES=4 \
-#   CONFIG=pretrain_cocomix_1.38b DATA_PATH=... TEACHER=... SAE=... CHECKPOINT_DIR=... \
+#   SIZE=1.38b METHOD=cocomix DATA_PATH=... TEACHER=... SAE=... CHECKPOINT_DIR=... \
 #       bash examples/multinode/launch_deepspeed.sh [extra training flags...]
 #
 #   HOSTFILE        DeepSpeed hostfile (`hostname slots=N` per line); see hostfile.example
 #   NNODES          nodes to use from it (default: the number of host lines)
 #   GPUS_PER_NODE   default 8
-#   CONFIG          the examples/ script to run: pretrain_cocomix_{69m,386m,1.38b}, pretrain_ntp_{...},
-#                   pretrain_baselines (with MODE/SIZE) (default pretrain_cocomix_1.38b)
+#   SIZE, METHOD    the paper run of examples/pretrain_paper.sh (default 1.38b, cocomix)
 #   MASTER_ADDR     default: the first host of the hostfile; MASTER_PORT default 6000
 #   ZERO_STAGE      DeepSpeed ZeRO stage, 1 (default), 2 or 3 (2 and 3 need PP=1); examples/ds_config_zero*.json
-# Everything else (DATA_PATH, TEACHER, SAE, CHECKPOINT_DIR, TP, PP, MICRO_BATCH_SIZE, ...) is read by the CONFIG
-# script. Paths must be valid on every node (shared filesystem). The global batch stays the paper's (512 or
+# Everything else (DATA_PATH, TEACHER, SAE, CHECKPOINT_DIR, TP, PP, MICRO_BATCH_SIZE, ...) is read by
+# examples/pretrain_paper.sh. Paths must be valid on every node (shared filesystem). The global batch stays the paper's (512 or
 # 1024 sequences): more nodes mean fewer gradient-accumulation micro-batches per step, not a larger batch.
 set -euo pipefail
 EXAMPLES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -23,9 +22,6 @@ EXAMPLES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 HOSTS=($(grep -v '^\s*#' "${HOSTFILE}" | awk 'NF {print $1}'))
 [ "${#HOSTS[@]}" -gt 0 ] || { echo "error: HOSTFILE=${HOSTFILE}: no hosts in it" >&2; exit 2; }
 
-CONFIG="${CONFIG:-pretrain_cocomix_1.38b}"
-[ -f "${EXAMPLES_DIR}/${CONFIG}.sh" ] || { echo "error: CONFIG=${CONFIG}: no examples/${CONFIG}.sh" >&2; exit 2; }
-
 export LAUNCHER=deepspeed
 export HOSTFILE
 export NNODES="${NNODES:-${#HOSTS[@]}}"
@@ -33,4 +29,5 @@ export MASTER_ADDR="${MASTER_ADDR:-${HOSTS[0]}}"
 export MASTER_PORT="${MASTER_PORT:-6000}"
 export GPUS_PER_NODE="${GPUS_PER_NODE:-8}"
 export ZERO_STAGE="${ZERO_STAGE:-1}"
-exec bash "${EXAMPLES_DIR}/${CONFIG}.sh" "$@"
+export SIZE="${SIZE:-1.38b}" METHOD="${METHOD:-cocomix}"
+exec bash "${EXAMPLES_DIR}/pretrain_paper.sh" "$@"
