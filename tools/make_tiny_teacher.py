@@ -11,7 +11,7 @@ writes
                           d_model = --hidden, C = --num-latents, k = --sae-k, with input LayerNorm
 Both are random (seeded by --seed): the teacher's attribution labels are then a fixed function of the context
 (its gradient through the SAE's top-k code), which a student can learn to predict; they carry no linguistic
-meaning. The real run uses GPT-2 124M and OpenAI's 32768-latent SAE (examples/pretrain_cocomix_*.sh).
+meaning. The real run uses GPT-2 124M and OpenAI's 32768-latent SAE (SIZE=69m bash examples/pretrain_paper.sh).
 The tool is idempotent: existing outputs are kept unless --force. Nothing is downloaded.
 """
 
