@@ -8,17 +8,15 @@ Directory layout (Megatron-LM's):
         __<rank>_<n>.distcp, .metadata            sharded tensors: model weights and optimizer state, keyed by
                                                   the global parameter name and its offset in the full tensor
         metadata.json                             backend + version (written last by dist_checkpointing)
-        deepspeed_optimizer/                      only with the DeepSpeed back end: its own optimizer files
-                                                  (each back end decides where its optimizer state goes)
+        <optimizer files>                         only for a back end that keeps its optimizer state in files of
+                                                  its own (each back end decides where its state goes)
 
 What reshards. Each model chunk's `sharded_state_dict()` describes every local tensor as a slice
 (global offset, global shape) of the full tensor, with layer numbers made global (virtual pipeline chunks
 included), so the weights load at any TP / PP / virtual-PP layout. The optimizer state is the back end's
-business (training/backends/): megatron's optimizer describes its state as slices of the same global tensors
-(reshards; the distributed optimizer at the same TP / PP only), DeepSpeed keeps its own per-rank ZeRO files
-(same layout only). This module never asks which back end it holds: it saves and loads what the back end's
-`checkpoint_metadata`, `optimizer_sharded_state`, `save_optimizer_files` and `load_optimizer_state` give, and
-refuses what `check_optimizer_loadable` refuses.
+business (training/backends/, where each back end says what reshards). This module never asks which back end
+it holds: it saves and loads what the back end's `checkpoint_metadata`, `optimizer_sharded_state`,
+`save_optimizer_files` and `load_optimizer_state` give, and refuses what `check_optimizer_loadable` refuses.
 
 What is per rank. RNG states (python, numpy, torch CPU, CUDA, and megatron's tensor-parallel tracker) differ
 between ranks, so each rank writes its own ShardedObject at offset (pp, tp, dp) of a (PP, TP, DP) grid; they are
