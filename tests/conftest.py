@@ -1,11 +1,9 @@
-import os
-import sys
+"""Session-wide hooks: tests marked gpu are skipped without a CUDA device.
+
+pyproject.toml's `pythonpath = ["."]` makes the repository root importable, so tests import `tests.helpers...`,
+`tools...` and `pretrain_cocomix` as packages; subprocesses get it on PYTHONPATH from tests.helpers.launch."""
 
 import pytest
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-    sys.path.insert(0, ROOT)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,14 +16,12 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-from cocomix_fixtures import tiny_teacher  # noqa: E402
-from launch import ROOT, losses, run_script  # noqa: E402
+from tests.helpers.cocomix_assets import tiny_teacher
+from tests.helpers.launch import MULTI_RUN_WORKER, losses, run_script
+from tests.helpers.paths import ROOT
 
 ITERS = 200
 GPT2_FILES = ["--vocab-file", os.path.join(ROOT, "examples", "data", "gpt2", "encoder.json"),
@@ -71,7 +69,7 @@ def test_cocomix_tiny_real_run(tmp_path):
                       "--teacher-model", teacher, "--teacher-layer", "2", "--sae", sae]
     spec, out = tmp_path / "runs.json", tmp_path / "summaries.json"
     spec.write_text(json.dumps([["ntp", "pretrain", base], ["cocomix", "pretrain", cocomix]]))
-    run_script(os.path.join(ROOT, "tests", "distributed", "cocomix_runs.py"), [str(spec), str(out)], timeout=900)
+    run_script(MULTI_RUN_WORKER, [str(spec), str(out)], timeout=900)
     runs = json.loads(out.read_text())
 
     report = {"sae_fvu": [sae_eval["train_fvu_first"], sae_eval["train_fvu_last"]], "eval_fvu": sae_eval["fvu"]}

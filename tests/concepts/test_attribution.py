@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from concept_helpers import save_tiny_gpt2, save_tiny_llama, write_openai_sae
 from megatron_cocomix.concepts import attribution_labels, load_sae, load_teacher, sparse_attribution_scores
 from megatron_cocomix.concepts.attribution import labels_from_scores
+from tests.helpers.concept_files import save_tiny_gpt2, save_tiny_llama, write_openai_sae
 
 C, K = 128, 8
 LAYER = 2

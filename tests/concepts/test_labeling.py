@@ -3,15 +3,12 @@
 import argparse
 import os
 import shutil
-import sys
 
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerFast
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cocomix_fixtures import TEACHER_LAYER, tiny_sae, tiny_teacher  # noqa: E402
+from tests.helpers.cocomix_assets import TEACHER_LAYER, tiny_sae, tiny_teacher
 
 
 def _args(teacher, tokenizer_type):

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from concept_helpers import random_sae_tensors, write_openai_sae
 from megatron_cocomix.concepts import TopKSAE, check_sae_compatible, load_sae, save_saelens
+from tests.helpers.concept_files import random_sae_tensors, write_openai_sae
 
 D, C, K = 24, 96, 8
 

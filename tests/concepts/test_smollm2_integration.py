@@ -6,12 +6,11 @@ import gzip
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 import torch
 
-from concept_helpers import ROOT
+from tests.helpers.paths import ROOT
 
 pytestmark = pytest.mark.slow
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -25,14 +24,6 @@ def smollm2_gguf():
     return path
 
 
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"concept_tools_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_smollm2_teacher_sae_and_labels(tmp_path, capsys):
     import numpy
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -41,6 +32,8 @@ def test_smollm2_teacher_sae_and_labels(tmp_path, capsys):
     from megatron_cocomix.concepts.teacher import load_teacher_tokenizer
     from megatron_cocomix.data.concept_labels import ConceptLabelsDataset
     from megatron_cocomix.data.tokenizer import build_tokenizer_from_flags
+    from tools import extract_concepts as extract
+    from tools import train_sae
 
     gguf = smollm2_gguf()
     tokenizer_dir = str(tmp_path / "tokenizer")
@@ -57,7 +50,6 @@ def test_smollm2_teacher_sae_and_labels(tmp_path, capsys):
         builder.end_document()
     builder.finalize(prefix + ".idx")
 
-    train_sae = load_tool("train_sae")
     assert train_sae.main(["--teacher-model", gguf, "--teacher-layer", "6", "--data-path", prefix, "--seq-length", "64",
                            "--num-latents", "1152", "--k", "16", "--train-iters", "40", "--sequences-per-step", "8",
                            "--dead-tokens", "5000", "--eval-sequences", "8", "--save", str(tmp_path / "sae"),
@@ -67,7 +59,6 @@ def test_smollm2_teacher_sae_and_labels(tmp_path, capsys):
     assert result["train_fvu_last"] < 0.8 * result["train_fvu_first"]
     assert result["l0"] <= 16 and 0 <= result["dead_fraction"] <= 1 and result["delta_lm_loss"] > 0
 
-    extract = load_tool("extract_concepts")
     sae_path = str(tmp_path / "sae" / "iter_0000040")
     assert extract.main(["--teacher-model", gguf, "--teacher-layer", "6", "--sae", sae_path, "--data-path", prefix,
                          "--split", "90,10,0", "--seq-length", "64", "--train-iters", "2", "--global-batch-size", "4",

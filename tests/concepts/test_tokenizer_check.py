@@ -2,8 +2,8 @@
 
 import pytest
 
-from concept_helpers import save_tiny_gpt2
 from megatron_cocomix.concepts import check_teacher_tokenizer
+from tests.helpers.concept_files import save_tiny_gpt2
 
 WORDS = ["<unk>", "</s>", "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "."]
 

@@ -4,7 +4,6 @@ extract_concepts: labels aligned with the training samples (compared with attrib
 data pipeline builds), identical with 1 and 2 processes (torchrun, gloo), resumable, refusing mismatches.
 """
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -14,17 +13,12 @@ import numpy
 import pytest
 import torch
 
-from concept_helpers import ROOT, free_port, save_tiny_gpt2, write_openai_sae, write_token_dataset
+from tests.helpers.concept_files import save_tiny_gpt2, write_openai_sae
+from tests.helpers.data_files import write_token_dataset
+from tests.helpers.launch import free_port
+from tests.helpers.paths import ROOT
 
 VOCAB = 96  # NullTokenizer --vocab-size 95: ids 0..94, eod 95
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"concept_tools_{name}", os.path.join(ROOT, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -77,8 +71,8 @@ def test_labels_aligned_with_training_samples(assets, one_process_labels):
     from megatron_cocomix.data.concept_labels import expected_fingerprint
     from megatron_cocomix.data.datasets import build_train_valid_test_datasets
     from megatron_cocomix.data.tokenizer import build_tokenizer
+    from tools import extract_concepts as tool
 
-    tool = load_tool("extract_concepts")
     args = tool.build_parser().parse_args(extract_flags(assets, one_process_labels))
     tool._validate(args)
     labels, ds = read_all(one_process_labels)
@@ -114,8 +108,8 @@ def test_two_processes_give_identical_labels(assets, one_process_labels):
 
 def test_resume_after_interruption(assets, one_process_labels, monkeypatch):
     import megatron_cocomix.concepts as concepts
+    from tools import extract_concepts as tool
 
-    tool = load_tool("extract_concepts")
     out = assets / "labels_resume"
     calls = {"n": 0}
     real = concepts.attribution_labels
@@ -141,7 +135,8 @@ def test_resume_after_interruption(assets, one_process_labels, monkeypatch):
 
 
 def test_extract_errors(assets, capsys, tmp_path):
-    tool = load_tool("extract_concepts")
+    from tools import extract_concepts as tool
+
     assert tool.main(extract_flags(assets, tmp_path / "x", **{"--global-batch-size": None})) == 2
     assert "--global-batch-size is required" in capsys.readouterr().err
     wide = tmp_path / "wide.pt"
@@ -170,8 +165,8 @@ def train_flags(assets, save, iters, **extra):
 
 def test_train_sae_resume_is_exact_and_eval(assets, tmp_path, capsys):
     from megatron_cocomix.concepts import load_sae
+    from tools import train_sae as tool
 
-    tool = load_tool("train_sae")
     assert tool.main(train_flags(assets, tmp_path / "straight", 8, **{"--save-interval": 4,
                                                                      "--tensorboard-dir": tmp_path / "tb"})) == 0
     result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
@@ -183,7 +178,8 @@ def test_train_sae_resume_is_exact_and_eval(assets, tmp_path, capsys):
     a, b = load_sae(str(tmp_path / "straight" / "iter_0000008")), load_sae(str(tmp_path / "resumed" / "iter_0000008"))
     for p, q in zip(a.parameters(), b.parameters()):
         assert torch.equal(p, q)
-    eval_tool = load_tool("eval_sae")
+    from tools import eval_sae as eval_tool
+
     assert eval_tool.main(["--sae", str(tmp_path / "straight" / "iter_0000008"), "--teacher-model",
                            str(assets / "gpt2"), "--teacher-layer", "2", "--data-path", str(assets / "data"),
                            "--seq-length", "16", "--num-sequences", "8"]) == 0
@@ -206,8 +202,8 @@ def test_train_sae_two_processes(assets, tmp_path):
 
 def test_import_openai_sae(assets, tmp_path, capsys):
     from megatron_cocomix.concepts import load_sae
+    from tools import import_openai_sae as tool
 
-    tool = load_tool("import_openai_sae")
     assert tool.main(["--input", str(assets / "sae.pt"), "--output", str(tmp_path / "out"), "--layer", "6"]) == 0
     x = torch.randn(5, 32)
     torch.testing.assert_close(load_sae(str(tmp_path / "out"))(x), load_sae(str(assets / "sae.pt"))(x), rtol=0, atol=0)

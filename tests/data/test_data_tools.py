@@ -7,7 +7,8 @@ import sys
 import pytest
 
 from megatron_cocomix.arguments import ArgumentError, parse_args
-from tests.data.conftest import CORPUS, GPT2_FLAGS, ROOT, load_tool, write_jsonl
+from tests.helpers.data_files import write_jsonl
+from tests.helpers.paths import CORPUS, GPT2_FLAGS, ROOT
 
 
 def test_quickstart_corpus_preprocess_and_inspect(tmp_path):
@@ -32,12 +33,15 @@ def test_inspect_refuses_bad_document_index(preprocess, tmp_path, capsys):
     assert preprocess.main(["--input", write_jsonl(tmp_path / "a.jsonl", ["one", "two"]), "--output-prefix",
                             str(tmp_path / "a"), *GPT2_FLAGS, "--quiet"]) == 0
     capsys.readouterr()
-    rc = load_tool("inspect_data").main(["--data-path", str(tmp_path / "a_text_document"), "--document", "2"])
+    from tools import inspect_data
+
+    rc = inspect_data.main(["--data-path", str(tmp_path / "a_text_document"), "--document", "2"])
     assert rc == 2 and "error: --document 2: the dataset has 2 documents" in capsys.readouterr().err
 
 
 def test_train_tokenizer_errors(tmp_path, capsys):
-    tool = load_tool("train_tokenizer")
+    from tools import train_tokenizer as tool
+
     good = write_jsonl(tmp_path / "a.jsonl", ["some text"])
     (tmp_path / "empty.jsonl").write_text('{"other": 1}\n')
     for argv, message in [

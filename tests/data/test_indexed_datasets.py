@@ -15,7 +15,7 @@ from megatron_cocomix.data.datasets import (
     validate_indexed_dataset,
 )
 from megatron_cocomix.data.tokenizer import build_tokenizer_from_flags
-from tests.data.conftest import write_jsonl
+from tests.helpers.data_files import write_jsonl
 
 pytestmark = pytest.mark.usefixtures("single_rank_group")
 

@@ -11,7 +11,8 @@ import numpy
 import pytest
 
 from megatron_cocomix.data.tokenizer import build_tokenizer_from_flags
-from tests.data.conftest import GPT2_FLAGS, GPT2_MERGES, GPT2_VOCAB, ROOT, write_jsonl
+from tests.helpers.data_files import write_jsonl
+from tests.helpers.paths import GPT2_FLAGS, GPT2_MERGES, GPT2_VOCAB, ROOT
 
 
 def read_documents(prefix):

@@ -13,7 +13,7 @@ from megatron_cocomix.data.tokenizer import (
     build_tokenizer_from_flags,
     vocab_size_with_padding,
 )
-from tests.data.conftest import GPT2_MERGES, GPT2_VOCAB
+from tests.helpers.paths import GPT2_MERGES, GPT2_VOCAB
 
 TRICKY = ["Hello world", "  two  spaces\n\nand\ttabs ", "It's we'll they've I'M", "naïve café — “quotes” 😀 日本語",
           "digits 1234567 and 3.14", "<|endoftext|> is text here", ""]

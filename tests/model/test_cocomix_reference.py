@@ -21,16 +21,13 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cocomix_fixtures import cocomix_flags  # noqa: E402
-from launch import TINY_GPT  # noqa: E402
+from tests.helpers.cocomix_assets import cocomix_flags
+from tests.helpers.launch import TINY_GPT
 
 SEQ, BATCH, LAYERS, HEADS, HIDDEN, CONCEPT_LAYER, TOPK, NUM_LABELS = 32, 2, 4, 4, 64, 2, 4, 4
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -141,7 +138,7 @@ def single_process():
     from megatron_cocomix.distributed import destroy_distributed
 
     saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    from launch import free_port
+    from tests.helpers.launch import free_port
 
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     compat.install()
@@ -189,7 +186,7 @@ def project_forward(model, tokens, targets, concept_labels):
     carries the concept loss's gradient too (MoEAuxLossAutoScaler with loss scale 1)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
     from megatron_cocomix.model.concept_head import ConceptPredictor
-    from megatron_cocomix.training import metrics
+    from megatron_cocomix import metrics
 
     captured = {}
     predictor = next(m for m in model.modules() if isinstance(m, ConceptPredictor))

@@ -1,6 +1,6 @@
 """CoCoMix operations: tensor-parallel ones against dense references (one 2-process launch), slot helpers here.
 
-tests/model/concept_ops_checks.py runs, at TP1 and TP2 (and with sequence parallelism at TP2):
+tests/helpers/concept_ops_worker.py runs, at TP1 and TP2 (and with sequence parallelism at TP2):
 sparse compression == dense masked matmul (values, grads w.r.t. values and W_comp); distributed top-k == global
 top-k (values, ids, grads); concept cross-entropy == megatron's vocab_parallel_cross_entropy averaged over the
 labels and a dense reference (-1 ignored, grads); KD KL == dense KL (value, grads); the whole ConceptMixing layer
@@ -11,22 +11,17 @@ the predictor, never the compression; the mixed stream reaches both).
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from launch import ROOT, run_script  # noqa: E402
-
-from megatron_cocomix.model.concept_mixing import (  # noqa: E402
+from megatron_cocomix.model.concept_mixing import (
     concept_slots,
     interleave,
     mask_for_slots,
     rotary_for_slots,
 )
+from tests.helpers.launch import CONCEPT_OPS_WORKER, run_script
 
 CHECKS = ["sparse_compression", "distributed_topk", "distributed_topk_k_above_shard", "concept_cross_entropy",
           "kd_kl_divergence", "concept_mixing_module", "gradient_routes"]
@@ -37,7 +32,7 @@ CASES = [f"tp1/{c}" for c in CHECKS] + [f"tp2/{c}" for c in CHECKS] + [
 @pytest.fixture(scope="module")
 def verdicts(tmp_path_factory):
     out = tmp_path_factory.mktemp("concept_ops") / "verdicts.json"
-    run_script(os.path.join(ROOT, "tests", "model", "concept_ops_checks.py"), [str(out)], nproc=2, timeout=300)
+    run_script(CONCEPT_OPS_WORKER, [str(out)], nproc=2, timeout=300)
     with open(out) as f:
         return json.load(f)
 

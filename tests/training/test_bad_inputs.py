@@ -1,14 +1,12 @@
 """Bad inputs found while the run is being built stop it with one `error:` line and exit status 2."""
 
 import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cocomix_fixtures import cocomix_flags  # noqa: E402
-from launch import ROOT, TINY_GPT, run_script  # noqa: E402
+from tests.helpers.cocomix_assets import cocomix_flags
+from tests.helpers.launch import TINY_GPT, run_script
+from tests.helpers.paths import ROOT
 
 GPT2 = os.path.join(ROOT, "examples", "data", "gpt2")
 

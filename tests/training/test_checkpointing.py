@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 from megatron_cocomix.training import checkpointing
-from tests.launch import DRIVER, ROOT, TINY_GPT, assert_close, run_pretrain, run_script
+from tests.helpers.launch import PRETRAIN_WORKER, TINY_GPT, assert_close, run_pretrain, run_script
 
 DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
 TIMEOUT = 600
@@ -109,9 +109,9 @@ def test_resume_is_bit_exact_two_processes(tmp_path, layout):
 
 FAILING_DRIVER = textwrap.dedent("""
     # Runs the test driver with the checkpoint writer failing on its second save, after common.pt is written
-    # and before any tensor file: what a process killed in the middle of a save leaves behind.
+    # and before any tensor file: what a process killed in the middle of a save leaves behind. The repository
+    # root is on PYTHONPATH (run_script's environment).
     import runpy, sys
-    sys.path.insert(0, {root!r})
     from megatron_cocomix.training import checkpointing
 
     real_save = checkpointing.InProcessTorchDistSave.save
@@ -140,7 +140,7 @@ def single_process_runs(tmp_path_factory):
 
     saved = str(tmp / "ckpt")
     driver = tmp / "failing_driver.py"
-    driver.write_text(FAILING_DRIVER.format(root=ROOT, driver=DRIVER))
+    driver.write_text(FAILING_DRIVER.format(driver=PRETRAIN_WORKER))
     failed = run_script(str(driver), [str(tmp / "failed.json"), *flags, "--save", saved, "--save-interval", "2"],
                         timeout=TIMEOUT, check=False)
     after_failure = {"returncode": failed.returncode, "stderr": failed.stderr, "listing": sorted(os.listdir(saved)),
@@ -193,7 +193,7 @@ def test_resume_after_killed_save_is_bit_exact(single_process_runs):
 
 def test_model_shape_mismatch_is_refused(single_process_runs):
     saved = single_process_runs["saved"]
-    proc = run_script(DRIVER, [str(single_process_runs["tmp"] / "mismatch.json"),
+    proc = run_script(PRETRAIN_WORKER, [str(single_process_runs["tmp"] / "mismatch.json"),
                                *with_flags(TINY_GPT, hidden_size=128), "--load", saved],
                       timeout=TIMEOUT, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]

@@ -15,7 +15,8 @@ import re
 
 import pytest
 
-from tests.launch import ROOT, TINY_GPT, assert_close, losses, run_pretrain, run_script
+from tests.helpers.launch import TINY_GPT, assert_close, losses, run_pretrain, run_script
+from tests.helpers.paths import ROOT
 
 CLIP = 1.0
 
@@ -103,7 +104,7 @@ def test_parse_args_refuses_a_mismatched_config_in_one_line():
 
 
 def _check(config, extra=(), world_size=2):
-    from megatron_cocomix.training.deepspeed_backend import check_deepspeed_config
+    from megatron_cocomix.deepspeed_config import check_deepspeed_config
 
     return check_deepspeed_config(_args(extra, world_size), config, "/configs/ds_config.json")
 

@@ -18,8 +18,11 @@ from torch.utils.checkpoint import checkpoint, set_checkpoint_early_stop
 from torch.utils.flop_counter import FlopCounterMode
 
 from megatron_cocomix.arguments import parse_args
-from megatron_cocomix.training import flops
-from tests.launch import TINY_GPT
+from megatron_cocomix.concepts.teacher import read_teacher_shape
+from megatron_cocomix.shapes import TransformerShape
+from megatron_cocomix.training import flops, hardware, memory
+from megatron_cocomix.training.logging import startup_report
+from tests.helpers.launch import TINY_GPT
 
 torch.manual_seed(0)
 
@@ -43,7 +46,7 @@ class CoreAttention(nn.Module):
 
 
 class Layer(nn.Module):
-    def __init__(self, shape: flops.TransformerShape):
+    def __init__(self, shape: TransformerShape):
         super().__init__()
         h, d = shape.hidden_size, shape.kv_channels
         self.heads, self.groups, self.d = shape.num_attention_heads, shape.num_query_groups, d
@@ -78,7 +81,7 @@ class Layer(nn.Module):
 
 
 class PlainGPT(nn.Module):
-    def __init__(self, shape: flops.TransformerShape, untied: bool = False):
+    def __init__(self, shape: TransformerShape, untied: bool = False):
         super().__init__()
         self.embedding = nn.Embedding(shape.vocab_size, shape.hidden_size)
         self.layers = nn.ModuleList(Layer(shape) for _ in range(shape.num_layers))
@@ -143,7 +146,7 @@ CONFIGS = {
 @pytest.mark.parametrize("name", list(CONFIGS))
 def test_training_flops_match_flop_counter(name):
     args = make_args(*CONFIGS[name])
-    shape = flops.TransformerShape.from_args(args)
+    shape = TransformerShape.from_args(args)
     model = PlainGPT(shape, untied=args.untie_embeddings_and_output_weights)
     tokens = torch.randint(0, shape.vocab_size, (args.global_batch_size, args.seq_length))
     reference = measured(lambda: train_step(model, tokens))
@@ -157,7 +160,7 @@ def test_training_flops_match_flop_counter(name):
                                        ["--recompute-granularity", "selective"]], ids=["full", "selective"])
 def test_recompute_adds_the_recomputed_forward(recompute):
     args = make_args(*recompute)
-    shape = flops.TransformerShape.from_args(args)
+    shape = TransformerShape.from_args(args)
     model = PlainGPT(shape)
     tokens = torch.randint(0, shape.vocab_size, (args.global_batch_size, args.seq_length))
     reference = measured(lambda: train_step(model, tokens, recompute=recompute[1]))
@@ -168,8 +171,8 @@ def test_recompute_adds_the_recomputed_forward(recompute):
 def test_block_recompute_counts_the_first_layers_of_each_chunk():
     args = make_args("--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "1",
                      "--pipeline-model-parallel-size", "2", world_size=2)
-    assert flops._recomputed_layers(args) == [0, 2]
-    shape = flops.TransformerShape.from_args(args)
+    assert flops.recomputed_layers(args) == [0, 2]
+    shape = TransformerShape.from_args(args)
     per_layer = flops.layer_linear_flops(shape, args.seq_length) + flops.layer_attention_core_flops(shape,
                                                                                                      args.seq_length)
     extra = flops.num_floating_point_operations(args, include_recompute=True) - flops.num_floating_point_operations(args)
@@ -203,7 +206,7 @@ def test_cocomix_student_flops_match_flop_counter():
     args = make_args()
     args.cocomix, args.concept_layer, args.concept_dim, args.concept_topk = True, 1, 512, 8
     args.concept_mixing, args.no_concept_loss, args.concept_labels = "interleave", False, "precomputed/prefix"
-    shape = flops.TransformerShape.from_args(args)
+    shape = TransformerShape.from_args(args)
     model = PlainGPT(shape)
     predictor = nn.Linear(args.hidden_size, args.concept_dim)
     compression = nn.Linear(args.concept_dim, args.hidden_size)
@@ -244,32 +247,33 @@ def test_teacher_flops_match_flop_counter():
     args = make_args()
     args.cocomix, args.concept_layer, args.concept_dim, args.concept_topk = True, 1, 512, 8
     args.concept_mixing, args.no_concept_loss, args.concept_labels, args.teacher_layer = "add", False, "online", 2
-    teacher_shape = flops.TransformerShape(num_layers=3, hidden_size=48, ffn_hidden_size=192, num_attention_heads=4,
-                                           num_query_groups=4, kv_channels=12, vocab_size=256)
+    teacher_shape = TransformerShape(num_layers=3, hidden_size=48, ffn_hidden_size=192, num_attention_heads=4,
+                                     num_query_groups=4, kv_channels=12, vocab_size=256)
+    args.teacher_shape, args.sae_topk = teacher_shape, 16
     teacher = PlainGPT(teacher_shape).requires_grad_(False)
     w_enc, w_dec = torch.randn(args.concept_dim, 48), torch.randn(48, args.concept_dim)
     tokens = torch.randint(0, 256, (args.global_batch_size, args.seq_length))
     reference = measured(lambda: teacher_labels(teacher, tokens, args.teacher_layer, w_enc, w_dec, sae_topk=16))
-    terms = flops.teacher_flops_per_sequence(args, teacher_shape, sae_topk=16)
+    terms = flops.teacher_flops_per_sequence(args)
     assert set(terms) == {"teacher forward", "teacher partial backward", "SAE encode", "attribution"}
     assert args.global_batch_size * sum(terms.values()) == pytest.approx(reference, rel=1e-12)
     # KD: forward only; precomputed labels: no teacher at all.
     args.kd, args.cocomix = True, False
-    assert flops.teacher_flops_per_sequence(args, teacher_shape) == {"teacher forward": terms["teacher forward"]}
+    assert flops.teacher_flops_per_sequence(args) == {"teacher forward": terms["teacher forward"]}
     args.kd, args.cocomix, args.concept_labels = False, True, "labels/prefix"
-    assert flops.teacher_flops_per_sequence(args, teacher_shape) == {}
+    assert flops.teacher_flops_per_sequence(args) == {}
 
 
 def test_teacher_shape_from_hf_configs():
-    gpt2 = flops.TransformerShape.from_hf_config({"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12,
+    gpt2 = TransformerShape.from_hf_config({"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12,
                                                   "n_inner": None, "vocab_size": 50257})
     assert (gpt2.num_layers, gpt2.ffn_hidden_size, gpt2.kv_channels, gpt2.gated_mlp) == (12, 3072, 64, False)
-    llama = flops.TransformerShape.from_hf_config({"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576,
+    llama = TransformerShape.from_hf_config({"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576,
                                                    "intermediate_size": 1536, "num_attention_heads": 9,
                                                    "num_key_value_heads": 3, "vocab_size": 49152})
     assert (llama.num_query_groups, llama.kv_channels, llama.gated_mlp) == (3, 64, True)
     with pytest.raises(FileNotFoundError, match="no-such-teacher"):
-        flops.TransformerShape.from_pretrained_path("/no-such-teacher")
+        read_teacher_shape("/no-such-teacher")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -277,12 +281,12 @@ def test_teacher_shape_from_hf_configs():
 # ---------------------------------------------------------------------------------------------------------
 
 def test_peak_table():
-    assert flops.peak_tflops("NVIDIA H200", sixteen_bit=True) == 989.0
-    assert flops.peak_tflops("NVIDIA H100 80GB HBM3", sixteen_bit=True) == 989.0
-    assert flops.peak_tflops("NVIDIA H100 PCIe", sixteen_bit=True) == 756.0
-    assert flops.peak_tflops("NVIDIA A100-SXM4-80GB", sixteen_bit=True) == 312.0
-    assert flops.peak_tflops("NVIDIA A100-SXM4-80GB", sixteen_bit=False) == 19.5
-    assert flops.peak_tflops("cpu", sixteen_bit=True) is None
+    assert hardware.peak_tflops("NVIDIA H200", sixteen_bit=True) == 989.0
+    assert hardware.peak_tflops("NVIDIA H100 80GB HBM3", sixteen_bit=True) == 989.0
+    assert hardware.peak_tflops("NVIDIA H100 PCIe", sixteen_bit=True) == 756.0
+    assert hardware.peak_tflops("NVIDIA A100-SXM4-80GB", sixteen_bit=True) == 312.0
+    assert hardware.peak_tflops("NVIDIA A100-SXM4-80GB", sixteen_bit=False) == 19.5
+    assert hardware.peak_tflops("cpu", sixteen_bit=True) is None
 
 
 @pytest.mark.parametrize("name", list(CONFIGS))
@@ -290,24 +294,24 @@ def test_parameter_count_matches_plain_model_shapes(name):
     """Matrix parameters agree with the plain model (norm / bias layouts differ between the two models)."""
     args = make_args(*CONFIGS[name], "--disable-bias-linear", "--normalization", "RMSNorm",
                      "--position-embedding-type", "rope")
-    shape = flops.TransformerShape.from_args(args)
+    shape = TransformerShape.from_args(args)
     model = PlainGPT(shape, untied=args.untie_embeddings_and_output_weights)
     matrices = sum(p.numel() for p in model.parameters() if p.dim() == 2)
     norms = (2 * args.num_layers + 1) * args.hidden_size  # RMSNorm: one weight vector per norm
-    assert flops.parameter_counts(args).unique_total == matrices + norms
+    assert memory.parameter_counts(args).unique_total == matrices + norms
 
 
 def test_optimizer_bytes_per_parameter():
     args = make_args("--bf16", world_size=4)
-    p = flops.parameter_counts(args).per_device(0, 1)
-    plain = flops.memory_estimate(args)[0]
+    p = memory.parameter_counts(args).per_device(0, 1)
+    plain = memory.memory_estimate(args)[0]
     assert (plain.weights + plain.grads + plain.optimizer) / p == pytest.approx(18)  # 2 + 4 + 12
     args = make_args("--bf16", "--use-distributed-optimizer", world_size=4)
-    sharded = flops.memory_estimate(args)[0]
+    sharded = memory.memory_estimate(args)[0]
     assert (sharded.weights + sharded.grads + sharded.optimizer) / p == pytest.approx(6 + 12 / 4)
     args = make_args("--bf16", world_size=4)
     args.deepspeed, args.deepspeed_config_dict = True, {"zero_optimization": {"stage": 2}}
-    zero2 = flops.memory_estimate(args)[0]
+    zero2 = memory.memory_estimate(args)[0]
     assert (zero2.weights + zero2.grads + zero2.optimizer) / p == pytest.approx(2 + (2 + 12) / 4)
 
 
@@ -319,7 +323,7 @@ def test_layer_activations_match_korthikanti_closed_form(tp, sp):
     args = make_args(*flags, world_size=tp)
     s, b, h, a = args.seq_length, args.micro_batch_size, args.hidden_size, args.num_attention_heads
     closed = s * b * h * ((34 / tp) if sp else (10 + 24 / tp)) + 5 * a * s * s * b / tp
-    assert flops.layer_activation_bytes(args, s) == pytest.approx(closed)
+    assert memory.layer_activation_bytes(args, s) == pytest.approx(closed)
 
 
 def saved_activation_bytes(layer, x) -> int:
@@ -370,21 +374,21 @@ def test_layer_activations_match_saved_tensors():
     (autograd also keeps the LayerNorm statistics and the causal mask, which the formula leaves out)."""
     args = make_args("--bf16", "--attention-backend", "local", "--hidden-dropout", "0.1", "--attention-dropout", "0.1",
                      "--micro-batch-size", "2")
-    layer = DropoutLayer(flops.TransformerShape.from_args(args)).to(torch.bfloat16)
+    layer = DropoutLayer(TransformerShape.from_args(args)).to(torch.bfloat16)
     x = torch.randn(args.micro_batch_size, args.seq_length, args.hidden_size, dtype=torch.bfloat16,
                     requires_grad=True)
     saved = saved_activation_bytes(layer, x)
-    assert flops.layer_activation_bytes(args, args.seq_length) == pytest.approx(saved, rel=0.02)
+    assert memory.layer_activation_bytes(args, args.seq_length) == pytest.approx(saved, rel=0.02)
 
 
 def test_memory_estimate_layout_effects():
-    base = flops.memory_estimate(make_args("--bf16", "--pipeline-model-parallel-size", "2", world_size=2))
+    base = memory.memory_estimate(make_args("--bf16", "--pipeline-model-parallel-size", "2", world_size=2))
     # 1F1B: the first stage keeps two micro-batches in flight, the last one.
     assert base[0].activations > base[1].activations
-    full = flops.memory_estimate(make_args("--bf16", "--pipeline-model-parallel-size", "2",
+    full = memory.memory_estimate(make_args("--bf16", "--pipeline-model-parallel-size", "2",
                                            "--recompute-granularity", "full", world_size=2))
     assert full[0].activations < base[0].activations
-    report = flops.startup_report(make_args("--bf16"))
+    report = startup_report(make_args("--bf16"))
     assert "FLOPs per iteration" in report and "memory estimate per device, stage 0" in report
 
 

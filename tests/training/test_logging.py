@@ -11,7 +11,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from megatron_cocomix.arguments import parse_args
 from megatron_cocomix.training import flops
 from megatron_cocomix.training.logging import TrainingLogger
-from tests.launch import TINY_GPT, run_pretrain
+from tests.helpers.launch import TINY_GPT, run_pretrain
 
 LINE = re.compile(r"^ \[(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[.\d]*)\] iteration\s+(?P<iteration>\d+)/\s*(?P<total>\d+)"
                   r" \|(?P<fields>.*\|)$")
@@ -149,7 +149,7 @@ def test_extra_loss_keys_skipped_and_nan_iterations(tmp_path, capsys):
     args = parse_args(TINY_GPT + ["--log-interval", "2", "--tensorboard-dir", str(tmp_path)], world_size=1)
     args.padded_vocab_size = 256
     args.peak_tflops = 1e-3  # stands in for a device of the peak table, so that MFU is printed
-    logger = TrainingLogger(args, model=[])
+    logger = TrainingLogger(args)
     steps = [
         ({"lm loss": 2.0, "concept loss": 5.0, "concept top1 acc": 0.25}, False),
         ({"lm loss": 4.0, "concept loss": 7.0, "concept top1 acc": 0.75}, False),
@@ -181,7 +181,7 @@ def test_unknown_concept_count_is_reported_not_guessed(capsys):
     args = parse_args(TINY_GPT, world_size=1)
     args.padded_vocab_size = 256
     args.cocomix, args.concept_layer, args.concept_dim, args.concept_labels = True, 1, None, "labels/prefix"
-    logger = TrainingLogger(args, model=[])
+    logger = TrainingLogger(args)
     logger.log_startup()
     logger.training_log(1, {"lm loss": 5.0}, 1e-3, 1.0, None, skipped=False, iteration_time=0.1, consumed_samples=8)
     out = capsys.readouterr().out

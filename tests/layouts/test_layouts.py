@@ -4,7 +4,7 @@ no checkpoint is shared between the runs: this also tests that the same --seed g
 
 import pytest
 
-from tests.launch import TINY_GPT, assert_close, losses, run_pretrain
+from tests.helpers.launch import TINY_GPT, assert_close, losses, run_pretrain
 
 LAYOUTS = {
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),

@@ -1,20 +1,17 @@
 """Runs `pretrain()` from pretrain_cocomix.py under a launcher and writes the run summary as JSON.
 
-Usage: <launcher> tests/distributed/driver.py SUMMARY_JSON [pretrain flags...]
+Usage: <launcher> tests/helpers/pretrain_worker.py SUMMARY_JSON [pretrain flags...]
+(with the repository root on PYTHONPATH, as tests/helpers/launch.py's test_env() sets it)
 The last rank (which holds the loss) writes the summary: train history, validation losses, iteration.
 """
 
 import json
-import os
 import sys
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+import torch
 
-import torch  # noqa: E402
-
-import pretrain_cocomix  # noqa: E402
-from megatron_cocomix.distributed import destroy_distributed  # noqa: E402
+import pretrain_cocomix
+from megatron_cocomix.distributed import destroy_distributed
 
 
 def main() -> None:

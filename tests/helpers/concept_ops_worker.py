@@ -1,6 +1,6 @@
 """Checks of the CoCoMix tensor-parallel operations against dense single-tensor references, in one launch.
 
-    python -m torch.distributed.run --nproc_per_node 2 tests/model/concept_ops_checks.py RESULT_JSON
+    PYTHONPATH=. python -m torch.distributed.run --nproc_per_node 2 tests/helpers/concept_ops_worker.py RESULT_JSON
 
 With 2 processes (gloo) every check runs at TP1 (megatron's parallel state built with TP1, DP2) and at TP2, and the
 sequence-parallel variants at TP2. Every rank draws the same full tensors from a fixed seed; a rank's inputs are
@@ -12,17 +12,13 @@ the sum over TP ranks). Each check's outcome ("ok" or the error) goes to RESULT_
 from __future__ import annotations
 
 import json
-import os
 import sys
 import traceback
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-sys.path.insert(0, ROOT)
+import torch
+import torch.nn.functional as F
 
-import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
-
-from megatron_cocomix import compat  # noqa: E402
+from megatron_cocomix import compat
 
 compat.install()
 
@@ -34,7 +30,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig  # no
 from megatron_cocomix.model.concept_head import distributed_topk  # noqa: E402
 from megatron_cocomix.model.concept_mixing import CONCEPT_METRICS, ConceptMixing, sparse_compress  # noqa: E402
 from megatron_cocomix.model.losses import concept_cross_entropy, kd_kl_divergence  # noqa: E402
-from megatron_cocomix.training import metrics  # noqa: E402
+from megatron_cocomix import metrics  # noqa: E402
 
 S, B, D, C, K, NUM_LABELS = 8, 2, 16, 32, 6, 3
 TOL = dict(rtol=1e-5, atol=1e-6)
@@ -183,7 +179,7 @@ def build_mixing(sequence_parallel, loss_weight=0.1):
 
 
 def dense_mixing(full, hidden, labels, loss_weight):
-    """DESIGN §3 on [S, B, D] with a dense masked compression: (interleaved [2S, B, D], concept loss)."""
+    """docs/design.md §4 on [S, B, D] with a dense masked compression: (interleaved [2S, B, D], concept loss)."""
     mu = hidden.mean(-1, keepdim=True)
     std = (hidden - mu).std(-1, keepdim=True, unbiased=True)
     xn = (hidden - mu) / (std + 1e-5)

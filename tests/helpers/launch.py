@@ -9,8 +9,13 @@ import subprocess
 import sys
 from typing import Dict, List, Optional, Sequence
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DRIVER = os.path.join(ROOT, "tests", "distributed", "driver.py")
+from tests.helpers.paths import ROOT
+
+# Worker scripts, run by file path under a launcher; test_env() puts ROOT on their PYTHONPATH.
+HELPERS = os.path.dirname(os.path.abspath(__file__))
+PRETRAIN_WORKER = os.path.join(HELPERS, "pretrain_worker.py")  # one run -> summary JSON (run_pretrain)
+MULTI_RUN_WORKER = os.path.join(HELPERS, "multi_run_worker.py")  # several runs in one launch -> {name: summary}
+CONCEPT_OPS_WORKER = os.path.join(HELPERS, "concept_ops_worker.py")  # tensor-parallel concept op checks
 
 # A tiny GPT: 4 layers so that PP2 x virtual-PP2 has one layer per virtual stage. Vocabulary 255 + EOD = 256
 # needs no padding at TP1 or TP2, so the output softmax is the same at every layout. Dropout off: losses are
@@ -62,7 +67,7 @@ def run_pretrain(args: Sequence[str], tmp_path, nproc: int = 1, name: str = "run
                  launcher: str = "torchrun") -> dict:
     """Train with pretrain_cocomix's providers; returns the summary (train_history, valid, iteration...)."""
     summary = os.path.join(str(tmp_path), f"{name}.json")
-    proc = run_script(DRIVER, [summary, *args], nproc=nproc, timeout=timeout, launcher=launcher)
+    proc = run_script(PRETRAIN_WORKER, [summary, *args], nproc=nproc, timeout=timeout, launcher=launcher)
     with open(summary) as f:
         result = json.load(f)
     result["stdout"] = proc.stdout

@@ -1,8 +1,7 @@
-"""Tiny random teachers and SAEs for the concept tests (built from configs, saved to temporary directories)."""
+"""Tiny random teachers (GPT-2, Llama; HF folders) and OpenAI-format SAEs for the concept tests, built from configs
+and written where the test asks."""
 
 from __future__ import annotations
-
-import os
 
 import torch
 
@@ -45,33 +44,3 @@ def write_openai_sae(path: str, d: int, c: int, k: int, seed: int = 0) -> dict:
     state = dict(tensors, activation="TopK", activation_state_dict={"k": k, "postact_fn": "ReLU"})
     torch.save(state, path)
     return tensors
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-
-def write_token_dataset(prefix: str, vocab_size: int, num_docs: int = 20, seed: int = 0, min_len: int = 20,
-                        max_len: int = 120) -> list:
-    """A megatron .bin/.idx of random token documents; returns the documents."""
-    import numpy
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-    g = torch.Generator().manual_seed(seed)
-    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.int32)
-    docs = []
-    for _ in range(num_docs):
-        n = int(torch.randint(min_len, max_len, (1,), generator=g))
-        doc = torch.randint(0, vocab_size, (n,), generator=g, dtype=torch.int32)
-        builder.add_item(doc)
-        builder.end_document()
-        docs.append(doc)
-    builder.finalize(prefix + ".idx")
-    return docs

@@ -2,7 +2,7 @@
 
 Both are built from configs (nothing is downloaded) into a directory under the system temp dir keyed by their
 shape, so one pytest session (and the torchrun children it launches) builds each at most once. The teacher's
-vocabulary is 256, the vocabulary of tests/launch.py's TINY_GPT (255 tokens + EOD, NullTokenizer), so the
+vocabulary is 256, the vocabulary of tests/helpers/launch.py's TINY_GPT (255 tokens + EOD, NullTokenizer), so the
 teacher reads the student's token ids as they are.
 """
 
@@ -14,9 +14,11 @@ from typing import Dict, List
 
 import torch
 
+from tests.helpers.paths import GPT2_MERGES
+from tests.helpers.paths import GPT2_VOCAB as GPT2_VOCAB_FILE
+
 TEACHER_VOCAB = 256
 GPT2_VOCAB = 50257
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TEACHER_WIDTH = 32
 TEACHER_LAYER = 1
 SAE_LATENTS = 64
@@ -59,9 +61,7 @@ def tiny_teacher(vocab_size: int = TEACHER_VOCAB, width: int = TEACHER_WIDTH, la
             # A teacher on the GPT-2 vocabulary tokenises like the student's GPT-2 data (training checks it).
             from transformers import GPT2TokenizerFast
 
-            gpt2 = os.path.join(REPO, "examples", "data", "gpt2")
-            GPT2TokenizerFast(vocab=os.path.join(gpt2, "encoder.json"),
-                              merges=os.path.join(gpt2, "vocab.bpe")).save_pretrained(path)
+            GPT2TokenizerFast(vocab=GPT2_VOCAB_FILE, merges=GPT2_MERGES).save_pretrained(path)
 
     suffix = "_tok" if vocab_size == GPT2_VOCAB else ""
     return _publish(build, _cache_dir(f"gpt2_v{vocab_size}_d{width}_l{layers}_p{positions}_s{seed}{suffix}"))

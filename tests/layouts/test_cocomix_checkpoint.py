@@ -3,12 +3,9 @@ replicated) save at TP2 and load at TP1 with the same validation losses, and a r
 uninterrupted one."""
 
 import os
-import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cocomix_fixtures import cocomix_flags  # noqa: E402
-from launch import TINY_GPT, assert_close, losses, run_pretrain  # noqa: E402
+from tests.helpers.cocomix_assets import cocomix_flags
+from tests.helpers.launch import TINY_GPT, assert_close, losses, run_pretrain
 
 
 def test_tp2_cocomix_checkpoint_loads_at_tp1_and_resumes(tmp_path):

@@ -1,11 +1,11 @@
 """CoCoMix training at every parallel layout against one process; precomputed vs online labels; baselines.
 
-The student is tests/launch.py's TINY_GPT (4 layers) with the concept layer at block 2, online labels from a tiny
-random GPT-2 teacher + random TopK SAE (tests/cocomix_fixtures.py), dropout off. Every layout trains from the same
+The student is tests/helpers/launch.py's TINY_GPT (4 layers) with the concept layer at block 2, online labels from a tiny
+random GPT-2 teacher + random TopK SAE (tests/helpers/cocomix_assets.py), dropout off. Every layout trains from the same
 seed (initialisation is layout-independent) on the same mock data, and must reproduce the single-process run's
 lm loss AND concept loss at each of the 4 iterations (and the validation losses) to 1e-5 relative.
 
-Launches are few (tests/distributed/cocomix_runs.py runs several trainings in one launch):
+Launches are few (tests/helpers/multi_run_worker.py runs several trainings in one launch):
 - 1 process: online CoCoMix (concept layer 2; layer 1; layer 1 with rotary positions), label extraction with
   tools/extract_concepts.py, training on those precomputed labels, NTP, and the ablations / baselines
   (--concept-mixing none --no-concept-loss, add, --pause-tokens, --kd);
@@ -20,17 +20,11 @@ Launches are few (tests/distributed/cocomix_runs.py runs several trainings in on
 from __future__ import annotations
 
 import json
-import os
-import sys
 
 import pytest
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from cocomix_fixtures import TEACHER_LAYER, cocomix_flags, tiny_sae, tiny_teacher  # noqa: E402
-from launch import ROOT, TINY_GPT, assert_close, losses, run_script  # noqa: E402
-
-RUNS = os.path.join(ROOT, "tests", "distributed", "cocomix_runs.py")
+from tests.helpers.cocomix_assets import TEACHER_LAYER, cocomix_flags, tiny_sae, tiny_teacher
+from tests.helpers.launch import MULTI_RUN_WORKER, TINY_GPT, assert_close, losses, run_script
 RTOL = 1e-5
 
 
@@ -41,7 +35,7 @@ def cocomix(concept_layer: int = 2):
 def run_many(tmp_path, runs, nproc: int, timeout: int = 600) -> dict:
     spec, out = tmp_path / "runs.json", tmp_path / "summaries.json"
     spec.write_text(json.dumps(runs))
-    proc = run_script(RUNS, [str(spec), str(out)], nproc=nproc, timeout=timeout)
+    proc = run_script(MULTI_RUN_WORKER, [str(spec), str(out)], nproc=nproc, timeout=timeout)
     summaries = json.loads(out.read_text())
     summaries["stdout"] = proc.stdout
     return summaries

@@ -1,0 +1,1 @@
+"""Concept tests: teacher hook and attribution, SAEs and their training, labelling checks, concept tools."""

@@ -1,0 +1,1 @@
+"""Data tests: tokenizers, preprocessing, indexed and blended datasets, concept-label files, data tools."""

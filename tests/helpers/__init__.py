@@ -1,0 +1,13 @@
+"""Helpers shared by the tests, imported as `from tests.helpers.<module> import ...`.
+
+paths           the repository root and the shipped example data (corpus, GPT-2 BPE files)
+launch          running scripts under torchrun / DeepSpeed / one process on gloo; TINY_GPT; loss comparison
+cocomix_assets  the cached tiny random teacher + TopK SAE for TINY_GPT, and the CoCoMix flags that use them
+concept_files   tiny random HF teachers, OpenAI-format SAEs and token datasets written to a given path
+data_files      writers of small input files (JSON lines)
+
+Worker scripts (run by file path under a launcher, never collected by pytest):
+pretrain_worker       one pretrain_cocomix run; writes its summary (launch.run_pretrain)
+multi_run_worker      several trainings / label extractions in one launch; writes {name: summary}
+concept_ops_worker    the tensor-parallel CoCoMix operation checks of tests/model/test_concept_ops.py
+"""

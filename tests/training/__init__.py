@@ -1,0 +1,1 @@
+"""Training tests: checkpointing, DeepSpeed back end, FLOPs, logging, setup errors."""

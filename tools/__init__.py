@@ -1,0 +1,1 @@
+"""Command-line tools; each module is also importable, e.g. `from tools import extract_concepts`."""
