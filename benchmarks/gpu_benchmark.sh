@@ -50,6 +50,8 @@ run ntp "${NTP_MODEL[@]}" "${COMMON[@]}"
 run cocomix_online "${COCOMIX_MODEL[@]}" "${COMMON[@]}" "${CONCEPTS[@]}"
 # Precomputed labels for exactly these training samples, then the same student without a teacher in the step.
 "${PYTHON}" tools/extract_concepts.py "${COMMON[@]}" --teacher-model "${ASSETS}/teacher" \
-    --teacher-layer "${TEACHER_LAYER}" --sae "${ASSETS}/sae" --output-prefix "${OUT}/labels_${SIZE}" 2>&1 | tail -1
+    --teacher-layer "${TEACHER_LAYER}" --sae "${ASSETS}/sae" --output-prefix "${OUT}/labels_${SIZE}" 2>&1 \
+    | tee "${OUT}/${SIZE}_extract.log" | tail -1 \
+    || { echo "extract_concepts.py failed:"; grep -v -i warn "${OUT}/${SIZE}_extract.log" | tail -5; exit 1; }
 run cocomix_precomputed "${COCOMIX_MODEL[@]}" "${COMMON[@]}" --cocomix --concept-topk "${TOPK}" \
     --concept-labels "${OUT}/labels_${SIZE}"
