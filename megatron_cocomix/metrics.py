@@ -29,13 +29,14 @@ def declare(*names: str) -> None:
 
 
 def record(name: str, total: torch.Tensor, count: torch.Tensor) -> None:
-    """Add a (sum, count) pair; ignored on TP ranks other than 0 (their copy is identical)."""
+    """Add a (sum, count) pair; ignored on TP ranks other than 0 (their copy is identical). Accumulated on the
+    device of `total`, so recording never waits for the device (the values reach the host in `reduce`)."""
     if name not in _NAMES:
         raise KeyError(f"metric {name!r} was not declared")
     if parallel_state.get_tensor_model_parallel_rank() != 0:
         return
-    pair = torch.stack([total.detach().float().reshape(()), count.detach().float().reshape(())]).cpu()
-    _VALUES[name] = _VALUES.get(name, torch.zeros(2)) + pair
+    pair = torch.stack([total.detach().float().reshape(()), count.detach().float().reshape(()).to(total.device)])
+    _VALUES[name] = _VALUES[name] + pair if name in _VALUES else pair
 
 
 def reset() -> None:
@@ -46,8 +47,9 @@ def reduce() -> Dict[str, float]:
     """Sum every declared metric over all ranks and reset; collective (every rank must call it)."""
     if not _NAMES:
         return {}
-    buffer = torch.stack([_VALUES.get(name, torch.zeros(2)) for name in _NAMES])
-    buffer = buffer.to(compat.device())
+    device = compat.device()
+    buffer = torch.stack([_VALUES[name].to(device) if name in _VALUES else torch.zeros(2, device=device)
+                          for name in _NAMES])
     torch.distributed.all_reduce(buffer)
     reset()
     return {name: (pair[0] / pair[1]).item() for name, pair in zip(_NAMES, buffer) if pair[1] > 0}

@@ -90,9 +90,11 @@ def sparse_compress(values: torch.Tensor, ids: torch.Tensor, local_weight: torch
     local = ids - parallel_state.get_tensor_model_parallel_rank() * shard
     owned = (local >= 0) & (local < shard)
     weights = values * owned.to(values.dtype)
-    out = F.embedding_bag(torch.where(owned, local, torch.zeros_like(local)).reshape(s * b, k), local_weight,
-                          per_sample_weights=weights.reshape(s * b, k).to(local_weight.dtype), mode="sum")
-    out = out.reshape(s, b, -1)
+    # In fp32: CUDA has no bf16 / fp16 backward for embedding_bag's per-sample weights (the weight's gradient
+    # comes back in its own dtype through the cast).
+    out = F.embedding_bag(torch.where(owned, local, torch.zeros_like(local)).reshape(s * b, k), local_weight.float(),
+                          per_sample_weights=weights.reshape(s * b, k).float(), mode="sum")
+    out = out.reshape(s, b, -1).to(local_weight.dtype)
     if parallel_state.get_tensor_model_parallel_world_size() == 1:
         return out
     if sequence_parallel:
@@ -145,7 +147,7 @@ class ConceptMixing(MegatronModule):
             dead = (norms < DEAD_COLUMN_NORM).sum().float()
             if parallel_state.get_tensor_model_parallel_world_size() > 1:
                 torch.distributed.all_reduce(dead, group=parallel_state.get_tensor_model_parallel_group())
-            metrics.record("concept dead columns", dead, torch.tensor(float(self.num_concepts)))
+            metrics.record("concept dead columns", dead, torch.full_like(dead, float(self.num_concepts)))
 
         if self.mixing == "none":
             out = hidden
