@@ -7,8 +7,6 @@
 #      concept loss and grad norm compared with the CPU reference benchmarks/gpu_tiny_ref_cpu.json; then the same
 #      run in --bf16 (must run and give finite losses close to the reference);
 #   3. benchmarks/gpu_benchmark.sh at SIZE=386m (NTP, CoCoMix online labels, CoCoMix precomputed labels).
-# SHIM=1 puts benchmarks/cuda_shim first on PYTHONPATH: benchmark-only workarounds for two project bugs that stop
-# CoCoMix on CUDA (metrics device mix; bf16 embedding_bag backward), see benchmarks/gpu_h200.md.
 # Logs go to $OUT as two tarballs plus summary.txt; the summary table is printed last.
 #
 #   OUT=/some/dir ITERS=30 bash benchmarks/gpu_run.sh       # on the GPU machine (megatron-core, DeepSpeed importable)
@@ -23,7 +21,6 @@ MODE="${MODE:-gpu}"
 OUT="${OUT:-benchmarks/results/gpu_run}"
 ITERS="${ITERS:-30}"
 BENCH_SIZE="${BENCH_SIZE:-386m}"   # tiny: checks this script on CPU
-SHIM="${SHIM:-0}"                  # 1: benchmarks/cuda_shim/sitecustomize.py works around two CUDA bugs (see there)
 ASSETS="${TINY_ASSETS:-benchmarks/results/gpu_tiny_assets}"
 REF=benchmarks/gpu_tiny_ref_cpu.json
 LOGS="$(mktemp -d /tmp/gpu_run.XXXXXX)"
@@ -69,10 +66,6 @@ if [ "${BENCH_SIZE}" != tiny ] && ! "${PYTHON}" -c "import torch, sys; sys.exit(
     echo "error: no CUDA device visible to torch; stopping (BENCH_SIZE=tiny runs the script on CPU)"; exit 1
 fi
 
-if [ "${SHIM}" = 1 ]; then
-    export PYTHONPATH="$PWD/benchmarks/cuda_shim${PYTHONPATH:+:${PYTHONPATH}}"
-    echo "SHIM=1: benchmarks/cuda_shim/sitecustomize.py (metrics count device; bf16 embedding_bag in fp32 on CUDA)"
-fi
 
 echo "=== 2. tiny CoCoMix, CUDA vs CPU reference (${REF})"
 sha256sum "${ASSETS}"/teacher/model.safetensors "${ASSETS}"/sae/*.safetensors | tee "${LOGS}/assets_sha256.txt"
@@ -105,7 +98,7 @@ echo "benchmark wall time: $(( $(date +%s) - start )) s"
 for f in "${BENCH}"/${BENCH_SIZE}_*.log; do grep -v -i "warn" "${f}" | grep -E "error|Error|Traceback" | head -5; done
 tar -czf "${OUT}/bench_logs.tar.gz" -C "${BENCH}" --exclude "assets_*" --exclude "*.bin" --exclude "*.idx" .
 
-echo "=== summary ($(date -u +%Y-%m-%dT%H:%MZ), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1), SHIM=${SHIM})"
+echo "=== summary ($(date -u +%Y-%m-%dT%H:%MZ), $(nvidia-smi --query-gpu=name --format=csv,noheader | head -1))"
 {
     grep "max |run - ref|" "${LOGS}/tiny_compare.txt"
     grep -H "FLOPs per iteration\|memory estimate" "${BENCH}"/${BENCH_SIZE}_*.log
