@@ -3,6 +3,8 @@
 pyproject.toml's `pythonpath = ["."]` makes the repository root importable, so tests import `tests.helpers...`,
 `tools...` and `pretrain_cocomix` as packages; subprocesses get it on PYTHONPATH from tests.helpers.launch."""
 
+import os
+
 import pytest
 
 
@@ -15,3 +17,23 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def single_process():
+    """A world of one (gloo) with megatron's parallel state at TP1 / PP1, torn down afterwards."""
+    from megatron_cocomix import compat
+    from megatron_cocomix.distributed import destroy_distributed
+
+    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
+    from tests.helpers.launch import free_port
+
+    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    compat.install()
+    yield
+    destroy_distributed()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value

@@ -20,7 +20,6 @@ the concept loss, and the gradient of the total loss w.r.t. every parameter.
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
@@ -131,26 +130,6 @@ def reference_weights(state):
 
 
 # ------------------------------------------------------------------------------------------ the project model
-@pytest.fixture(scope="module")
-def single_process():
-    """A world of one (gloo) with megatron's parallel state at TP1 / PP1, torn down afterwards."""
-    from megatron_cocomix import compat
-    from megatron_cocomix.distributed import destroy_distributed
-
-    saved = {k: os.environ.get(k) for k in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}
-    from tests.helpers.launch import free_port
-
-    os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
-    compat.install()
-    yield
-    destroy_distributed()
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
-
-
 def build_project_model(extra_flags):
     import pretrain_cocomix
     from megatron_cocomix.arguments import parse_args
