@@ -54,6 +54,9 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm", help="Norm layer type.")
     g.add_argument("--norm-epsilon", type=float, default=1e-5, help="Epsilon of the norm layers.")
     g.add_argument("--swiglu", action="store_true", help="Use SwiGLU gated MLP (implies gated linear unit).")
+    g.add_argument("--openai-gelu", action="store_true",
+                   help="GELU's tanh approximation (GPT-2's and the official CoCoMix student's `gelu_new`) instead of "
+                        "exact GELU.")
     g.add_argument("--disable-bias-linear", action="store_true", help="No bias in linear layers.")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true",
                    help="Separate input embedding and output layer weights.")
@@ -69,6 +72,9 @@ def _add_regularization_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--attention-dropout", type=float, default=0.1, help="Dropout on attention probabilities.")
     g.add_argument("--hidden-dropout", type=float, default=0.1, help="Dropout on the residual branches.")
     g.add_argument("--weight-decay", type=float, default=0.01, help="Decoupled weight decay (AdamW).")
+    g.add_argument("--weight-decay-all-params", action="store_true",
+                   help="Decay every parameter, biases and norm weights included (the official CoCoMix recipe); "
+                        "by default, as in Megatron-LM, biases and 1-D parameters are not decayed.")
     g.add_argument("--clip-grad", type=float, default=1.0, help="Gradient clipping on the global L2 norm (0: off).")
     g.add_argument("--adam-beta1", type=float, default=0.9, help="Adam beta1.")
     g.add_argument("--adam-beta2", type=float, default=0.999, help="Adam beta2.")
@@ -208,7 +214,18 @@ def _add_cocomix_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--concept-labels", default="online",
                    help="`online` (teacher + SAE in the training step) or the prefix of precomputed labels.")
     g.add_argument("--concept-attribution", choices=["act", "preact", "abs"], default="act",
-                   help="Attribution score: SAE activation x gradient (act), pre-activation (preact), |act| (abs).")
+                   help="Attribution score: gradient projection x SAE activation over the k active latents (act, "
+                        "the official code), x pre-activation over all C latents (preact, the paper's text), or "
+                        "|act| (abs).")
+    g.add_argument("--concept-label-masking", choices=["ignore", "reference"], default="ignore",
+                   help="ignore: a label whose attribution score is not positive, and every label of a sequence's "
+                        "last position (it predicts no token), is -1 and takes no part in the concept loss. "
+                        "reference: the official code's labels, the top --concept-num-labels over all latents "
+                        "whatever their score (zero-score ties in latent-id order; the official code leaves "
+                        "their order undefined). Online and precomputed labels alike.")
+    g.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="Precision of the frozen teacher (labels, KD). fp32 as the official teacher; see "
+                        "benchmarks/teacher_dtype.md for how often bf16 changes the labels.")
     g.add_argument("--teacher-model", default=None, help="Local Hugging Face model directory or .gguf file.")
     g.add_argument("--teacher-layer", type=int, default=None, help="SAE hook: the teacher's hidden_states[layer].")
     g.add_argument("--sae", default=None, help="TopK SAE: OpenAI .pt, SAELens folder or sparsify folder.")

@@ -375,10 +375,7 @@ def test_paper_parameter_counts(size):
 def test_parameter_formula_matches_trainer_estimate(size, paper_run):
     """The formula above against the trainer's own start-up count, on the launcher's args."""
     from megatron_cocomix.data.tokenizer import vocab_size_with_padding
-    try:
-        from megatron_cocomix.training.memory import parameter_counts
-    except ImportError:  # the tree before parameter_counts moved out of training/flops.py
-        from megatron_cocomix.training.flops import parameter_counts
+    from megatron_cocomix.training.memory import parameter_counts
 
     for method, width in (("cocomix", PAPER[size]["d"]), ("ntp", PAPER[size]["ntp_d"])):
         args = argparse.Namespace(**vars(paper_run(size, method)[1]))  # a copy: the cached run stays as parsed

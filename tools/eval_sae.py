@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sae", required=True, help="OpenAI .pt, SAELens folder or sparsify folder.")
     p.add_argument("--teacher-model", required=True, help="Local Hugging Face model directory or .gguf file.")
     p.add_argument("--teacher-layer", type=int, required=True, help="Hook: the teacher's hidden_states[layer].")
+    p.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="Precision of the frozen teacher (as pretrain_cocomix.py's flag).")
     p.add_argument("--data-path", required=True, help="Prefix of a tokenised .bin/.idx dataset.")
     p.add_argument("--seq-length", type=int, default=128, help="Tokens per window.")
     p.add_argument("--num-sequences", type=int, default=16, help="Windows evaluated (the last ones of the data).")
@@ -47,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not 0 <= args.skip_positions < args.seq_length:
         raise ValueError(f"--skip-positions {args.skip_positions} must be in [0, --seq-length {args.seq_length})")
-    teacher = load_teacher(args.teacher_model, args.teacher_layer)
+    teacher = load_teacher(args.teacher_model, args.teacher_layer, dtype=args.teacher_dtype)
     sae = load_sae(args.sae, device=teacher.device).freeze()
     check_teacher_sae(teacher, sae)
     windows = TokenWindows(args.data_path, args.seq_length)

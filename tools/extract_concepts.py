@@ -45,8 +45,6 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--extract-batch-size", type=int, default=None,
                    help="Sequences per teacher forward (default --micro-batch-size, else 8).")
     g.add_argument("--chunk-samples", type=int, default=256, help="Samples per resumable chunk.")
-    g.add_argument("--concept-reference-labels", action="store_true",
-                   help="Keep the reference code's labels where scores are not positive (no -1 masking).")
     g.add_argument("--no-tokenizer-check", action="store_true",
                    help="Skip comparing the teacher's tokenizer with the data tokenizer (NullTokenizer data).")
     g.add_argument("--no-progress", action="store_true", help="No tqdm progress bar.")
@@ -139,11 +137,12 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
     from megatron_cocomix.data.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(args)
-    teacher = load_teacher(args.teacher_model, args.teacher_layer, device=device)
+    teacher = load_teacher(args.teacher_model, args.teacher_layer, dtype=args.teacher_dtype, device=device)
     sae = load_sae(args.sae, device=device).freeze()
     check_teacher_sae(teacher, sae)
     check_sae_compatible(sae, num_latents=args.concept_dim, where="--concept-dim")
-    if args.concept_num_labels > sae.k and not args.concept_reference_labels:
+    mask_invalid = args.concept_label_masking == "ignore"
+    if args.concept_num_labels > sae.k and mask_invalid and args.concept_attribution != "preact":
         raise ValueError(f"--concept-num-labels {args.concept_num_labels} exceeds the SAE's k {sae.k} active latents")
     if tokenizer.vocab_size > teacher.vocab_size:
         raise ValueError(f"the data tokenizer has {tokenizer.vocab_size} ids but teacher {args.teacher_model} only "
@@ -153,8 +152,7 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
 
     num_samples = args.train_iters * args.global_batch_size
     train_ds, _, _ = build_train_valid_test_datasets(args, tokenizer, [num_samples, 0, 0])
-    fingerprint = expected_fingerprint(args, tokenizer, num_samples, sae_fingerprint(args.sae),
-                                       mask_invalid=not args.concept_reference_labels)
+    fingerprint = expected_fingerprint(args, tokenizer, num_samples, sae_fingerprint(args.sae))
     if os.path.exists(args.output_prefix + ".json"):
         from megatron_cocomix.data.concept_labels import ConceptLabelsDataset
 
@@ -184,7 +182,7 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
             ids = range(begin, min(begin + args.extract_batch_size, last))
             tokens = torch.stack([torch.as_tensor(train_ds[i]["tokens"]) for i in ids])
             labels = attribution_labels(teacher, sae, tokens, args.concept_num_labels, args.concept_attribution,
-                                        mask_invalid=not args.concept_reference_labels)
+                                        mask_invalid=mask_invalid)
             writer.add(labels)
             tokens_done += tokens.numel()
             bar.update(len(ids))
@@ -208,7 +206,8 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
                           sae.num_latents, num_samples)
         shutil.rmtree(parts)
     dist.barrier()
-    stats = torch.tensor([tokens_done, elapsed], dtype=torch.float64)
+    # On the process group's device: NCCL (CUDA) cannot gather CPU tensors.
+    stats = torch.tensor([tokens_done, elapsed], dtype=torch.float64, device=device)
     gathered = [torch.zeros_like(stats) for _ in range(world)]
     dist.all_gather(gathered, stats)
     total_tokens = sum(float(s[0]) for s in gathered)

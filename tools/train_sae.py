@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a TopK SAE on a teacher layer (OpenAI recipe).", allow_abbrev=False)
     p.add_argument("--teacher-model", required=True, help="Local Hugging Face model directory or .gguf file.")
     p.add_argument("--teacher-layer", type=int, required=True, help="Hook: the teacher's hidden_states[layer].")
+    p.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+                   help="Precision of the frozen teacher (as pretrain_cocomix.py's flag).")
     p.add_argument("--data-path", required=True, help="Prefix of a tokenised .bin/.idx dataset (teacher's tokenizer).")
     p.add_argument("--seq-length", type=int, default=128, help="Tokens per window fed to the teacher.")
     p.add_argument("--num-latents", type=int, default=None, help="SAE width C (default 8 x teacher width).")
@@ -143,7 +145,7 @@ def train(args: argparse.Namespace) -> dict:
     from megatron_cocomix.concepts.sae_training import SAETrainer, TokenWindows, evaluate_sae
 
     rank, world, device = _init_distributed()
-    teacher = load_teacher(args.teacher_model, args.teacher_layer, device=device)
+    teacher = load_teacher(args.teacher_model, args.teacher_layer, dtype=args.teacher_dtype, device=device)
     windows = TokenWindows(args.data_path, args.seq_length)
     num_train = len(windows) - args.eval_sequences
     if num_train < args.sequences_per_step * world:

@@ -3,15 +3,18 @@
 For token ids [b, t], teacher hook h = h_l [b, t, d], its gradient g = dL/dh [b, t, d] (L: per-sequence mean
 next-token CE summed over the batch, see teacher.py) and the SAE code of h (k active latents per token):
 
-    act   (default, reference code):  score_i = (g . W_dec[:, i]) * c_i
-    preact (paper's text):            score_i = (g . W_dec[:, i]) * pre_i     (pre-activation of the same latents)
-    abs:                              score_i = |(g . W_dec[:, i]) * c_i|
+    act   (default, reference code):  score_i = (g . W_dec[:, i]) * c_i        i among the k active latents
+    preact (paper's text, section 3.1): score_i = (g . W_dec[:, i]) * pre_i    i over ALL C latents
+    abs:                              score_i = |(g . W_dec[:, i]) * c_i|      i among the k active latents
     labels = indices of the top num_labels scores                          [b, t, num_labels], best first
 
-Only the k active latents can score non-zero, so the score is k dot products per token on the gathered
-decoder columns ([T, k, d] in chunks), never the dense [T, C] product g @ W_dec. (The SAE's de-normalisation
-multiplies every latent's effect by the same positive std of the token, which changes no ranking and no sign,
-so it is left out as in the reference code.)
+act and abs: only the k active latents can score non-zero (c_i = 0 elsewhere), so the score is k dot products
+per token on the gathered decoder columns ([T, k, d] in chunks), never the dense [T, C] product g @ W_dec.
+preact: the pre-activation of an inactive latent is not zero (the paper keeps it "to capture non-activated
+concepts"), so every latent scores: the dense g @ W_dec [T, C] times pre [T, C], chunked over tokens so that
+memory stays bounded (_DENSE_CHUNK_TOKENS x C floats at a time). (The SAE's de-normalisation multiplies every
+latent's effect by the same positive std of the token, which changes no ranking and no sign, so it is left out
+as in the reference code.)
 
 Labels with score <= 0 are -1 (the dense reference's topk would pick arbitrary zero-score latents there), and
 so is the whole last position, whose gradient is zero (it predicts nothing inside the window).
@@ -29,6 +32,7 @@ from .teacher import Teacher
 
 ATTRIBUTION_MODES = ("act", "preact", "abs")
 _CHUNK_TOKENS = 1024  # bounds the gathered [chunk, k, d] decoder columns to ~100 MB at d = 768, k = 32
+_DENSE_CHUNK_TOKENS = 256  # bounds preact's dense [chunk, C] scores to ~32 MB at C = 32768
 
 
 def check_teacher_sae(teacher: Teacher, sae: TopKSAE) -> None:
@@ -40,14 +44,15 @@ def check_teacher_sae(teacher: Teacher, sae: TopKSAE) -> None:
 @torch.no_grad()
 def sparse_attribution_scores(sae: TopKSAE, hidden: torch.Tensor, grad: torch.Tensor,
                               mode: str = "act") -> tuple[torch.Tensor, torch.Tensor]:
-    """(scores, indices), each [..., k]: the score of each active latent (see module docstring)."""
-    if mode not in ATTRIBUTION_MODES:
-        raise ValueError(f"attribution mode {mode!r} is not one of {', '.join(ATTRIBUTION_MODES)}")
+    """(scores, indices), each [..., k]: the score of each active latent (act, abs; see module docstring)."""
+    if mode not in ATTRIBUTION_MODES or mode == "preact":
+        raise ValueError(f"sparse attribution mode {mode!r} is not one of act, abs (preact scores every latent: "
+                         f"dense_preact_labels)")
     param_dtype = sae.dictionary.dtype
     code = sae.encode_with_stats(hidden.to(param_dtype))
     lead, k = code.indices.shape[:-1], sae.k
     indices = code.indices.reshape(-1, k)
-    weight = (code.preacts if mode == "preact" else code.values).reshape(-1, k)
+    weight = code.values.reshape(-1, k)
     grad = grad.reshape(-1, grad.shape[-1]).to(param_dtype)
     dots = torch.empty_like(weight)
     for start in range(0, indices.shape[0], _CHUNK_TOKENS):
@@ -104,6 +109,36 @@ def _reference_fill(top_scores: torch.Tensor, top_ids: torch.Tensor, num_labels:
     return out.view(*lead, num_labels)
 
 
+@torch.no_grad()
+def dense_preact_labels(sae: TopKSAE, hidden: torch.Tensor, grad: torch.Tensor, num_labels: int,
+                        mask_invalid: bool = True) -> torch.Tensor:
+    """preact labels [b, t, num_labels]: the top scores (g . W_dec[:, i]) * pre_i over all C latents.
+
+    With `mask_invalid`, labels whose score is not positive and the whole last position are -1; without, the
+    top num_labels over C whatever their sign (the reference code's topk), ties by lowest latent id."""
+    if num_labels < 1:
+        raise ValueError(f"--concept-num-labels must be positive, got {num_labels}")
+    param_dtype = sae.dictionary.dtype
+    lead = hidden.shape[:-1]
+    hidden = hidden.reshape(-1, hidden.shape[-1]).to(param_dtype)
+    grad = grad.reshape(-1, grad.shape[-1]).to(param_dtype)
+    labels = torch.empty(hidden.shape[0], num_labels, dtype=torch.long, device=hidden.device)
+    for start in range(0, hidden.shape[0], _DENSE_CHUNK_TOKENS):
+        stop = start + _DENSE_CHUNK_TOKENS
+        xn, _, _ = sae.normalize(hidden[start:stop])
+        scores = (grad[start:stop] @ sae.W_dec) * sae.preactivation(xn)  # [chunk, C]
+        if mask_invalid:
+            top_scores, top_ids = scores.topk(num_labels, dim=-1)
+            top_ids[top_scores <= 0] = -1
+        else:
+            top_ids = torch.argsort(scores, dim=-1, descending=True, stable=True)[:, :num_labels]
+        labels[start:stop] = top_ids
+    labels = labels.view(*lead, num_labels)
+    if mask_invalid:
+        labels[..., -1, :] = -1
+    return labels
+
+
 def attribution_labels(teacher: Teacher, sae: TopKSAE, tokens: torch.Tensor, num_labels: int = 4,
                        mode: str = "act", mask_invalid: bool = True) -> torch.Tensor:
     """Concept labels [b, t, num_labels] (int64, best first, -1 = no label) for token ids [b, t].
@@ -112,6 +147,10 @@ def attribution_labels(teacher: Teacher, sae: TopKSAE, tokens: torch.Tensor, num
     A sequence's labels do not depend on the other sequences of the batch.
     """
     check_teacher_sae(teacher, sae)
+    if mode not in ATTRIBUTION_MODES:
+        raise ValueError(f"attribution mode {mode!r} is not one of {', '.join(ATTRIBUTION_MODES)}")
     hidden, grad, _ = teacher.hidden_and_grad(tokens)
+    if mode == "preact":
+        return dense_preact_labels(sae, hidden, grad, num_labels, mask_invalid)
     scores, indices = sparse_attribution_scores(sae, hidden, grad, mode)
     return labels_from_scores(scores, indices, num_labels, sae.num_latents, mask_invalid)

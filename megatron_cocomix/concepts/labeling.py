@@ -80,7 +80,8 @@ class OnlineTeacher:
     @property
     def teacher(self):
         if self._teacher is None:
-            self._teacher = load_teacher(self.args.teacher_model, self.args.teacher_layer, device=self.device)
+            self._teacher = load_teacher(self.args.teacher_model, self.args.teacher_layer,
+                                         dtype=self.args.teacher_dtype, device=self.device)
         return self._teacher
 
     @property
@@ -94,7 +95,8 @@ class OnlineTeacher:
         """tokens [b, s] -> labels [b, s, K] (int64, -1 = none)."""
         def label(part: torch.Tensor) -> torch.Tensor:
             return attribution_labels(self.teacher, self.sae, part, num_labels=self.args.concept_num_labels,
-                                      mode=self.args.concept_attribution).to(tokens.device)
+                                      mode=self.args.concept_attribution,
+                                      mask_invalid=self.args.concept_label_masking == "ignore").to(tokens.device)
         return _split_over_tp(label, tokens)
 
     def log_probs(self, tokens: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,8 @@ block output and is refused). For token ids [b, t]:
 Summing per-sequence means makes each sequence's gradient independent of its batch mates. All weights have
 requires_grad False and the hook hands the blocks above a fresh leaf `h_l.detach().requires_grad_()`, so
 autograd records the graph from the hook to the loss only and the backward never runs below layer l.
-dtype: bf16 on GPU, fp32 on CPU unless given; losses and logits are computed in fp32.
+dtype: fp32 unless given (as the official teacher; `--teacher-dtype`, TEACHER_DTYPES); losses and logits are
+computed in fp32.
 """
 
 from __future__ import annotations
@@ -24,6 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from megatron_cocomix.shapes import TransformerShape
+
+# --teacher-dtype: the default stays fp32 because bf16 changes the labels of too many tokens
+# (benchmarks/teacher_dtype.md).
+TEACHER_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 DEFAULT_CHECK_TEXTS = (
     "The quick brown fox jumps over the lazy dog.",
@@ -216,11 +221,12 @@ def sequence_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return ce.view(b, t)[:, :-1].mean(dim=1)
 
 
-def load_teacher(path: str, layer: int, dtype: Optional[torch.dtype] = None,
+def load_teacher(path: str, layer: int, dtype: Optional[torch.dtype | str] = None,
                  device: Optional[torch.device | str] = None) -> Teacher:
     """Load a frozen teacher from a local HF directory (GPT-2, Llama family, ...) or a .gguf file (dequantised).
 
-    Defaults: the CUDA device when available, bf16 there and fp32 on CPU. Nothing is downloaded.
+    Defaults: the CUDA device when available, fp32. `dtype` may be a torch dtype or a --teacher-dtype name.
+    Nothing is downloaded.
     """
     path = os.fspath(path)
     _check_path(path)
@@ -228,7 +234,11 @@ def load_teacher(path: str, layer: int, dtype: Optional[torch.dtype] = None,
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
     if dtype is None:
-        dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+        dtype = torch.float32
+    elif isinstance(dtype, str):
+        if dtype not in TEACHER_DTYPES:
+            raise ValueError(f"--teacher-dtype {dtype}: expected one of {', '.join(TEACHER_DTYPES)}")
+        dtype = TEACHER_DTYPES[dtype]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = _load_hf_model(path, dtype)
     return Teacher(model.to(device), layer, path)

@@ -179,7 +179,7 @@ def _canonical(value: Any) -> Any:
     return json.loads(json.dumps(value, sort_keys=True))
 
 
-def expected_fingerprint(args, tokenizer, num_samples: int, sae_sha256: str, mask_invalid: bool = True) -> dict:
+def expected_fingerprint(args, tokenizer, num_samples: int, sae_sha256: str) -> dict:
     """The fingerprint of labels for the training samples that `args` produce; tools/extract_concepts.py writes
     it and training compares against it, so both sides build it here. `args`: the parsed training flags."""
     def absolute(paths):
@@ -190,8 +190,8 @@ def expected_fingerprint(args, tokenizer, num_samples: int, sae_sha256: str, mas
 
     return {
         "data_path": absolute(args.data_path),
-        "train_data_path": absolute(getattr(args, "train_data_path", None)),
-        "mock_data": bool(getattr(args, "mock_data", False)),
+        "train_data_path": absolute(args.train_data_path),
+        "mock_data": bool(args.mock_data),
         "split": args.split,
         "seq_length": args.seq_length,
         "seed": args.seed,
@@ -202,7 +202,8 @@ def expected_fingerprint(args, tokenizer, num_samples: int, sae_sha256: str, mas
         "sae_sha256": sae_sha256,
         "num_labels": args.concept_num_labels,
         "attribution": args.concept_attribution,
-        "mask_invalid": bool(mask_invalid),
+        "mask_invalid": args.concept_label_masking == "ignore",
+        "teacher_dtype": args.teacher_dtype,
     }
 
 

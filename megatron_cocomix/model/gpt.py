@@ -42,10 +42,22 @@ def _keep(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
+def openai_gelu(x: torch.Tensor) -> torch.Tensor:
+    """GELU's tanh approximation, 0.5 x (1 + tanh(sqrt(2 / pi) (x + 0.044715 x^3))): GPT-2's `gelu_new`
+    (--openai-gelu, Megatron's name)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def activation_from_args(args: argparse.Namespace):
+    if args.swiglu:
+        return F.silu
+    return openai_gelu if args.openai_gelu else F.gelu
+
+
 def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
     """Megatron flags -> megatron-core TransformerConfig."""
     dtype = dtype_from_args(args)
-    activation = F.silu if args.swiglu else F.gelu
+    activation = activation_from_args(args)
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,

@@ -49,10 +49,9 @@ def dense_reference_scores(kind, teacher, sae, tokens, mode):
         pre = (xn - sae.pre_bias) @ sae.W_enc.T + sae.latent_bias
         top, idx = pre.topk(sae.k, dim=-1)
         c = torch.zeros_like(pre).scatter(-1, idx, top.clamp_min(0)).requires_grad_()
-        pre_kept = torch.zeros_like(pre).scatter(-1, idx, top)
         recon = (c @ sae.W_dec.T + sae.pre_bias) * std + mu
         spliced = h + recon - recon.detach()
-        store.update(c=c, pre=pre_kept, std=std)
+        store.update(c=c, pre=pre.detach(), std=std)
         return (spliced,) + tuple(output[1:]) if isinstance(output, tuple) else spliced
 
     handle = block_of(model, kind).register_forward_hook(hook)
@@ -62,6 +61,7 @@ def dense_reference_scores(kind, teacher, sae, tokens, mode):
         handle.remove()
     loss = sum(F.cross_entropy(logits[i, :-1], tokens[i, 1:]) for i in range(tokens.shape[0]))
     (grad_c,) = torch.autograd.grad(loss, store["c"])
+    # preact weighs every latent by its pre-activation (the paper: non-activated concepts score too).
     weight = store["pre"] if mode == "preact" else store["c"].detach()
     scores = grad_c * weight / store["std"]  # dL/dc carries the token's LN std; the score does not
     return scores.abs() if mode == "abs" else scores
@@ -85,10 +85,29 @@ def test_labels_match_dense_reference(teacher_and_sae, mode):
     assert labels.shape == (3, 12, 4) and labels.dtype == torch.long
     assert torch.equal(labels, dense_reference_labels(dense, 4, True))
     assert (labels[:, -1] == -1).all()
+    if mode == "preact":
+        # Inactive latents do win: preact is not act with another weight.
+        hidden, grad, _ = teacher.hidden_and_grad(tokens)
+        _, active = sae.encode(hidden)
+        valid = labels >= 0
+        inactive = ~(labels.unsqueeze(-1) == active.unsqueeze(-2)).any(-1) & valid
+        assert inactive.any()
+        return
     # The sparse scores themselves equal the dense ones at the active latents.
     hidden, grad, _ = teacher.hidden_and_grad(tokens)
     scores, indices = sparse_attribution_scores(sae, hidden, grad, mode)
     torch.testing.assert_close(scores, dense.gather(-1, indices), rtol=1e-4, atol=1e-7)
+
+
+def test_preact_reference_labels_without_masking(teacher_and_sae):
+    kind, teacher, sae = teacher_and_sae
+    tokens = tokens_for(teacher, seed=1)
+    dense = dense_reference_scores(kind, teacher, sae, tokens, "preact")
+    labels = attribution_labels(teacher, sae, tokens, num_labels=6, mode="preact", mask_invalid=False)
+    assert (labels >= 0).all()
+    # The last position has a zero gradient: every score ties at 0 there, ids ascending as a stable sort.
+    assert torch.equal(labels[:, :-1], dense_reference_labels(dense, 6, False)[:, :-1])
+    assert labels[:, -1].tolist() == [[0, 1, 2, 3, 4, 5]] * 3
 
 
 def test_reference_behaviour_without_masking(teacher_and_sae):
@@ -180,3 +199,25 @@ def test_labels_from_scores_tie_order():
     reference = labels_from_scores(scores, indices, 4, num_latents=10, mask_invalid=False)
     # Dense stable order: positives, then zero-score latents by id (0 and 2 are not active with non-zero score).
     assert reference.tolist() == [[[9, 7, 0, 2], [0, 1, 2, 3]]]
+
+
+def test_teacher_dtype(teacher_and_sae, tmp_path):
+    """--teacher-dtype: fp32 (the default) gives exactly the fp32 labels; bf16 loads and labels (CPU bf16)."""
+    import argparse
+
+    from megatron_cocomix.concepts.labeling import OnlineTeacher
+
+    kind, teacher, sae = teacher_and_sae
+    tokens = tokens_for(teacher, seed=4)
+    fp32 = load_teacher(teacher.path, LAYER, dtype="fp32")
+    assert fp32.dtype == torch.float32
+    assert torch.equal(attribution_labels(fp32, sae, tokens), attribution_labels(teacher, sae, tokens))
+    bf16 = load_teacher(teacher.path, LAYER, dtype="bf16")
+    assert bf16.dtype == torch.bfloat16
+    labels = attribution_labels(bf16, sae, tokens)
+    assert labels.shape == (3, 12, 4) and ((labels >= -1) & (labels < C)).all()
+    with pytest.raises(ValueError, match="--teacher-dtype fp8"):
+        load_teacher(teacher.path, LAYER, dtype="fp8")
+    # The training step's teacher follows the flag.
+    args = argparse.Namespace(teacher_model=teacher.path, teacher_layer=LAYER, teacher_dtype="bf16")
+    assert OnlineTeacher(args, torch.device("cpu")).teacher.dtype == torch.bfloat16

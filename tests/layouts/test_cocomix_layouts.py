@@ -59,6 +59,7 @@ def precomputed(flags, prefix):
 
 
 ROPE = ["--position-embedding-type", "rope"]
+REFERENCE_MASKING = ["--concept-label-masking", "reference"]
 
 
 def reference_argv(name, labels_prefix):
@@ -67,6 +68,9 @@ def reference_argv(name, labels_prefix):
     return {
         "online": cocomix(),
         "precomputed": precomputed(cocomix(), labels_prefix),
+        "online_reference": cocomix() + REFERENCE_MASKING,
+        # The teacher and SAE flags are given (cocomix()), so the file's fingerprint is checked against them.
+        "precomputed_reference": precomputed(cocomix() + REFERENCE_MASKING, labels_prefix + "_reference"),
         "online_layer1": cocomix(concept_layer=1),
         "online_rope_layer1": cocomix(concept_layer=1) + ROPE,
         "ntp": TINY_GPT,
@@ -77,8 +81,8 @@ def reference_argv(name, labels_prefix):
     }[name]
 
 
-SINGLE = ["online", "extract", "precomputed", "online_layer1", "online_rope_layer1", "ntp", "mixing_none_no_loss",
-          "mixing_add", "pause", "kd"]
+SINGLE = ["online", "extract", "precomputed", "online_reference", "extract_reference", "precomputed_reference",
+          "online_layer1", "online_rope_layer1", "ntp", "mixing_none_no_loss", "mixing_add", "pause", "kd"]
 
 
 @pytest.fixture(scope="module")
@@ -88,6 +92,9 @@ def single(tmp_path_factory, labels_prefix):
         if name == "extract":
             runs.append([name, "extract", cocomix() + ["--output-prefix", labels_prefix, "--no-tokenizer-check",
                                                          "--no-progress"]])
+        elif name == "extract_reference":
+            runs.append([name, "extract", cocomix() + REFERENCE_MASKING + [
+                "--output-prefix", labels_prefix + "_reference", "--no-tokenizer-check", "--no-progress"]])
         else:
             runs.append([name, "pretrain", reference_argv(name, labels_prefix)])
     return run_many(tmp_path_factory.mktemp("cocomix_single"), runs, nproc=1)
@@ -164,6 +171,17 @@ def test_precomputed_labels_give_the_online_losses(single, labels_prefix):
     assert "concept loss" not in single["precomputed"]["valid"]
     for key in ("concept top1 acc", "concept topk acc"):
         assert_close(losses(single["precomputed"], key), losses(single["online"], key), rtol=RTOL, what=key)
+
+
+def test_reference_label_masking_online_equals_precomputed(single):
+    """--concept-label-masking reference (the official labels: no -1) is one flag for online labels, label
+    extraction and the fingerprint: the precomputed file trains with the teacher and SAE flags given."""
+    assert single["extract_reference"]["exit_code"] == 0
+    for key in ("lm loss", "concept loss"):
+        assert_close(losses(single["precomputed_reference"], key), losses(single["online_reference"], key),
+                     rtol=RTOL, what=f"reference-masked precomputed {key}")
+    # The labels differ from the masked ones (every position, the last included, carries 4 labels).
+    assert losses(single["online_reference"], "concept loss") != losses(single["online"], "concept loss")
 
 
 def test_cocomix_trains_and_logs_concept_metrics(single):

@@ -50,14 +50,16 @@ LAYOUT_FILE = "layout.json"
 CHECKPOINT_TAG = "zero"
 
 
-def param_groups(module: torch.nn.Module, weight_decay: float) -> List[dict]:
-    """Megatron's default grouping: no weight decay on biases and on 1-D parameters (norm weights).
-    `wd_mult` is what megatron's OptimizerParamScheduler multiplies the scheduled weight decay by."""
+def param_groups(module: torch.nn.Module, weight_decay: float, decay_all: bool = False) -> List[dict]:
+    """Megatron's default grouping: no weight decay on biases and on 1-D parameters (norm weights), unless
+    `decay_all` (--weight-decay-all-params). `wd_mult` is what megatron's OptimizerParamScheduler multiplies the
+    scheduled weight decay by."""
     decay, no_decay = [], []
     for name, param in module.named_parameters():
         if not param.requires_grad:
             continue
-        (no_decay if name.endswith(".bias") or param.dim() == 1 else decay).append(param)
+        exempt = not decay_all and (name.endswith(".bias") or param.dim() == 1)
+        (no_decay if exempt else decay).append(param)
     groups = [{"params": decay, "weight_decay": weight_decay, "wd_mult": 1.0},
               {"params": no_decay, "weight_decay": 0.0, "wd_mult": 0.0}]
     return [g for g in groups if g["params"]]
@@ -123,14 +125,14 @@ class DeepSpeedBackend(OptimizerBackend):
         self._tp_summed = _tp_summed_params(chunk, config)
         self._tied_embedding = _tied_embedding_weight(chunk)
 
+        groups = param_groups(chunk, args.weight_decay, args.weight_decay_all_params)
         client_optimizer = None
         if "optimizer" not in self.ds_config:
-            client_optimizer = torch.optim.AdamW(
-                param_groups(chunk, args.weight_decay), lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
-                eps=args.adam_eps, weight_decay=args.weight_decay)
+            client_optimizer = torch.optim.AdamW(groups, lr=args.lr, betas=(args.adam_beta1, args.adam_beta2),
+                                                 eps=args.adam_eps, weight_decay=args.weight_decay)
         self.engine, _, _, _ = deepspeed.initialize(
             model=chunk, optimizer=client_optimizer,
-            model_parameters=None if client_optimizer is not None else param_groups(chunk, args.weight_decay),
+            model_parameters=None if client_optimizer is not None else groups,
             config=self.ds_config, mpu=DeepSpeedMPU, dist_init_required=False)
         self.optimizer = self.engine.optimizer
         # megatron's scheduler sets lr / weight decay on DeepSpeed's (fp32 partition) parameter groups.

@@ -64,7 +64,9 @@ class MegatronOptimizerBackend(OptimizerBackend):
             clip_grad=args.clip_grad,
             use_distributed_optimizer=self.distributed,
         )
-        self.optimizer = get_megatron_optimizer(opt_config, self.model)
+        # megatron's default groups leave biases and 1-D parameters undecayed; no overrides decays every one.
+        overrides = {} if args.weight_decay_all_params else None
+        self.optimizer = get_megatron_optimizer(opt_config, self.model, config_overrides=overrides)
         self.scheduler = build_scheduler(args, self.optimizer)
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
