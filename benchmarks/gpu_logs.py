@@ -53,6 +53,7 @@ def cmd_ref(log: str) -> int:
         print(f"error: no iteration lines in {log}", file=sys.stderr)
         return 1
     import platform
+
     import torch
     json.dump({"log": os.path.basename(log), "made_with": f"CPU {platform.machine()}, Python {platform.python_version()}, "
                f"torch {torch.__version__}, benchmarks/gpu_run.sh MODE=cpu-ref",

@@ -29,10 +29,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_cocomix.errors import cli_main  # noqa: E402
-
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+from megatron_cocomix.errors import cli_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,8 +130,15 @@ def extract(args: argparse.Namespace) -> dict:
 def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
     from tqdm import tqdm
 
-    from megatron_cocomix.concepts import (attribution_labels, check_sae_compatible, check_teacher_sae,
-                                           check_teacher_tokenizer, load_sae, load_teacher, sae_fingerprint)
+    from megatron_cocomix.concepts import (
+        attribution_labels,
+        check_sae_compatible,
+        check_teacher_sae,
+        check_teacher_tokenizer,
+        load_sae,
+        load_teacher,
+        sae_fingerprint,
+    )
     from megatron_cocomix.data.concept_labels import ConceptLabelsWriter, expected_fingerprint, write_fingerprint
     from megatron_cocomix.data.datasets import build_train_valid_test_datasets
     from megatron_cocomix.data.tokenizer import build_tokenizer

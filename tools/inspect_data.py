@@ -17,9 +17,8 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_cocomix.errors import cli_main  # noqa: E402
-
 from megatron_cocomix.data.tokenizer import add_tokenizer_args, build_tokenizer_from_flags  # noqa: E402
+from megatron_cocomix.errors import cli_main  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:

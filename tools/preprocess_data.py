@@ -27,9 +27,6 @@ no `.idx` that looks complete and never clobbers a previous good output.
 from __future__ import annotations
 
 import argparse
-import glob
-import gzip
-import io
 import json
 import multiprocessing
 import os
@@ -43,6 +40,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_cocomix.errors import cli_main  # noqa: E402
+
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 from megatron_cocomix.data.corpus import is_text_file, open_binary, resolve_inputs  # noqa: E402

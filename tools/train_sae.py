@@ -26,10 +26,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_cocomix.errors import cli_main  # noqa: E402
-
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
+
+from megatron_cocomix.errors import cli_main  # noqa: E402
 
 LATEST = "latest_checkpointed_iteration.txt"
 

@@ -160,7 +160,7 @@ def evaluate_sae(sae: TopKSAE, teacher: Optional[Teacher], token_batches: Iterab
 
     Without a teacher, the batches are activations [n, d] and delta LM loss is not reported.
     """
-    err = total = sum_x = sum_x2 = None
+    err = sum_x = sum_x2 = None
     tokens = 0
     l0 = 0.0
     fired = torch.zeros(sae.num_latents, dtype=torch.bool, device=sae.dictionary.device)

@@ -46,9 +46,9 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.transformer_layer import TransformerLayer
 from megatron.core.utils import make_tp_sharded_tensor_for_checkpoint
 
+from megatron_cocomix import metrics
 from megatron_cocomix.model.concept_head import ConceptPredictor, distributed_topk
 from megatron_cocomix.model.losses import concept_accuracy, concept_cross_entropy
-from megatron_cocomix import metrics
 
 CONCEPT_METRICS = ("concept loss", "concept top1 acc", "concept topk acc", "concept dead columns")
 DEAD_COLUMN_NORM = 1e-3

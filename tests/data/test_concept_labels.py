@@ -1,13 +1,16 @@
 """Concept labels file: round trip in both storage dtypes, shard merging, fingerprint checks and bad files."""
 
-import json
 
 import numpy
 import pytest
 import torch
 
-from megatron_cocomix.data.concept_labels import (ConceptLabelsDataset, ConceptLabelsWriter, read_fingerprint,
-                                                  write_fingerprint)
+from megatron_cocomix.data.concept_labels import (
+    ConceptLabelsDataset,
+    ConceptLabelsWriter,
+    read_fingerprint,
+    write_fingerprint,
+)
 
 SEQ, NUM = 6, 4
 

@@ -16,7 +16,6 @@ import sys
 import traceback
 
 import torch
-import torch.nn.functional as F
 
 from megatron_cocomix import compat
 
@@ -27,10 +26,10 @@ from megatron.core.tensor_parallel import vocab_parallel_cross_entropy  # noqa: 
 from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa: E402
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
+from megatron_cocomix import metrics  # noqa: E402
 from megatron_cocomix.model.concept_head import distributed_topk  # noqa: E402
 from megatron_cocomix.model.concept_mixing import CONCEPT_METRICS, ConceptMixing, sparse_compress  # noqa: E402
 from megatron_cocomix.model.losses import concept_cross_entropy, kd_kl_divergence  # noqa: E402
-from megatron_cocomix import metrics  # noqa: E402
 
 S, B, D, C, K, NUM_LABELS = 8, 2, 16, 32, 6, 3
 TOL = dict(rtol=1e-5, atol=1e-6)

@@ -23,8 +23,9 @@ import json
 
 import pytest
 
-from tests.helpers.cocomix_assets import TEACHER_LAYER, cocomix_flags, tiny_sae, tiny_teacher
+from tests.helpers.cocomix_assets import TEACHER_LAYER, cocomix_flags, tiny_teacher
 from tests.helpers.launch import MULTI_RUN_WORKER, TINY_GPT, assert_close, losses, run_script
+
 RTOL = 1e-5
 
 
@@ -187,7 +188,7 @@ def test_reference_label_masking_online_equals_precomputed(single):
 def test_cocomix_trains_and_logs_concept_metrics(single):
     online = single["online"]
     # The first run's Megatron log line carries the concept metrics beside the lm loss.
-    line = next(l for l in single["stdout"].splitlines() if "iteration        4/       4" in l)
+    line = next(text for text in single["stdout"].splitlines() if "iteration        4/       4" in text)
     for field in ("| lm loss: ", "| concept loss: ", "| concept top1 acc: ", "| concept topk acc: ",
                   "| concept dead columns: "):
         assert field in line, (field, line)

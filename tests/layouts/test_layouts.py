@@ -58,7 +58,7 @@ def test_llama_style_layout_matches_single_process(flags, modern_reference, tmp_
 def test_losses_fall_and_log_line_is_megatron_format(reference):
     history = losses(reference)
     assert history[-1] < history[0]
-    line = next(l for l in reference["stdout"].splitlines() if "iteration        4/       4" in l)
+    line = next(text for text in reference["stdout"].splitlines() if "iteration        4/       4" in text)
     for field in ("consumed samples:           32", "elapsed time per iteration (ms):", "learning rate:",
                   "global batch size:     8", "lm loss: ", "grad norm:", "number of skipped iterations:"):
         assert field in line, (field, line)

@@ -131,13 +131,14 @@ def reference_weights(state):
 
 # ------------------------------------------------------------------------------------------ the project model
 def build_project_model(extra_flags):
+    from megatron.core.utils import get_model_config
+
     import pretrain_cocomix
     from megatron_cocomix.arguments import parse_args
     from megatron_cocomix.data.tokenizer import build_tokenizer
     from megatron_cocomix.distributed import initialize_distributed
     from megatron_cocomix.global_vars import set_args, set_tokenizer
     from megatron_cocomix.model.gpt import initialize_weights
-    from megatron.core.utils import get_model_config
 
     args = parse_args(TINY_GPT + cocomix_flags(CONCEPT_LAYER, TOPK) + list(extra_flags))
     pretrain_cocomix.resolve_concept_args(args)
@@ -164,8 +165,9 @@ def project_forward(model, tokens, targets, concept_labels):
     """The project's model as training calls it: (logits, z, lm loss, concept loss); backward of the lm loss
     carries the concept loss's gradient too (MoEAuxLossAutoScaler with loss scale 1)."""
     from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler
-    from megatron_cocomix.model.concept_head import ConceptPredictor
+
     from megatron_cocomix import metrics
+    from megatron_cocomix.model.concept_head import ConceptPredictor
 
     captured = {}
     predictor = next(m for m in model.modules() if isinstance(m, ConceptPredictor))

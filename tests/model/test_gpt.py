@@ -15,8 +15,9 @@ HEADS, HIDDEN, LAYERS, SEQ, VOCAB = 4, 64, 4, 32, 256
 
 
 def build_student(extra_flags):
-    import pretrain_cocomix
     from megatron.core.utils import get_model_config
+
+    import pretrain_cocomix
     from megatron_cocomix.arguments import parse_args
     from megatron_cocomix.data.tokenizer import build_tokenizer
     from megatron_cocomix.distributed import initialize_distributed

@@ -13,8 +13,9 @@ from tests.helpers.launch import TINY_GPT
 
 def _decay_by_name(flags):
     """{parameter name: weight decay its optimizer group applies at the scheduled value}."""
-    import pretrain_cocomix
     from megatron.core.utils import get_model_config
+
+    import pretrain_cocomix
     from megatron_cocomix.arguments import parse_args
     from megatron_cocomix.data.tokenizer import build_tokenizer
     from megatron_cocomix.distributed import initialize_distributed
