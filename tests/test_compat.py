@@ -7,7 +7,8 @@ import subprocess
 import sys
 import textwrap
 
-from tests.helpers import launch
+from tests.helpers.launch import ROOT
+from tests.helpers.launch import test_env as subprocess_env
 
 PATCHES = """
 import megatron.core
@@ -100,7 +101,7 @@ print("no-op ok")
 
 
 def _run(code: str) -> str:
-    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=launch.ROOT, env=launch.test_env(),
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=ROOT, env=subprocess_env(),
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return proc.stdout

@@ -20,7 +20,6 @@ import os
 import re
 import shlex
 import subprocess
-import sys
 
 import pytest
 
@@ -73,13 +72,7 @@ def _options(parser: argparse.ArgumentParser) -> set:
 
 
 def _load_tool(name: str):
-    """tools/NAME.py as a module (so the test does not depend on tools/ being a package)."""
-    module_name = f"_tools_{name}"
-    if module_name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(module_name, os.path.join(ROOT, "tools", f"{name}.py"))
-        sys.modules[module_name] = module = importlib.util.module_from_spec(spec)  # dataclasses look it up
-        spec.loader.exec_module(module)
-    return sys.modules[module_name]
+    return importlib.import_module(f"tools.{name}")
 
 
 @pytest.fixture(scope="module")
