@@ -174,7 +174,8 @@ def _attach_precomputed_labels(args, train):
 
         expected = expected_fingerprint(args, get_tokenizer(), len(labels), sae_fingerprint(args.sae))
         labels.check_fingerprint(expected, ignore={"num_samples"})
-    return ConceptLabeledDataset(train, labels, args.seq_length, args.train_iters * args.global_batch_size)
+    return ConceptLabeledDataset(train, labels, args.seq_length,
+                                 samples_needed=args.train_iters * args.global_batch_size)
 
 
 def resolve_concept_args(args) -> None:

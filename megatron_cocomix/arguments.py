@@ -96,6 +96,19 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
                    help="Create weights on the CPU before moving them to the device.")
     g.add_argument("--seed", type=int, default=1234, help="Random seed; the initial model depends only on it.")
     g.add_argument("--exit-interval", type=int, default=None, help="Exit after this many iterations (after a save).")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="Save a checkpoint and exit 0 once this much wall time has passed since start-up (checked "
+                        "after every iteration, agreed by all ranks).")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="On --exit-signal (e.g. a scheduler's warning before preemption) every rank finishes the "
+                        "current iteration, saves a checkpoint and exits 0.")
+    g.add_argument("--exit-signal", choices=["SIGTERM", "SIGINT", "SIGUSR1", "SIGUSR2"], default="SIGTERM",
+                   help="The signal --exit-signal-handler waits for.")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true", default=True,
+                   help="Stop with one line (iteration, rank, quantity) when a loss or the gradient norm is NaN or "
+                        "Inf, before the optimizer step, so the last checkpoint stays clean (on by default).")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", action="store_false",
+                   dest="check_for_nan_in_loss_and_grad", help="Train on through NaN / Inf.")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="megatron-core DistributedOptimizer (optimizer state sharded over data-parallel ranks).")
     g.add_argument("--overlap-grad-reduce", action="store_true", help="Overlap DP gradient reduce with backward.")
@@ -283,7 +296,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
              "train_iters", "lr")
     _positive(args, "num_layers", "hidden_size", "num_attention_heads", "seq_length", "micro_batch_size",
               "global_batch_size", "train_iters", "tensor_model_parallel_size", "pipeline_model_parallel_size",
-              "log_interval", "eval_interval", "save_interval", "ffn_hidden_size")
+              "log_interval", "eval_interval", "save_interval", "ffn_hidden_size", "exit_duration_in_mins")
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
     if world_size % (tp * pp) != 0:

@@ -13,6 +13,7 @@ Nothing here is CoCoMix-specific: extra losses reach the log through the loss di
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
@@ -30,6 +31,7 @@ from megatron_cocomix.global_vars import reset_global_vars, set_args, set_tokeni
 from megatron_cocomix.model.gpt import initialize_weights
 from megatron_cocomix.training import checkpointing
 from megatron_cocomix.training.backends import OptimizerBackend, build_optimizer_backend
+from megatron_cocomix.training.exit_conditions import ExitConditions, NonFiniteError, check_losses
 from megatron_cocomix.training.logging import TrainingLogger
 
 
@@ -136,9 +138,11 @@ def train_step(forward_step_func, data_iterator, model, backend: OptimizerBacken
         forward_only=False,
     )
     backend.after_forward_backward()
-    update_successful, grad_norm = backend.step()
     losses = _reduce_losses(losses_reduced)
     losses.update(metrics.reduce())
+    if args.check_for_nan_in_loss_and_grad:
+        check_losses(losses)  # before the update: a diverged step never reaches the weights
+    update_successful, grad_norm = backend.step()
     return losses, update_successful, grad_norm
 
 
@@ -163,7 +167,10 @@ def evaluate(forward_step_func, data_iterator, model, args, num_iters: int) -> D
 
 
 def train(forward_step_func, model, backend: OptimizerBackend, data: DataIterators, args, state: dict,
-          logger: TrainingLogger):
+          logger: TrainingLogger) -> Optional[str]:
+    """Iterations up to --train-iters with periodic log / validation / save. Returns why it stopped early
+    (preemption signal, wall time, --exit-interval), or None. `state["valid"]` holds the last validation and
+    `state["valid_iteration"]` the iteration it ran at."""
     train_iterator = data.train(state["consumed_train_samples"])
     rng_state = state.pop("rng_state", None)
     if rng_state is not None:
@@ -172,11 +179,16 @@ def train(forward_step_func, model, backend: OptimizerBackend, data: DataIterato
         checkpointing.set_rng_state(rng_state)
     for chunk in model:
         chunk.train()
+    exit_conditions = ExitConditions(args)
     iteration = start_iteration = state["iteration"]
     saved = False
     while iteration < args.train_iters:
         start = time.time()
-        losses, update_successful, grad_norm = train_step(forward_step_func, train_iterator, model, backend, args)
+        try:
+            losses, update_successful, grad_norm = train_step(forward_step_func, train_iterator, model, backend,
+                                                               args)
+        except NonFiniteError as e:
+            _exit_on_divergence(e, iteration + 1, args)
         iteration += 1
         state["iteration"] = iteration
         state["consumed_train_samples"] += args.global_batch_size
@@ -185,20 +197,35 @@ def train(forward_step_func, model, backend: OptimizerBackend, data: DataIterato
                             consumed_samples=state["consumed_train_samples"])
 
         if args.eval_iters > 0 and iteration % args.eval_interval == 0:
-            logger.validation_log(iteration, evaluate(forward_step_func, data.valid(), model, args, args.eval_iters))
+            state["valid"] = evaluate(forward_step_func, data.valid(), model, args, args.eval_iters)
+            state["valid_iteration"] = iteration
+            logger.validation_log(iteration, state["valid"])
         saved = False
         if args.save and args.save_interval and iteration % args.save_interval == 0:
             checkpointing.save_checkpoint(args, iteration, model, backend, state)
             saved = True
-        if args.exit_interval and iteration % args.exit_interval == 0:
+        reason = exit_conditions.reason()
+        if reason is None and args.exit_interval and iteration % args.exit_interval == 0:
+            reason = f"--exit-interval {args.exit_interval}"
+        if reason is not None:
             if args.save and not saved:
                 checkpointing.save_checkpoint(args, iteration, model, backend, state)
-            print_rank_0(f"exiting program at iteration {iteration}")
-            return iteration
+            print_rank_0(f"exiting program at iteration {iteration} after {reason}")
+            return reason
     if args.save and iteration > start_iteration and not saved:
         # Megatron saves the end of training too when it does not fall on --save-interval.
         checkpointing.save_checkpoint(args, iteration, model, backend, state)
-    return iteration
+    return None
+
+
+def _exit_on_divergence(error: NonFiniteError, iteration: int, args) -> None:
+    """One line from the rank that saw it; every rank exits 1 before anything is saved."""
+    if torch.distributed.get_rank() == error.rank:
+        last = checkpointing.read_tracker(args.save) if args.save else None
+        saved = f"; the last checkpoint (iteration {last}) is clean" if last is not None else ""
+        print(f"error: iteration {iteration}: {error} (stopped before the optimizer step{saved}; "
+              f"--no-check-for-nan-in-loss-and-grad trains on)", file=sys.stderr, flush=True)
+    raise SystemExit(1)
 
 
 def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Callable, forward_step_func: Callable,
@@ -237,14 +264,16 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
     logger = TrainingLogger(args, backend.local_parameter_count())
     logger.log_startup()
 
+    stopped_early = None
     if not args.skip_train:
-        train(forward_step_func, model, backend, data, args, state, logger)
+        stopped_early = train(forward_step_func, model, backend, data, args, state, logger)
     state.pop("rng_state", None)
+    if args.eval_iters > 0 and stopped_early is None and state.get("valid_iteration") != state["iteration"]:
+        # Validated once more only when the last iteration did not just validate (Megatron's label).
+        state["valid"] = evaluate(forward_step_func, data.valid(), model, args, args.eval_iters)
+        logger.validation_log(state["iteration"], state["valid"], label="validation loss at the end of training")
     summary = dict(state)
-    if args.eval_iters > 0:
-        valid = evaluate(forward_step_func, data.valid(), model, args, args.eval_iters)
-        logger.validation_log(state["iteration"], valid)
-        summary["valid"] = valid
+    summary.pop("valid_iteration", None)
     summary["train_history"] = logger.history
     logger.close()
     return summary

@@ -45,22 +45,36 @@ def test_env() -> Dict[str, str]:
     return env
 
 
+def launch_command(script: str, args: Sequence[str], nproc: int = 1, launcher: str = "torchrun") -> List[str]:
+    """The command line that runs `script` with `nproc` processes (torchrun, the deepspeed launcher, or plain)."""
+    if launcher == "torchrun" and nproc > 1:
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+                "--master_port", str(free_port()), script, *args]
+    if launcher == "deepspeed":
+        return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
+                "--master_port", str(free_port()), script, *args]
+    return [sys.executable, script, *args]
+
+
 def run_script(script: str, args: Sequence[str], nproc: int = 1, timeout: int = 300,
                launcher: str = "torchrun", check: bool = True) -> subprocess.CompletedProcess:
     """Run a script with `nproc` processes; returns the completed process (stdout + stderr captured)."""
-    if launcher == "torchrun" and nproc > 1:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_port", str(free_port()), script, *args]
-    elif launcher == "deepspeed":
-        cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
-               "--master_port", str(free_port()), script, *args]
-    else:
-        cmd = [sys.executable, script, *args]
+    cmd = launch_command(script, args, nproc, launcher)
     proc = subprocess.run(cmd, cwd=ROOT, env=test_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")
     return proc
+
+
+def start_script(script: str, args: Sequence[str], nproc: int = 1, stderr_path: Optional[str] = None,
+                 launcher: str = "torchrun") -> subprocess.Popen:
+    """Start a script in the background in its own process group; stdout is a text pipe read line by line."""
+    env = test_env()
+    env["PYTHONUNBUFFERED"] = "1"
+    stderr = open(stderr_path, "w") if stderr_path else subprocess.DEVNULL
+    return subprocess.Popen(launch_command(script, args, nproc, launcher), cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
 
 
 def run_pretrain(args: Sequence[str], tmp_path, nproc: int = 1, name: str = "run", timeout: int = 300,

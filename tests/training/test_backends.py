@@ -11,8 +11,8 @@ import pytest
 from tests.helpers.launch import TINY_GPT
 
 
-def _decay_by_name(flags):
-    """{parameter name: weight decay its optimizer group applies at the scheduled value}."""
+def _backend(flags):
+    """The optimizer back end the flags choose, over a freshly built TINY_GPT."""
     from megatron.core.utils import get_model_config
 
     import pretrain_cocomix
@@ -28,15 +28,18 @@ def _decay_by_name(flags):
     set_args(args)
     initialize_distributed(args)
     model = get_model(pretrain_cocomix.model_provider, args)
-    backend = build_optimizer_backend(args, model, get_model_config(model[0]))
+    return build_optimizer_backend(args, model, get_model_config(model[0]))
+
+
+def _decay_by_name(flags):
+    """{parameter name: weight decay its optimizer group applies at the scheduled value}."""
+    backend = _backend(flags)
     backend.scheduler.step(increment=1)  # megatron's scheduler writes weight_decay = wd x wd_mult per group
     names = {id(p): n for chunk in backend.model for n, p in chunk.named_parameters()}
-    optimizer = getattr(backend.optimizer, "optimizer", backend.optimizer)
     out = {}
     for group in backend.optimizer.param_groups:
         for param in group["params"]:
             out[names.get(id(param), f"<partition of {tuple(param.shape)}>")] = group["weight_decay"]
-    assert optimizer is not None
     return out
 
 
@@ -84,3 +87,30 @@ def test_deepspeed_backend_weight_decay_groups(single_process, tmp_path, everyth
     decay = _decay_by_name(["--deepspeed", "--deepspeed_config", str(config)]
                            + (["--weight-decay-all-params"] if everything else []))
     assert sorted(set(decay.values())) == ([0.1] if everything else [0.0, 0.1])
+
+
+def test_nonfinite_grad_norm_stops_before_the_update(single_process):
+    """--check-for-nan-in-loss-and-grad: a NaN in one gradient makes the global norm NaN; the back end raises
+    between computing the norm and applying the update, naming the rank that holds it."""
+    import torch
+
+    from megatron_cocomix.training.exit_conditions import NonFiniteError
+
+    backend = _backend([])
+    backend.zero_grad()
+    params = [p for chunk in backend.model for p in chunk.parameters()]
+    before = [p.detach().clone() for p in params]
+    for p in params:
+        p.main_grad.normal_()
+    params[3].main_grad.view(-1)[0] = float("nan")
+    with pytest.raises(NonFiniteError) as caught:
+        backend.step()
+    assert caught.value.quantity == "grad norm" and caught.value.rank == 0
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    # Finite gradients go through, clipped, and change the weights (past the warmup's zero learning rate).
+    backend.scheduler.step(increment=1)
+    backend.zero_grad()
+    for p in params:
+        p.main_grad.normal_()
+    applied, norm = backend.step()
+    assert applied and norm > 1.0 and not all(torch.equal(p, b) for p, b in zip(params, before))

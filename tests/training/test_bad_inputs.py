@@ -28,3 +28,24 @@ def test_setup_error_is_one_line(flags, message):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert errors and errors[-1].startswith(message), proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
+
+
+def test_labels_file_too_short_is_refused_before_training(tmp_path):
+    """Precomputed labels for 8 samples, a run that reads 4 iterations x 8 sequences: refused at start-up."""
+    import torch
+
+    from megatron_cocomix.data.concept_labels import ConceptLabelsWriter, write_fingerprint
+
+    prefix = str(tmp_path / "labels")
+    seq_length, num_labels, num_latents, samples = 32, 4, 64, 8
+    writer = ConceptLabelsWriter(prefix, seq_length, num_labels, num_latents)
+    writer.add(torch.randint(0, num_latents, (samples, seq_length, num_labels)))
+    writer.finalize()
+    write_fingerprint(prefix, {}, seq_length, num_labels, num_latents, samples)
+    flags = TINY_GPT + ["--cocomix", "--concept-layer", "2", "--concept-labels", prefix]
+    proc = run_script(os.path.join(ROOT, "pretrain_cocomix.py"), flags, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: concept labels {prefix}: 8 samples but training needs 32; re-run "
+                      f"tools/extract_concepts.py with the training flags"], proc.stderr[-2000:]
+    assert "iteration" not in proc.stdout and "Traceback" not in proc.stderr

@@ -82,7 +82,9 @@ def test_validation_block_and_startup_report(pp2_run):
     result, args, _ = pp2_run
     lines = result["stdout"].splitlines()
     blocks = [(i, VALIDATION.match(line)) for i, line in enumerate(lines) if VALIDATION.match(line)]
-    assert [int(m.group(1)) for _, m in blocks] == [2, 4, 4]  # every --eval-interval, then after training
+    # Every --eval-interval; the last iteration validated, so there is no separate end-of-training block.
+    assert [int(m.group(1)) for _, m in blocks] == [2, 4]
+    assert "validation loss at the end of training" not in result["stdout"]
     for i, match in blocks:
         assert lines[i - 1] == lines[i + 1] == "-" * (len(lines[i]) + 1)
         value, ppl = re.match(r"lm loss value: (\S+) \| lm loss PPL: (\S+) \| $", match.group(2)).groups()

@@ -34,6 +34,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import os
 from typing import Dict, List, Optional, Tuple
 
@@ -44,6 +45,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_cocomix.deepspeed_config import check_deepspeed_config
 from megatron_cocomix.distributed import DeepSpeedMPU, layout_string
 from megatron_cocomix.training.backends.base import OptimizerBackend, build_scheduler
+from megatron_cocomix.training.exit_conditions import NonFiniteError
 
 OPTIMIZER_DIR = "deepspeed_optimizer"
 LAYOUT_FILE = "layout.json"
@@ -115,6 +117,7 @@ class DeepSpeedBackend(OptimizerBackend):
         self.ds_config = check_deepspeed_config(args, args.deepspeed_config_dict, args.deepspeed_config)
         self.stage = int(self.ds_config["zero_optimization"]["stage"])
         self.num_micro_batches = args.num_micro_batches
+        self.check_nonfinite = args.check_for_nan_in_loss_and_grad
         chunk = model_chunks[0]
 
         for param in chunk.parameters():
@@ -230,12 +233,17 @@ class DeepSpeedBackend(OptimizerBackend):
         self.engine.step()
         self._backwards = 0
         applied = self.engine.was_step_applied()
-        if applied:
-            self.scheduler.step(increment=1)
         grad_norm = self.engine.get_global_grad_norm()
         if torch.is_tensor(grad_norm):
             grad_norm = grad_norm.item()
-        return applied, None if grad_norm is None else float(grad_norm)
+        grad_norm = None if grad_norm is None else float(grad_norm)
+        if applied and self.check_nonfinite and grad_norm is not None and not math.isfinite(grad_norm):
+            # DeepSpeed computes the norm inside its step, so this is found right after it; the loop stops
+            # before anything is saved.
+            raise NonFiniteError("grad norm", grad_norm, 0)
+        if applied:
+            self.scheduler.step(increment=1)
+        return applied, grad_norm
 
     @property
     def loss_scale(self) -> Optional[float]:

@@ -16,15 +16,18 @@ which holds `step`, while those loaders drop `step` from the source (KeyError: '
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_cocomix.distributed import layout_string
 from megatron_cocomix.training.backends.base import OptimizerBackend, build_scheduler
+from megatron_cocomix.training.exit_conditions import NonFiniteError, lowest_rank_where
 
 # `dp_reshardable`: the distributed optimizer's buckets (any DP size, same TP / PP; see above).
 # `chained_optim_avoid_prefix`: the keys do not depend on how many optimizers megatron chained together.
@@ -38,6 +41,8 @@ class MegatronOptimizerBackend(OptimizerBackend):
 
     def __init__(self, args: argparse.Namespace, model_chunks: List[torch.nn.Module], config: TransformerConfig):
         self.distributed = bool(args.use_distributed_optimizer)
+        self.clip_grad = args.clip_grad
+        self.check_nonfinite = args.check_for_nan_in_loss_and_grad
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=args.bf16 or args.fp16,
             overlap_grad_reduce=args.overlap_grad_reduce,
@@ -83,11 +88,37 @@ class MegatronOptimizerBackend(OptimizerBackend):
         self.optimizer.zero_grad()
 
     def step(self) -> Tuple[bool, Optional[float]]:
-        """Gradients were reduced inside the schedule (finalize_model_grads). fp16 overflow skips the update."""
-        update_successful, grad_norm, _ = self.optimizer.step()
+        """Gradients were reduced inside the schedule (finalize_model_grads). fp16 overflow skips the update.
+
+        megatron's `optimizer.step()`, opened up so that a NaN / Inf gradient norm stops the run between
+        computing the norm and applying the update (--check-for-nan-in-loss-and-grad); the same calls in the
+        same order, so the update is bit-identical."""
+        optimizer = self.optimizer
+        if optimizer.prepare_grads():  # fp16: inf / NaN found while unscaling; the loss scale backs off
+            return False, None
+        grad_norm = None
+        if self.clip_grad > 0.0 or self.check_nonfinite:
+            grad_norm = optimizer.get_grad_norm()
+        if self.check_nonfinite and not math.isfinite(grad_norm):
+            raise NonFiniteError("grad norm", grad_norm, self._rank_with_nonfinite_grads())
+        if self.clip_grad > 0.0:
+            for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
+                params = sub.get_parameters()
+                if params:
+                    clip_grad_by_total_norm_fp32(params, self.clip_grad, grad_norm,
+                                                 sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+        update_successful = optimizer.step_with_ready_grads()
         if update_successful:
             self.scheduler.step(increment=1)
         return update_successful, grad_norm
+
+    def _rank_with_nonfinite_grads(self) -> int:
+        """Collective: the lowest rank holding a NaN / Inf in its own gradients (the norm is global)."""
+        local = [g for sub in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+                 for g in sub.get_main_grads_for_grad_norm()]
+        bad = any(not torch.isfinite(g).all() for g in local)
+        rank = lowest_rank_where(bad)
+        return 0 if rank is None else rank
 
     @property
     def loss_scale(self) -> Optional[float]:
