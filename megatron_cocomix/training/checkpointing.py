@@ -141,6 +141,17 @@ def _write_tracker(root: str, iteration: int, token: str) -> None:
     _fsync_dir(root)
 
 
+def _fsync_tree(path: str) -> None:
+    for directory, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        _fsync_dir(directory)
+
+
 def _remove_stale_temporaries(root: str) -> None:
     """Left-overs of saves killed before their rename: nothing refers to them."""
     for name in os.listdir(root):
@@ -258,6 +269,9 @@ def _save_model_and_state(args, iteration, model, backend: OptimizerBackend, sta
 def _publish(root, iteration, final, tmp, token, rank, start) -> None:
     """Rename the finished temporary directory into place and point the tracker at it."""
     if rank == 0:
+        # Every rank's files are complete (barrier); make them durable before anything points at them, so a
+        # crash right after the tracker update cannot leave it naming files still in the page cache.
+        _fsync_tree(tmp)
         if os.path.exists(final):  # the same iteration saved again (e.g. after a resume): replace it
             old = f"{final}.old-{token}"
             os.rename(final, old)
@@ -295,6 +309,30 @@ def resolve_checkpoint(root: str) -> Optional[str]:
     return path
 
 
+def verify_checkpoint_files(path: str) -> None:
+    """Every file the checkpoint's index names is there and as long as the index says; otherwise one
+    CheckpointError naming the first missing or truncated file (instead of an unpickling error mid-load)."""
+    for name in ("common.pt", ".metadata"):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise CheckpointError(f"{os.path.join(path, name)}: missing (the checkpoint is incomplete)")
+    from torch.distributed.checkpoint import FileSystemReader
+
+    try:
+        metadata = FileSystemReader(path).read_metadata()
+    except Exception as e:  # a truncated or foreign index
+        raise CheckpointError(f"{os.path.join(path, '.metadata')}: unreadable ({type(e).__name__})") from None
+    needed: Dict[str, int] = {}
+    for item in (metadata.storage_data or {}).values():
+        needed[item.relative_path] = max(needed.get(item.relative_path, 0), item.offset + item.length)
+    for relative, length in sorted(needed.items()):
+        file = os.path.join(path, relative)
+        if not os.path.isfile(file):
+            raise CheckpointError(f"{file}: missing (the checkpoint is incomplete)")
+        size = os.path.getsize(file)
+        if size < length:
+            raise CheckpointError(f"{file}: truncated ({size} bytes, the checkpoint's index needs {length})")
+
+
 def check_compatible(path: str, common: dict, args: argparse.Namespace) -> None:
     """Refuse a checkpoint whose tensor shapes cannot match this model, naming the first differing flag."""
     saved = common.get("model_args")
@@ -322,6 +360,7 @@ def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], back
     if path is None:
         return fresh
     start = time.time()
+    verify_checkpoint_files(path)
     common = dist_checkpointing.load_common_state_dict(path)
     check_compatible(path, common, args)
     saved_layout = common["layout"]
@@ -354,7 +393,10 @@ def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], back
         for key, chunk in zip(_model_keys(model), model):
             _unwrap(chunk).load_state_dict(loaded[key], strict=True)
     if load_optimizer:
-        backend.load_optimizer_state(loaded, path)
+        try:
+            backend.load_optimizer_state(loaded, path)
+        except (ValueError, FileNotFoundError) as e:
+            raise CheckpointError(str(e)) from None
         try:
             backend.scheduler.load_state_dict(common["opt_param_scheduler"])
         except AssertionError as e:  # megatron asserts that --lr etc. agree with the checkpoint

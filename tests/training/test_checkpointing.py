@@ -222,6 +222,33 @@ def test_compatibility_check_names_each_flag(single_process_runs):
             checkpointing.check_compatible(path, common, args)
 
 
+def test_truncated_or_missing_shard_is_refused(single_process_runs, tmp_path):
+    """A shard cut short (a copy interrupted, a full disk) or gone: one line naming the file, before loading."""
+    import shutil
+
+    root = tmp_path / "ckpt"
+    shutil.copytree(checkpointing.checkpoint_dir(single_process_runs["saved"], 4), root / "iter_0000004")
+    (root / checkpointing.TRACKER).write_text("4")
+    path = str(root / "iter_0000004")
+    checkpointing.verify_checkpoint_files(path)  # intact
+    shard = max((os.path.join(path, n) for n in os.listdir(path) if n.endswith(".distcp")), key=os.path.getsize)
+    size = os.path.getsize(shard)
+    with open(shard, "r+b") as f:
+        f.truncate(size // 2)
+    proc = run_script(PRETRAIN_WORKER, [str(tmp_path / "truncated.json"), *TINY_GPT, "--load", str(root)],
+                      timeout=TIMEOUT, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and re.fullmatch(rf"error: {re.escape(shard)}: truncated \({size // 2} bytes, the "
+                                             rf"checkpoint's index needs \d+\)", errors[0]), proc.stderr[-2000:]
+    os.remove(shard)
+    with pytest.raises(checkpointing.CheckpointError, match=f"{re.escape(shard)}: missing"):
+        checkpointing.verify_checkpoint_files(path)
+    os.remove(os.path.join(path, "common.pt"))
+    with pytest.raises(checkpointing.CheckpointError, match="common.pt: missing"):
+        checkpointing.verify_checkpoint_files(path)
+
+
 def test_tracker_errors(tmp_path):
     root = str(tmp_path)
     assert checkpointing.resolve_checkpoint(root) is None  # empty: start from scratch

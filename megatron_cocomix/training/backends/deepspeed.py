@@ -36,6 +36,7 @@ import contextlib
 import json
 import math
 import os
+import zipfile
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -320,6 +321,11 @@ class DeepSpeedBackend(OptimizerBackend):
         if saved != self._layout():
             raise ValueError(f"{layout_file}: DeepSpeed optimizer state saved at {saved} cannot load at "
                              f"{self._layout()} (load the model weights only)")
+        for directory, _, files in os.walk(self._stage_dir(path)):
+            for name in files:
+                # torch.save writes zip archives: a cut-short one has no central directory.
+                if name.endswith(".pt") and not zipfile.is_zipfile(os.path.join(directory, name)):
+                    raise ValueError(f"{os.path.join(directory, name)}: truncated or not a torch file")
         load_path, _ = self.engine.load_checkpoint(self._stage_dir(path), tag=CHECKPOINT_TAG,
                                                    load_optimizer_states=True, load_lr_scheduler_states=False)
         if load_path is None:
