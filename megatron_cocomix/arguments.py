@@ -289,6 +289,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     Values that need files (the padded vocabulary from the tokenizer, the teacher's and the SAE's shapes) are
     declared here as None and filled by pretrain() before the arguments are frozen."""
     args.padded_vocab_size = None
+    args.true_vocab_size = None
     args.teacher_shape = None
     args.sae_topk = None
     args.deepspeed_config_dict = None
@@ -429,7 +430,10 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     args.variable_seq_lengths = doubles and pp > 1
     if args.kd and args.teacher_model is None:
         raise ArgumentError("--kd needs --teacher-model")
-    for flag in ("teacher_model", "sae", "load"):
+    # --load equal to --save may not exist yet: the first run of a job that is requeued after preemption
+    # (Megatron's resume-or-start pattern) starts from scratch there.
+    load = ("load",) if args.load is not None and args.load != args.save else ()
+    for flag in ("teacher_model", "sae") + load:
         path = getattr(args, flag)
         if path is not None and not os.path.exists(path):
             raise ArgumentError(f"--{flag.replace('_', '-')} {path}: no such file or directory")

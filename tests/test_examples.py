@@ -91,7 +91,8 @@ def known_options() -> dict:
         "tiny_cocomix_cpu.sh": _options(_load_tool("make_tiny_teacher").build_parser()) | train,
         "multinode": train | launchers | {"--job-name", "--nodes", "--ntasks-per-node", "--gpus-per-node",
                                           "--cpus-per-task", "--exclusive", "--time", "--output",
-                                          "--kill-on-bad-exit", "--export"},  # sbatch / srun
+                                          "--kill-on-bad-exit", "--export", "--signal", "--requeue",
+                                          "--open-mode", "--overlap"},  # sbatch / srun
         "default": _options(_load_tool("extract_concepts").build_parser()) | launchers,  # ⊇ train
         "train": train,
     }
@@ -299,7 +300,10 @@ def test_slurm(inputs):
     assert (ns.rdzv_id, ns.rdzv_endpoint, ns.nnodes) == ("4242", "gpu-017:6000", "2")
     args = parse_args(train_tokens, world_size=_world_size(ns))
     assert args.data_parallel_size == 16 and args.hidden_size == 624
-    assert "#SBATCH --ntasks-per-node=1\n" in open(os.path.join(EXAMPLES, "multinode", "slurm_cocomix.sbatch"))
+    assert args.exit_signal_handler and args.exit_signal == "SIGTERM"  # saves and exits 0 when warned
+    sbatch = open(os.path.join(EXAMPLES, "multinode", "slurm_cocomix.sbatch")).read()
+    for line in ("#SBATCH --ntasks-per-node=1\n", "#SBATCH --signal=B:TERM@120\n", "#SBATCH --requeue\n"):
+        assert line in sbatch
     # 3 nodes: 24 data-parallel ranks do not divide the 512-sequence batch; the trainer says so in one line.
     lines = _run("multinode/slurm_cocomix.sbatch", dict(env, SLURM_JOB_NUM_NODES="3")).stdout.strip().splitlines()
     launcher_tokens, train_tokens = _split_command(lines[-1])

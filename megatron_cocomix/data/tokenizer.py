@@ -266,13 +266,15 @@ def build_tokenizer_from_flags(tokenizer_type: Optional[str], vocab_file: Option
 
 
 def build_tokenizer(args: argparse.Namespace) -> _TextTokenizer:
-    """Build the tokenizer from the parsed flags and set `args.padded_vocab_size` (Megatron's padding rule)."""
+    """Build the tokenizer from the parsed flags and set `args.padded_vocab_size` (Megatron's padding rule) and
+    `args.true_vocab_size` (the ids the tokenizer can produce; the padded rows above it are masked out)."""
     tokenizer = build_tokenizer_from_flags(args.tokenizer_type, getattr(args, "vocab_file", None),
                                            getattr(args, "merge_file", None), getattr(args, "tokenizer_model", None),
                                            getattr(args, "vocab_size", None))
     divisible_by = getattr(args, "make_vocab_size_divisible_by", 128)
     tp = getattr(args, "tensor_model_parallel_size", 1)
     args.padded_vocab_size = vocab_size_with_padding(tokenizer.vocab_size, divisible_by, tp)
+    args.true_vocab_size = tokenizer.vocab_size
     logger.info("tokenizer %s: vocab %d padded to %d (%d dummy tokens)", args.tokenizer_type, tokenizer.vocab_size,
                 args.padded_vocab_size, args.padded_vocab_size - tokenizer.vocab_size)
     return tokenizer

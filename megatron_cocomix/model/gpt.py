@@ -161,6 +161,20 @@ def gpt_block_spec(args: argparse.Namespace, config: TransformerConfig, vp_stage
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=_norm_impl(args))
 
 
+def mask_padded_vocab(true_vocab_size: int):
+    """A forward hook for the output layer: the logits of the padded vocabulary rows (ids >= true_vocab_size, on
+    the last TP shards) become the dtype's lowest value, so they take no part in any softmax (LM loss, KD, sampling)
+    and the padding, which depends on TP, changes no number. In place, on the linear's fresh output."""
+    def hook(module, inputs, output):
+        logits = output[0] if isinstance(output, tuple) else output
+        local = logits.shape[-1]
+        first_padded = true_vocab_size - parallel_state.get_tensor_model_parallel_rank() * local
+        if first_padded < local:
+            logits[..., max(first_padded, 0):] = torch.finfo(logits.dtype).min
+        return output
+    return hook
+
+
 def build_gpt_model(args: argparse.Namespace, config: TransformerConfig, pre_process: bool, post_process: bool,
                     vp_stage: Optional[int] = None,
                     block_spec: Optional[TransformerBlockSubmodules] = None) -> GPTModel:
@@ -177,6 +191,8 @@ def build_gpt_model(args: argparse.Namespace, config: TransformerConfig, pre_pro
         rotary_base=args.rotary_base,
         vp_stage=vp_stage,
     )
+    if post_process and args.true_vocab_size is not None and args.true_vocab_size < args.padded_vocab_size:
+        model.output_layer.register_forward_hook(mask_padded_vocab(args.true_vocab_size))
     return model
 
 
@@ -217,7 +233,16 @@ def _canonical_name(name: str, tied: bool) -> str:
     return name
 
 
-def _full_tensor(name: str, shape: List[int], seed: int, std: float, out_std: float) -> torch.Tensor:
+_VOCAB_PARAMS = ("embedding.word_embeddings.weight", "output_layer.weight")
+
+
+def _full_tensor(name: str, shape: List[int], seed: int, std: float, out_std: float,
+                 vocab_size: Optional[int] = None) -> torch.Tensor:
+    if vocab_size is not None and name in _VOCAB_PARAMS and shape[0] > vocab_size:
+        # The real rows are drawn as if there were no padding, the padded ones are zero: the model does not
+        # depend on how far TP pads the vocabulary.
+        real = _full_tensor(name, [vocab_size] + list(shape[1:]), seed, std, out_std)
+        return torch.cat([real, torch.zeros([shape[0] - vocab_size] + list(shape[1:]))])
     leaf = name.rsplit(".", 1)[-1]
     if leaf.endswith("bias"):
         return torch.zeros(shape)
@@ -229,11 +254,12 @@ def _full_tensor(name: str, shape: List[int], seed: int, std: float, out_std: fl
 
 
 def initialize_weights(model_chunks: List[torch.nn.Module], seed: int, config: TransformerConfig,
-                       tied_embeddings: bool) -> None:
+                       tied_embeddings: bool, vocab_size: Optional[int] = None) -> None:
     """Draw every parameter in full from (seed, global name) and keep this rank's tensor-parallel slice.
 
     std 0.02 (config.init_method_std); output projections std 0.02 / sqrt(2 * num_layers), as Megatron's
     scaled init; every parameter whose name ends in "bias" 0 (including CoCoMix's pre_bias); norm weights 1.
+    Given `vocab_size` (the unpadded vocabulary), the padded rows of the embedding and output layer are 0.
     """
     tp_size = parallel_state.get_tensor_model_parallel_world_size()
     tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -248,7 +274,7 @@ def initialize_weights(model_chunks: List[torch.nn.Module], seed: int, config: T
             full_shape = list(local_shape)
             if partitioned:
                 full_shape[dim] *= tp_size
-            full = _full_tensor(name, full_shape, seed, std, out_std)
+            full = _full_tensor(name, full_shape, seed, std, out_std, vocab_size)
             if partitioned:
                 if config.gated_linear_unit and name.endswith("linear_fc1.weight"):
                     # The fused fc1 holds [gate; up]; each TP rank keeps its slice of both halves.

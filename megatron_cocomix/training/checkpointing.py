@@ -45,7 +45,7 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 from megatron.core import dist_checkpointing, parallel_state, tensor_parallel
-from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
 from megatron.core.dist_checkpointing.strategies.torch import (
     MCoreSavePlanner,
     TorchDistSaveShardedStrategy,
@@ -62,7 +62,9 @@ CHECKPOINT_VERSION = 1
 
 # Flags that fix tensor shapes: a checkpoint that disagrees on any of them cannot be loaded into this model.
 MODEL_SHAPE_ARGS = ("num_layers", "hidden_size", "ffn_hidden_size", "num_attention_heads", "num_query_groups",
-                    "padded_vocab_size")
+                    "padded_vocab_size", "true_vocab_size")
+# Tensors with a (padded) vocabulary dimension: re-padded on load when this run pads differently (another TP).
+VOCAB_TENSOR_KEYS = ("embedding.word_embeddings.weight", "output_layer.weight")
 
 
 class CheckpointError(ValueError):
@@ -334,19 +336,64 @@ def verify_checkpoint_files(path: str) -> None:
 
 
 def check_compatible(path: str, common: dict, args: argparse.Namespace) -> None:
-    """Refuse a checkpoint whose tensor shapes cannot match this model, naming the first differing flag."""
+    """Refuse a checkpoint whose tensor shapes cannot match this model, naming the first differing flag and both
+    values. The padded vocabulary may differ (it depends on TP) when the true vocabularies agree: it is re-padded
+    on load. Checkpoints that predate `true_vocab_size` must match the padded size."""
     saved = common.get("model_args")
     if saved is None:
         raise CheckpointError(f"{path}: not a checkpoint written by this project (no model_args in common.pt)")
-    for name, value in _model_args(args).items():
-        if saved.get(name) == value:
+    ours = _model_args(args)
+    for name, value in ours.items():
+        if name in ("padded_vocab_size", "true_vocab_size") or saved.get(name) == value:
             continue
-        if name == "padded_vocab_size":
-            raise CheckpointError(
-                f"{path} was saved with a padded vocabulary of {saved.get(name)}, but this run's tokenizer / "
-                f"--vocab-size and --make-vocab-size-divisible-by give {value}")
         flag = "--" + name.replace("_", "-")
         raise CheckpointError(f"{path} was saved with {flag} {saved.get(name)}, but this run has {flag} {value}")
+    if saved.get("true_vocab_size") is not None:
+        if saved["true_vocab_size"] != ours["true_vocab_size"]:
+            raise CheckpointError(
+                f"{path} was saved with a vocabulary of {saved['true_vocab_size']} ids, but this run's tokenizer / "
+                f"--vocab-size has {ours['true_vocab_size']}")
+    elif saved.get("padded_vocab_size") != ours["padded_vocab_size"]:
+        raise CheckpointError(
+            f"{path} was saved with a padded vocabulary of {saved.get('padded_vocab_size')}, but this run's "
+            f"tokenizer / --vocab-size and --make-vocab-size-divisible-by give {ours['padded_vocab_size']}")
+
+
+def _request_whole_vocab_tensors(sharded: dict, saved_padded: int, padded: int) -> Dict[tuple, ShardedTensor]:
+    """Replace every sharded tensor with this run's padded vocabulary dimension (weights, and the optimizer
+    state built on them) by a request for the whole tensor as saved; returns {path in the dict: original}."""
+    requests = {}
+
+    def visit(container, path):
+        for key, value in list(container.items() if isinstance(container, dict) else enumerate(container)):
+            if (isinstance(value, ShardedTensor) and value.key.endswith(VOCAB_TENSOR_KEYS)
+                    and value.global_shape[0] == padded and value.flattened_range is None):
+                whole = torch.empty((saved_padded,) + tuple(value.global_shape[1:]), dtype=value.dtype,
+                                    device=value.data.device)
+                # Every TP rank now reads the same whole tensor: only TP rank 0's copy is the main replica.
+                replica = tuple(value.replica_id) if isinstance(value.replica_id, tuple) else (value.replica_id,)
+                replica = replica + (parallel_state.get_tensor_model_parallel_rank(),)
+                container[key] = ShardedTensor.from_rank_offsets(value.key, whole, replica_id=replica)
+                requests[path + (key,)] = value
+            elif isinstance(value, (dict, list)):
+                visit(value, path + (key,))
+
+    visit(sharded, ())
+    return requests
+
+
+def _repad(loaded: dict, requests: Dict[tuple, ShardedTensor], true_vocab_size: int) -> None:
+    """Cut this rank's slice of this run's padding out of each whole saved tensor (padded rows zero)."""
+    for path, original in requests.items():
+        container = loaded
+        for key in path[:-1]:
+            container = container[key]
+        whole = container[path[-1]]
+        start, rows = original.global_offset[0], original.local_shape[0]
+        local = torch.zeros(original.local_shape, dtype=whole.dtype, device=whole.device)
+        real = max(0, min(rows, true_vocab_size - start))
+        local[:real] = whole[start:start + real]
+        container[path[-1]] = local
 
 
 def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], backend: OptimizerBackend) -> dict:
@@ -384,11 +431,16 @@ def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], back
             sharded.update(backend.optimizer_sharded_state(dict(sharded), common=common))
         if load_rng:
             sharded["rng_state"] = _rng_sharded_object(None)
+        saved_padded = common["model_args"].get("padded_vocab_size")
+        requests = {}
+        if saved_padded != args.padded_vocab_size:  # saved at a TP that pads the vocabulary otherwise
+            requests = _request_whole_vocab_tensors(sharded, saved_padded, args.padded_vocab_size)
         try:
             loaded = dist_checkpointing.load(sharded, path)
         except Exception as e:  # megatron's messages list every key: keep the first line
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise CheckpointError(f"{path}: {first[:300]}") from e
+        _repad(loaded, requests, args.true_vocab_size)
 
         for key, chunk in zip(_model_keys(model), model):
             _unwrap(chunk).load_state_dict(loaded[key], strict=True)

@@ -47,7 +47,8 @@ def get_model(model_provider: Callable, args: argparse.Namespace) -> List[torch.
         chunk.vp_stage = stage
         chunks.append(chunk)
     config = get_model_config(chunks[0])
-    initialize_weights(chunks, args.seed, config, tied_embeddings=not args.untie_embeddings_and_output_weights)
+    initialize_weights(chunks, args.seed, config, tied_embeddings=not args.untie_embeddings_and_output_weights,
+                       vocab_size=args.true_vocab_size)
     for chunk in chunks:
         for param in chunk.parameters():
             tensor_parallel.set_defaults_if_not_set_tensor_model_parallel_attributes(param)

@@ -210,16 +210,24 @@ def test_compatibility_check_names_each_flag(single_process_runs):
     path = checkpointing.checkpoint_dir(single_process_runs["saved"], 4)
     common = dist_checkpointing.load_common_state_dict(path)
     matching = argparse.Namespace(num_layers=4, hidden_size=64, ffn_hidden_size=256, num_attention_heads=4,
-                                  num_query_groups=4, padded_vocab_size=256)
+                                  num_query_groups=4, padded_vocab_size=256, true_vocab_size=256)
     checkpointing.check_compatible(path, common, matching)
+    # Another padding of the same vocabulary (another TP) loads: the vocabulary tensors are re-padded.
+    checkpointing.check_compatible(path, common, argparse.Namespace(**{**vars(matching), "padded_vocab_size": 384}))
     for name, value, message in [
             ("num_layers", 2, "saved with --num-layers 4, but this run has --num-layers 2"),
             ("num_attention_heads", 8, "saved with --num-attention-heads 4, but this run has --num-attention-heads 8"),
-            ("padded_vocab_size", 384, "saved with a padded vocabulary of 256, but this run's tokenizer / "
-                                       "--vocab-size and --make-vocab-size-divisible-by give 384")]:
+            ("true_vocab_size", 300, "saved with a vocabulary of 256 ids, but this run's tokenizer / --vocab-size "
+                                     "has 300")]:
         args = argparse.Namespace(**{**vars(matching), name: value})
         with pytest.raises(checkpointing.CheckpointError, match=re.escape(message)):
             checkpointing.check_compatible(path, common, args)
+    # A checkpoint from before true_vocab_size was recorded must match the padded size.
+    older = {**common, "model_args": {k: v for k, v in common["model_args"].items() if k != "true_vocab_size"}}
+    with pytest.raises(checkpointing.CheckpointError, match=re.escape(
+            "saved with a padded vocabulary of 256, but this run's tokenizer / --vocab-size and "
+            "--make-vocab-size-divisible-by give 384")):
+        checkpointing.check_compatible(path, older, argparse.Namespace(**{**vars(matching), "padded_vocab_size": 384}))
 
 
 def test_truncated_or_missing_shard_is_refused(single_process_runs, tmp_path):
