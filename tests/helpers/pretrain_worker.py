@@ -15,7 +15,10 @@ from megatron_cocomix.distributed import destroy_distributed
 
 
 def main() -> None:
-    summary_path, argv = sys.argv[1], sys.argv[2:]
+    # The deepspeed launcher puts --local_rank=N first; the trainer takes it anywhere.
+    args = sys.argv[1:]
+    local_rank = [a for a in args[:1] if a.startswith("--local_rank")]
+    summary_path, argv = args[len(local_rank)], local_rank + args[len(local_rank) + 1:]
     summary = pretrain_cocomix.main(argv)
     if torch.distributed.get_rank() == torch.distributed.get_world_size() - 1:
         with open(summary_path, "w") as f:
