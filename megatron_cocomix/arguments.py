@@ -237,8 +237,9 @@ def _add_cocomix_args(parser: argparse.ArgumentParser) -> None:
                         "whatever their score (zero-score ties in latent-id order; the official code leaves "
                         "their order undefined). Online and precomputed labels alike.")
     g.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="Precision of the frozen teacher (labels, KD). fp32 as the official teacher; see "
-                        "benchmarks/teacher_dtype.md for how often bf16 changes the labels.")
+                   help="Precision of the frozen teacher (labels, KD). Default fp32, as the official teacher: in "
+                        "bf16 only 80.6%% of tokens kept the same label set (93.7%% the same top-1) on SmolLM2-135M "
+                        "and the shipped corpus (benchmarks/teacher_dtype.md).")
     g.add_argument("--teacher-model", default=None, help="Local Hugging Face model directory or .gguf file.")
     g.add_argument("--teacher-layer", type=int, default=None, help="SAE hook: the teacher's hidden_states[layer].")
     g.add_argument("--sae", default=None, help="TopK SAE: OpenAI .pt, SAELens folder or sparsify folder.")
