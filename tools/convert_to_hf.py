@@ -78,7 +78,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         argv, train_argv = argv[:cut], argv[cut + 1:]
     options = build_parser().parse_args(argv)
 
-    from megatron_cocomix.conversion.checkpoint import find_checkpoint, load_checkpoint_tp1, megatron_logits
+    from megatron_cocomix.conversion.checkpoint import (
+        find_checkpoint,
+        load_checkpoint_tp1,
+        megatron_logits,
+        read_common,
+    )
     from megatron_cocomix.conversion.export import (
         DTYPES,
         build_hf_model,
@@ -94,13 +99,12 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     check_output(options.output, options.overwrite)
     path = find_checkpoint(options.load, options.iteration)
-    if options.tokenizer_type is not None:  # bad tokenizer flags fail before the weights are read
-        _tokenizer_state(options, None, path)
+    # A missing or bad tokenizer fails before the weights are read.
+    tokenizer = _tokenizer_state(options, (read_common(path).get("export") or {}).get("tokenizer"), path)
     architectures = []
     loaded = load_checkpoint_tp1(options.load, options.iteration, train_argv,
                                  check_args=lambda a: architectures.append(choose_architecture(a)))
     architecture, args = architectures[0], loaded.args
-    tokenizer = _tokenizer_state(options, loaded.tokenizer, path)
     dtype = DTYPES[options.dtype] if options.dtype else dtype_from_args(args)
     hf = build_hf_model(loaded.model, args, architecture, tokenizer, dtype)
     print(f"{loaded.path}: iteration {loaded.iteration}, {architecture} ({type(hf).__name__}), "

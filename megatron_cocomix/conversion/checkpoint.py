@@ -61,6 +61,14 @@ def find_checkpoint(root: str, iteration: Optional[int] = None) -> str:
     return path
 
 
+def read_common(path: str) -> dict:
+    """The checkpoint's common state (common.pt: iteration, model_args, export, ...)."""
+    try:
+        return torch.load(os.path.join(path, "common.pt"), map_location="cpu", weights_only=False)
+    except Exception as e:
+        raise CheckpointError(f"{path}/common.pt: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+
+
 def _rebuild_args(saved: Optional[dict], train_argv: Optional[Sequence[str]], path: str):
     from megatron_cocomix.arguments import RunArguments, parse_args
 
@@ -117,10 +125,7 @@ def load_checkpoint_tp1(root: str, iteration: Optional[int] = None, train_argv: 
     from megatron.core import dist_checkpointing
 
     path = find_checkpoint(root, iteration)
-    try:
-        common = torch.load(os.path.join(path, "common.pt"), map_location="cpu", weights_only=False)
-    except Exception as e:
-        raise CheckpointError(f"{path}/common.pt: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
+    common = read_common(path)
     export = common.get("export") or {}
     args = _rebuild_args(export.get("args"), train_argv, path)
     if args.padded_vocab_size is None:

@@ -4,7 +4,8 @@ ids training used (no special tokens added; eos = the end-of-document token).
 
 - GPT2BPETokenizer: vocab.json + merges.txt -> tokenizer.json (byte-level BPE, no prefix space, as training).
 - HuggingFaceTokenizer: its tokenizer.json (and config files) copied; eos_token set to the eod token.
-- SentencePieceTokenizer: tokenizer.model copied, read by transformers' LlamaTokenizer (no BOS / EOS added).
+- SentencePieceTokenizer: tokenizer.model copied, read by transformers' LlamaTokenizer (no BOS / EOS added; a
+  leading "▁" only when the model adds one).
 - NullTokenizer: a word-level tokenizer.json whose tokens are the decimal ids ("3 1 4" -> [3, 1, 4]), as training.
 """
 
@@ -67,8 +68,11 @@ def write_tokenizer(state: dict, output: str, model_max_length: int) -> None:
         import sentencepiece
 
         sp = sentencepiece.SentencePieceProcessor(model_proto=files["tokenizer.model"])
+        # The model's own normaliser decides whether text gets a leading "▁" (add_dummy_prefix); transformers'
+        # LlamaTokenizer must do the same, or the first token of every text differs.
+        dummy_prefix = sp.encode("a", out_type=str)[0].startswith("\u2581")
         config.update(tokenizer_class="LlamaTokenizer", add_bos_token=False, add_eos_token=False, legacy=True,
-                      eos_token=sp.id_to_piece(eod))
+                      add_prefix_space=dummy_prefix, eos_token=sp.id_to_piece(eod))
     elif kind == "NullTokenizer":
         vocab = {str(i): i for i in range(state["vocab_size"])}
         backend = Tokenizer(models.WordLevel(vocab, unk_token=str(eod)))
