@@ -121,7 +121,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         exported = load_export(directory, torch.float32)
         reference_model = loaded.model.to(dtype).float()  # the export's rounding, compared in fp32
         tokens = fixed_prompts(tokenizer["vocab_size"], args.seq_length)
-        reference = megatron_logits(reference_model, tokens)[..., :tokenizer["vocab_size"]]
+        reference = megatron_logits(reference_model, tokens)[..., :exported.config.vocab_size]
         result.update(compare_logits(reference, hf_logits(exported, tokens)))
         print(f"verify: max abs logit diff {result['max_abs_logit_diff']:.3e}, mean KL {result['mean_kl']:.3e} "
               f"({tokens.shape[0]} prompts x {tokens.shape[1]} tokens)", flush=True)

@@ -29,7 +29,8 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def build_hf_model(model: torch.nn.Module, args, architecture: str, tokenizer: dict,
                    dtype: torch.dtype = torch.float32):
     """The transformers model holding the checkpoint's weights (vocabulary cut to the tokenizer's), in `dtype`."""
-    vocab_size = tokenizer["vocab_size"]
+    # An imported model may have more rows than its tokenizer has tokens: those are the model's, kept.
+    vocab_size = max(tokenizer["vocab_size"], getattr(args, "hf_vocab_size", None) or 0)
     if vocab_size > args.padded_vocab_size:
         raise ValueError(f"the tokenizer has {vocab_size} tokens but the checkpoint's vocabulary has only "
                          f"{args.padded_vocab_size} rows: pass the tokenizer flags of the run")

