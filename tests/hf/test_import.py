@@ -11,10 +11,10 @@ import os
 import pytest
 import torch
 
-from tests.hf.helpers import convert
 from tests.helpers.cocomix_assets import GPT2_VOCAB
 from tests.helpers.paths import GPT2_MERGES
 from tests.helpers.paths import GPT2_VOCAB as GPT2_VOCAB_FILE
+from tests.hf.helpers import convert
 
 
 def import_hf(argv):
