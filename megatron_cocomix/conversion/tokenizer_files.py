@@ -83,4 +83,6 @@ def write_tokenizer(state: dict, output: str, model_max_length: int) -> None:
         config.update(tokenizer_class="PreTrainedTokenizerFast", eos_token=str(eod), unk_token=str(eod))
     else:
         raise ValueError(f"--tokenizer-type {kind}: cannot export this tokenizer")
+    # Batches with (left) padding need a pad token; training has none, the end-of-document token serves.
+    config.setdefault("pad_token", config["eos_token"])
     _write_json(os.path.join(output, "tokenizer_config.json"), config)

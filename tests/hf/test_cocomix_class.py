@@ -74,6 +74,9 @@ ids = torch.tensor([tokenizer("5 17 200 3 9 31 77 128", add_special_tokens=False
 with torch.no_grad():
     logits = model(input_ids=ids).logits
 torch.save({"ids": ids, "logits": logits}, out)
+batch = tokenizer(["5 17", "1 2 3 4"], return_tensors="pt", padding=True, padding_side="left")
+assert batch["input_ids"].tolist() == [[255, 255, 5, 17], [1, 2, 3, 4]], batch["input_ids"]
+model.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
 leaked = sorted(m for m in sys.modules if m.split(".")[0] in ("megatron", "megatron_cocomix"))
 print(json.dumps({"leaked": leaked, "class": type(model).__name__}))
 """
