@@ -55,3 +55,35 @@ def test_export_tokenizer_reads_the_training_ids(checkpoints, export_root, singl
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert tokenizer("3 1 4 254", add_special_tokens=False)["input_ids"] == [3, 1, 4, 254]
     assert tokenizer.eos_token_id == 255
+
+
+def test_sharded_bf16_export(checkpoints, tmp_path, single_process):
+    """--dtype bf16 with small shards: an index file, bf16 tensors, and verify (the checkpoint's model rounded to
+    bf16 the same way) within 1e-4."""
+    from safetensors import safe_open
+
+    from tests.hf.helpers import VERIFY_RE, convert
+
+    output = str(tmp_path / "bf16")
+    code, out, err = convert(["--load", checkpoints("tp1")["cocomix"], "--output", output, "--dtype", "bf16",
+                              "--max-shard-size", "100KB"])
+    assert code == 0, err
+    numbers = VERIFY_RE.search(out)
+    assert numbers and float(numbers.group(1)) <= 1e-4, out
+    with open(os.path.join(output, "model.safetensors.index.json")) as f:
+        shards = sorted(set(json.load(f)["weight_map"].values()))
+    assert len(shards) > 1
+    with safe_open(os.path.join(output, shards[0]), "pt") as f:
+        assert all(f.get_tensor(name).dtype == torch.bfloat16 for name in f.keys())
+
+
+def test_hf_package_imports_no_megatron():
+    import subprocess
+    import sys
+
+    from tests.helpers.launch import test_env
+
+    code = ("import sys, megatron_cocomix.hf; "
+            "assert not [m for m in sys.modules if m.split('.')[0] == 'megatron'], 'megatron imported'")
+    proc = subprocess.run([sys.executable, "-c", code], env=test_env(), capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
