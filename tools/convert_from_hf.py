@@ -9,8 +9,9 @@ use, so pass the N you will train with. At the end it prints the flags to contin
 
     pretrain_cocomix.py <printed flags> --load CKPT_DIR --finetune <your training flags>
 
-The checkpoint holds an NTP model (CoCoMix fine-tuning from an import, with a fresh concept layer, is not
-supported yet: the strict load refuses the missing concept-layer tensors). Bad input: one `error:` line, exit status 2, nothing written.
+CoCoMix and pause-token models (this project's exports, or the official release's GPT2CoCoMixLMHeadModel, whose
+config.json has concept_dim) import with their concept layer. An NTP import continued with --cocomix (a fresh
+concept layer) is not supported yet: the strict load refuses the missing concept-layer tensors. Bad input: one `error:` line, exit status 2, nothing written.
 """
 
 from __future__ import annotations
@@ -56,7 +57,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from megatron_cocomix.arguments import parse_args
     from megatron_cocomix.conversion.checkpoint import _SINGLE_PROCESS, _init_single_process, build_model
-    from megatron_cocomix.conversion.from_hf import flags_for, hf_to_megatron, load_hf, save_checkpoint_tp1
+    from megatron_cocomix.conversion.from_hf import (
+        concept_flags,
+        flags_for,
+        hf_to_megatron,
+        load_hf,
+        save_checkpoint_tp1,
+    )
     from megatron_cocomix.data.tokenizer import HuggingFaceTokenizer, vocab_size_with_padding
     from megatron_cocomix.global_vars import set_tokenizer
 
@@ -77,7 +84,12 @@ def main(argv: Optional[List[str]] = None) -> int:
         tokenizer_flags = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", final_tokenizer]
         placeholders = ["--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-4", "--mock-data"]
         here = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_dir]
-        args = parse_args(network + layout + here + placeholders, world_size=tp * pp)
+        concept = concept_flags(hf.config) if arch == "cocomix" else []
+        pause = concept if concept[:1] == ["--pause-tokens"] else []
+        args = parse_args(network + pause + layout + here + placeholders, world_size=tp * pp)
+        if concept and not pause:  # the model alone: the concept labels' flags are the run's business
+            args.cocomix, args.concept_layer = True, int(concept[2])
+            args.concept_dim, args.concept_topk = int(concept[4]), int(concept[6])
         args.padded_vocab_size = vocab_size_with_padding(tokenizer.vocab_size, divisible_by, tp)
         if hf.config.vocab_size > args.padded_vocab_size:
             raise ValueError(f"{options.hf_model}: vocab_size {hf.config.vocab_size} exceeds the tokenizer's "
@@ -105,9 +117,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"--tensor-model-parallel-size {tp}): their logits are 0 until trained")
     print(f"imported {options.hf_model} ({type(hf).__name__}, {sum(p.numel() for p in hf.parameters()):,} "
           f"parameters, vocabulary {hf.config.vocab_size} padded to {args.padded_vocab_size}) into {options.output}")
-    print("continue training with:\n  pretrain_cocomix.py " + shlex.join(network + layout + tokenizer_flags)
-          + f" --load {shlex.quote(options.output)} --finetune <data and training flags>")
-    print("(the checkpoint holds an NTP model: --finetune with --cocomix / --pause-tokens is not supported yet)")
+    labels = " <--teacher-model/--teacher-layer/--sae or --concept-labels>" if concept and not pause else ""
+    print("continue training with:\n  pretrain_cocomix.py " + shlex.join(network + concept + layout + tokenizer_flags)
+          + f" --load {shlex.quote(options.output)} --finetune{labels} <data and training flags>")
     return 0
 
 

@@ -21,19 +21,45 @@ from megatron_cocomix.conversion.weights import fuse_qkv
 Tensors = Dict[str, torch.Tensor]
 
 
+def _is_cocomix(path: str) -> bool:
+    """A CoCoMix directory: this project's export, or the official release (a GPT-2 config with concept_dim)."""
+    import json
+
+    config = os.path.join(path, "config.json")
+    if not os.path.isfile(config):
+        return False
+    with open(config) as f:
+        return "concept_dim" in json.load(f)
+
+
 def load_hf(path: str):
     """(model in fp32, tokenizer) from a local directory or a .gguf file (dequantised), offline."""
     from megatron_cocomix.concepts.teacher import _check_path, _load_hf_model, load_teacher_tokenizer
 
     _check_path(path)
+    if _is_cocomix(path):
+        # This project's class reads both (same names); AutoModel would read the official one as plain GPT-2.
+        from megatron_cocomix.hf import CoCoMixForCausalLM
+
+        model = CoCoMixForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
+        return model.eval(), load_teacher_tokenizer(path)
     return _load_hf_model(path, torch.float32).eval(), load_teacher_tokenizer(path)
+
+
+def concept_flags(config) -> List[str]:
+    """The training flags of a CoCoMix / pause-token model beyond its network flags."""
+    if getattr(config, "mixing", "concept") == "pause":
+        return ["--pause-tokens", "--concept-layer", str(config.insert_layer_idx)]
+    return ["--cocomix", "--concept-layer", str(config.insert_layer_idx), "--concept-dim", str(config.concept_dim),
+            "--concept-topk", str(config.concept_num)]
 
 
 def flags_for(config, seq_length: int) -> Tuple[str, List[str]]:
     """('gpt2' | 'llama', the Megatron network flags of this config); ValueError for anything else."""
     model_type = config.model_type
     tied = bool(getattr(config, "tie_word_embeddings", True))
-    if model_type == "gpt2":
+    cocomix = getattr(config, "concept_dim", None) is not None
+    if model_type == "gpt2" or cocomix:
         if config.activation_function not in ("gelu_new", "gelu", "gelu_pytorch_tanh"):
             raise ValueError(f"activation_function {config.activation_function}: only GELU (exact or tanh) imports")
         if config.scale_attn_by_inverse_layer_idx or config.reorder_and_upcast_attn or not config.scale_attn_weights:
@@ -43,8 +69,11 @@ def flags_for(config, seq_length: int) -> Tuple[str, List[str]]:
                  "--max-position-embeddings", config.n_positions, "--norm-epsilon", config.layer_norm_epsilon]
         if config.activation_function != "gelu":
             flags.append("--openai-gelu")
-        arch = "gpt2"
-        seq_length = min(seq_length, config.n_positions)
+        arch = "cocomix" if cocomix else "gpt2"
+        if getattr(config, "position_embedding_type", "learned_absolute") == "rope":
+            flags += ["--position-embedding-type", "rope", "--rotary-base", int(config.rotary_base)]
+        else:
+            seq_length = min(seq_length, config.n_positions)
     elif model_type in ("llama", "mistral", "qwen2") or getattr(config, "hidden_act", None) == "silu":
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         if head_dim * config.num_attention_heads != config.hidden_size:
@@ -82,10 +111,11 @@ def hf_to_megatron(state: Tensors, args, arch: str) -> Tensors:
     """Megatron TP1 names from HF names; vocabulary rows padded with zeros to args.padded_vocab_size."""
     heads, groups, n = args.num_attention_heads, args.num_query_groups, args.num_layers
     out = {}
-    if arch == "gpt2":
+    if arch in ("gpt2", "cocomix"):
         d = args.hidden_size
         out["embedding.word_embeddings.weight"] = state["transformer.wte.weight"]
-        out["embedding.position_embeddings.weight"] = state["transformer.wpe.weight"]
+        if "transformer.wpe.weight" in state:
+            out["embedding.position_embeddings.weight"] = state["transformer.wpe.weight"]
         for i in range(n):
             src, dst = f"transformer.h.{i}.", f"decoder.layers.{i}."
             q, k, v = state[src + "attn.c_attn.weight"].T.split(d)
@@ -103,6 +133,15 @@ def hf_to_megatron(state: Tensors, args, arch: str) -> Tensors:
                 out[f"{dst}{name}.bias"] = state[f"{src}{ln}.bias"]
         out["decoder.final_layernorm.weight"] = state["transformer.ln_f.weight"]
         out["decoder.final_layernorm.bias"] = state["transformer.ln_f.bias"]
+        mix = f"decoder.layers.{args.concept_layer}.concept_mixing."
+        if arch == "cocomix" and args.pause_tokens:
+            out[mix + "pause_embedding"] = state["transformer.pause_embedding"]
+        elif arch == "cocomix":
+            out[mix + "predictor.pre_bias"] = state["transformer.pre_bias"]
+            out[mix + "predictor.linear.weight"] = state["transformer.concept_predictor.weight"]
+            out[mix + "predictor.linear.bias"] = state["transformer.concept_predictor.bias"]
+            out[mix + "compress_weight"] = state["transformer.compress_layer.weight"].T
+            out[mix + "compress_bias"] = state["transformer.compress_layer.bias"]
     else:
         out["embedding.word_embeddings.weight"] = state["model.embed_tokens.weight"]
         for i in range(n):

@@ -3,7 +3,8 @@ trained one after the other by tests/helpers/multi_run_worker.py), built at most
 
 Variants: cocomix (learned positions, GPT-2's gelu_new: the official student's shape), cocomix_rope, pause (pause
 tokens), gpt2 (NTP -> GPT2LMHeadModel), llama (NTP, rotary + RMSNorm + SwiGLU + GQA, no biases, untied ->
-LlamaForCausalLM). Every run trains 2 steps from the layout-independent initialisation, so the same variant at
+LlamaForCausalLM); in the DP2 launch also cocomix_zero1 (DeepSpeed ZeRO-1) and gpt2_distopt (megatron's distributed
+optimizer), gpt2 and llama there using ZeRO-3. Every run trains 2 steps from the layout-independent initialisation, so the same variant at
 two layouts holds (nearly) the same weights.
 """
 
@@ -28,6 +29,12 @@ VARIANTS = {
 }
 ZERO3 = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 5000, "stage3_prefetch_bucket_size": 5000,
                                "stage3_param_persistence_threshold": 100}}
+ZERO1 = {"zero_optimization": {"stage": 1}}
+# Variants trained with another optimizer back end in the DP2 launch: (variant, back-end flags).
+BACKENDS = {"gpt2": ["--deepspeed", "--deepspeed_config", "{zero3}"],
+            "llama": ["--deepspeed", "--deepspeed_config", "{zero3}"],
+            "cocomix_zero1": ["--deepspeed", "--deepspeed_config", "{zero1}"],
+            "gpt2_distopt": ["--use-distributed-optimizer"]}
 
 # layout: (processes, layout flags, variants trained there)
 LAYOUTS = {
@@ -36,22 +43,26 @@ LAYOUTS = {
                 ["cocomix", "llama", "gpt2"]),
     "pp2_vpp2": (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
                  ["cocomix_rope", "pause", "gpt2"]),
-    "zero3": (2, ["--deepspeed", "--deepspeed_config", "{ds_config}"], ["gpt2", "llama"]),
+    # DP2: DeepSpeed ZeRO-3 (gpt2, llama), ZeRO-1 (cocomix), megatron's distributed optimizer (gpt2).
+    "dp2": (2, [], ["gpt2", "llama", "cocomix_zero1", "gpt2_distopt"]),
 }
 
 
 def train_layout(layout: str, root: str) -> dict:
     """Train the layout's variants in one launch; returns {variant: checkpoint dir}."""
     nproc, flags, variants = LAYOUTS[layout]
-    ds_config = os.path.join(root, "ds_config.json")
-    with open(ds_config, "w") as f:
-        json.dump(ZERO3, f)
-    flags = [flag.format(ds_config=ds_config) for flag in flags]
+    configs = {}
+    for name, config in (("zero3", ZERO3), ("zero1", ZERO1)):
+        configs[name] = os.path.join(root, f"{name}.json")
+        with open(configs[name], "w") as f:
+            json.dump(config, f)
     runs, out = [], {}
     for variant in variants:
         out[variant] = os.path.join(root, variant)
-        argv = TINY_GPT + VARIANTS[variant] + flags + ["--train-iters", "2", "--eval-interval", "100",
-                                                       "--save", out[variant], "--save-interval", "2"]
+        model = VARIANTS[variant.split("_zero1")[0].split("_distopt")[0]]
+        backend = [flag.format(**configs) for flag in BACKENDS[variant]] if layout == "dp2" else []
+        argv = TINY_GPT + model + flags + backend + ["--train-iters", "2", "--eval-interval", "100",
+                                                     "--save", out[variant], "--save-interval", "2"]
         runs.append([variant, "pretrain", argv])
     spec = os.path.join(root, "spec.json")
     with open(spec, "w") as f:

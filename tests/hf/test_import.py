@@ -79,6 +79,7 @@ def _round_trip(source, tmp_path, tp):
     code, out, err = import_hf(["--hf-model", source, "--output", ckpt, "--tensor-model-parallel-size", str(tp)])
     assert code == 0, err
     assert "--load" in out and "--finetune" in out
+    assert ("--concept-layer 2" in out) == ("concept_dim" in open(os.path.join(source, "config.json")).read())
     code, out, err = convert(["--load", ckpt, "--output", back])
     assert code == 0, err
     original, exported = load_file(os.path.join(source, "model.safetensors")), load_file(
@@ -146,3 +147,52 @@ def test_smollm2_gguf_imports(tmp_path, single_process):
     numbers = compare_logits(ours[..., :theirs.shape[-1]], theirs)
     print(f"\nSmolLM2-135M gguf import: {numbers}")
     assert numbers["max_abs_logit_diff"] <= 1e-3 and numbers["mean_kl"] <= 1e-4
+
+
+def test_imported_gpt2_trains_at_tp2_with_transformers_loss(tiny_gpt2, tmp_path, single_process):
+    """pretrain_cocomix.py --load IMPORT --finetune at TP2 (the printed flags): its first iteration's lm loss (before
+    any update) equals transformers' loss on the same batch. Every document is the same 32 tokens, so every
+    training sample is doc + doc[0] whatever the shuffle."""
+    import shlex
+
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers.launch import run_pretrain
+
+    ckpt = str(tmp_path / "ckpt")
+    code, out, err = import_hf(["--hf-model", tiny_gpt2, "--output", ckpt, "--tensor-model-parallel-size", "2",
+                                "--seq-length", "32"])
+    assert code == 0, err
+    printed = shlex.split(out.split("pretrain_cocomix.py", 1)[1].split("<data", 1)[0])
+    doc = torch.randint(0, GPT2_VOCAB, (32,), generator=torch.Generator().manual_seed(5), dtype=torch.int32)
+    prefix = str(tmp_path / "same_doc")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.int32)
+    for _ in range(64):
+        builder.add_item(doc)
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    summary = run_pretrain(printed + ["--data-path", prefix, "--micro-batch-size", "2", "--global-batch-size", "4",
+                                      "--train-iters", "1", "--lr", "1e-4", "--hidden-dropout", "0",
+                                      "--attention-dropout", "0", "--eval-interval", "1000", "--eval-iters", "1",
+                                      "--log-interval", "1", "--num-workers", "0"], tmp_path, nproc=2)
+    ours = summary["train_history"][0]["lm loss"]
+    sample = torch.cat([doc, doc[:1]]).long()[None]
+    with torch.no_grad():
+        hf = AutoModelForCausalLM.from_pretrained(tiny_gpt2, dtype=torch.float32).eval()
+        logits = hf(input_ids=sample[:, :-1]).logits
+    theirs = torch.nn.functional.cross_entropy(logits[0], sample[0, 1:]).item()
+    print(f"\nimported GPT-2 at TP2: lm loss {ours:.6f}, transformers {theirs:.6f}")
+    assert abs(ours - theirs) <= 1e-4 * abs(theirs), (ours, theirs)
+
+
+@pytest.mark.parametrize("variant", ["cocomix", "cocomix_rope", "pause"])
+def test_cocomix_export_round_trip(variant, checkpoints, export_root, tmp_path, single_process):
+    """A CoCoMix / pause-token export imports with its concept layer: export -> checkpoint -> export is
+    bit-identical, and the printed flags name the concept layer."""
+    from tests.hf.helpers import export
+
+    source, _ = export(checkpoints("tp1")[variant], export_root, ("tp1", variant))
+    ckpt = _round_trip(source, tmp_path, 2)
+    assert os.path.isdir(ckpt)
