@@ -176,6 +176,7 @@ def test_imported_gpt2_trains_at_tp2_with_transformers_loss(tiny_gpt2, tmp_path,
     summary = run_pretrain(printed + ["--data-path", prefix, "--micro-batch-size", "2", "--global-batch-size", "4",
                                       "--train-iters", "1", "--lr", "1e-4", "--hidden-dropout", "0",
                                       "--attention-dropout", "0", "--eval-interval", "1000", "--eval-iters", "1",
+                                      "--split", "90,10,0",
                                       "--log-interval", "1", "--num-workers", "0"], tmp_path, nproc=2)
     ours = summary["train_history"][0]["lm loss"]
     sample = torch.cat([doc, doc[:1]]).long()[None]
