@@ -82,3 +82,21 @@ def test_non_empty_output(checkpoints, tmp_path, overwrite, single_process):
         assert code == 0, err
         assert not (output / "keep.txt").exists() and (output / "model.safetensors").exists()
         assert not any(".tmp-" in name for name in os.listdir(tmp_path))
+
+
+def test_checkpoint_without_recorded_flags_takes_them_after_dashes(checkpoints, tmp_path, single_process):
+    """A checkpoint saved before flags and tokenizer were recorded: refused in one line, then exported with the
+    training flags after `--` and the tokenizer flags."""
+    from tests.hf.conftest import VARIANTS
+    from tests.helpers.launch import TINY_GPT
+
+    def drop_export(common):
+        del common["export"]
+
+    old = _edited_copy(checkpoints("tp1")["gpt2"], str(tmp_path / "old"), drop_export)
+    tokenizer = ["--tokenizer-type", "NullTokenizer", "--vocab-size", "255"]
+    _assert_refused(["--load", old] + tokenizer, str(tmp_path / "out"), "give the training flags after `--`")
+    code, out, err = convert(["--load", old, "--output", str(tmp_path / "out")] + tokenizer
+                             + ["--"] + TINY_GPT + VARIANTS["gpt2"])
+    assert code == 0, err
+    assert "verify: max abs logit diff" in out
