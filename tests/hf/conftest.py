@@ -22,6 +22,7 @@ VARIANTS = {
     # A position table longer than the training sequences, so generation can run past --seq-length.
     "cocomix": cocomix_flags(2, 4) + ["--openai-gelu", "--max-position-embeddings", "64"],
     "cocomix_rope": cocomix_flags(2, 4) + ["--position-embedding-type", "rope"],
+    "cocomix_bf16": cocomix_flags(2, 4) + ["--bf16"],  # exported in bf16 (the training dtype) by default
     "pause": ["--pause-tokens", "--concept-layer", "2", "--max-position-embeddings", "64"],
     "gpt2": ["--openai-gelu"],
     "llama": ["--position-embedding-type", "rope", "--normalization", "RMSNorm", "--swiglu", "--disable-bias-linear",

@@ -87,8 +87,8 @@ def test_non_empty_output(checkpoints, tmp_path, overwrite, single_process):
 def test_checkpoint_without_recorded_flags_takes_them_after_dashes(checkpoints, tmp_path, single_process):
     """A checkpoint saved before flags and tokenizer were recorded: refused in one line, then exported with the
     training flags after `--` and the tokenizer flags."""
-    from tests.hf.conftest import VARIANTS
     from tests.helpers.launch import TINY_GPT
+    from tests.hf.conftest import VARIANTS
 
     def drop_export(common):
         del common["export"]

@@ -21,7 +21,8 @@ from tests.hf.helpers import export
 CASES = [(layout, variant) for layout, (_, _, variants) in LAYOUTS.items() for variant in variants]
 ARCHITECTURE = {"cocomix": "CoCoMixForCausalLM", "cocomix_rope": "CoCoMixForCausalLM",
                 "pause": "CoCoMixForCausalLM", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
-                "cocomix_zero1": "CoCoMixForCausalLM", "gpt2_distopt": "GPT2LMHeadModel"}
+                "cocomix_zero1": "CoCoMixForCausalLM", "cocomix_bf16": "CoCoMixForCausalLM",
+                "gpt2_distopt": "GPT2LMHeadModel"}
 SAME_MODEL = {"cocomix_zero1": "cocomix", "gpt2_distopt": "gpt2"}  # other back ends, same model and data
 
 
@@ -42,6 +43,7 @@ def test_export_verifies_and_matches_tp1(layout, variant, checkpoints, export_ro
     with open(os.path.join(path, "config.json")) as f:
         config = json.load(f)
     assert config["architectures"] == [ARCHITECTURE[variant]] and config["vocab_size"] == 256
+    assert config["dtype"] == ("bfloat16" if variant.endswith("bf16") else "float32")
     assert os.path.isfile(os.path.join(path, "generation_config.json"))
     assert os.path.isfile(os.path.join(path, "tokenizer.json"))
     if layout != "tp1":
