@@ -4,7 +4,7 @@ trained one after the other by tests/helpers/multi_run_worker.py), built at most
 Variants: cocomix (learned positions, GPT-2's gelu_new: the official student's shape), cocomix_rope, pause (pause
 tokens), gpt2 (NTP -> GPT2LMHeadModel), llama (NTP, rotary + RMSNorm + SwiGLU + GQA, no biases, untied ->
 LlamaForCausalLM); in the DP2 launch also cocomix_zero1 (DeepSpeed ZeRO-1) and gpt2_distopt (megatron's distributed
-optimizer), gpt2 and llama there using ZeRO-3. Every run trains 2 steps from the layout-independent initialisation, so the same variant at
+optimizer) and gpt2_zero2 (ZeRO-2), gpt2 and llama there using ZeRO-3. Every run trains 2 steps from the layout-independent initialisation, so the same variant at
 two layouts holds (nearly) the same weights.
 """
 
@@ -31,10 +31,13 @@ VARIANTS = {
 ZERO3 = {"zero_optimization": {"stage": 3, "reduce_bucket_size": 5000, "stage3_prefetch_bucket_size": 5000,
                                "stage3_param_persistence_threshold": 100}}
 ZERO1 = {"zero_optimization": {"stage": 1}}
+ZERO2 = {"zero_optimization": {"stage": 2, "overlap_comm": True, "contiguous_gradients": True,
+                               "reduce_bucket_size": 5000}}
 # Variants trained with another optimizer back end in the DP2 launch: (variant, back-end flags).
 BACKENDS = {"gpt2": ["--deepspeed", "--deepspeed_config", "{zero3}"],
             "llama": ["--deepspeed", "--deepspeed_config", "{zero3}"],
             "cocomix_zero1": ["--deepspeed", "--deepspeed_config", "{zero1}"],
+            "gpt2_zero2": ["--deepspeed", "--deepspeed_config", "{zero2}"],
             "gpt2_distopt": ["--use-distributed-optimizer"]}
 
 # layout: (processes, layout flags, variants trained there)
@@ -44,8 +47,8 @@ LAYOUTS = {
                 ["cocomix", "llama", "gpt2"]),
     "pp2_vpp2": (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"],
                  ["cocomix_rope", "pause", "gpt2"]),
-    # DP2: DeepSpeed ZeRO-3 (gpt2, llama), ZeRO-1 (cocomix), megatron's distributed optimizer (gpt2).
-    "dp2": (2, [], ["gpt2", "llama", "cocomix_zero1", "gpt2_distopt"]),
+    # DP2: DeepSpeed ZeRO-3 (gpt2, llama), ZeRO-2 (gpt2), ZeRO-1 (cocomix), megatron's distributed optimizer (gpt2).
+    "dp2": (2, [], ["gpt2", "llama", "cocomix_zero1", "gpt2_zero2", "gpt2_distopt"]),
 }
 
 
@@ -53,14 +56,14 @@ def train_layout(layout: str, root: str) -> dict:
     """Train the layout's variants in one launch; returns {variant: checkpoint dir}."""
     nproc, flags, variants = LAYOUTS[layout]
     configs = {}
-    for name, config in (("zero3", ZERO3), ("zero1", ZERO1)):
+    for name, config in (("zero3", ZERO3), ("zero1", ZERO1), ("zero2", ZERO2)):
         configs[name] = os.path.join(root, f"{name}.json")
         with open(configs[name], "w") as f:
             json.dump(config, f)
     runs, out = [], {}
     for variant in variants:
         out[variant] = os.path.join(root, variant)
-        model = VARIANTS[variant.split("_zero1")[0].split("_distopt")[0]]
+        model = VARIANTS[variant.split("_zero")[0].split("_distopt")[0]]
         backend = [flag.format(**configs) for flag in BACKENDS[variant]] if layout == "dp2" else []
         argv = TINY_GPT + model + flags + backend + ["--train-iters", "2", "--eval-interval", "100",
                                                      "--save", out[variant], "--save-interval", "2"]

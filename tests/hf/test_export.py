@@ -1,5 +1,5 @@
 """tools/convert_to_hf.py on checkpoints saved at TP1, TP2 x PP2, PP2 x virtual PP2, and DP2 with DeepSpeed ZeRO-3,
-ZeRO-1 and megatron's distributed optimizer.
+ZeRO-2, ZeRO-1 and megatron's distributed optimizer.
 
 Each export is verified by the tool (the checkpoint's own model at TP1 in this process against the written
 directory loaded back through AutoModelForCausalLM: max |logit diff| and mean KL <= 1e-4, fp32). Independently of
@@ -22,8 +22,8 @@ CASES = [(layout, variant) for layout, (_, _, variants) in LAYOUTS.items() for v
 ARCHITECTURE = {"cocomix": "CoCoMixForCausalLM", "cocomix_rope": "CoCoMixForCausalLM",
                 "pause": "CoCoMixForCausalLM", "gpt2": "GPT2LMHeadModel", "llama": "LlamaForCausalLM",
                 "cocomix_zero1": "CoCoMixForCausalLM", "cocomix_bf16": "CoCoMixForCausalLM",
-                "gpt2_distopt": "GPT2LMHeadModel"}
-SAME_MODEL = {"cocomix_zero1": "cocomix", "gpt2_distopt": "gpt2"}  # other back ends, same model and data
+                "gpt2_distopt": "GPT2LMHeadModel", "gpt2_zero2": "GPT2LMHeadModel"}
+SAME_MODEL = {"cocomix_zero1": "cocomix", "gpt2_distopt": "gpt2", "gpt2_zero2": "gpt2"}  # other back ends, same model and data
 
 
 def logits_of(path: str, tokens: torch.Tensor) -> torch.Tensor:
