@@ -157,3 +157,19 @@ def test_cache_reused_across_calls(checkpoints, export_root, single_process):
     assert second.past_key_values.get_seq_length(0) == 12 and second.past_key_values.get_seq_length(3) == 24
     torch.testing.assert_close(torch.cat([first.logits, second.logits], 1)[:, 4:], full[:, 4:], rtol=0, atol=1e-5)
     torch.testing.assert_close(second.logits[0], full[0, 7:], rtol=0, atol=1e-5)
+
+
+def test_generate_continues_from_a_returned_cache(checkpoints, export_root, single_process):
+    """generate() twice, the second call reusing the first's past_key_values, gives the one-call continuation."""
+    from transformers import AutoModelForCausalLM
+
+    path, _ = export(checkpoints("tp1")["cocomix"], export_root, ("tp1", "cocomix"))
+    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
+    ids = torch.randint(0, 255, (2, 6), generator=torch.Generator().manual_seed(2))
+    kwargs = dict(do_sample=False, pad_token_id=255, return_dict_in_generate=True)
+    with torch.no_grad():
+        whole = model.generate(ids, max_new_tokens=16, min_new_tokens=16, **kwargs)
+        first = model.generate(ids, max_new_tokens=8, min_new_tokens=8, **kwargs)
+        second = model.generate(first.sequences, past_key_values=first.past_key_values, max_new_tokens=8,
+                                min_new_tokens=8, **kwargs)
+    assert torch.equal(second.sequences, whole.sequences)
