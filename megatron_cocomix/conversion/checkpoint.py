@@ -149,8 +149,10 @@ def megatron_logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tenso
     """Logits [b, s, padded V] of the megatron model for tokens [b, s] (no mask: causal), in fp32."""
     from megatron_cocomix import metrics
 
-    positions = torch.arange(tokens.shape[1]).unsqueeze(0).expand_as(tokens)
+    device = next(model.parameters()).device  # CPU here; where CUDA is available megatron may have used it
+    tokens = tokens.to(device)
+    positions = torch.arange(tokens.shape[1], device=device).unsqueeze(0).expand_as(tokens)
     with torch.no_grad():
         logits = model(tokens, positions, None)
     metrics.reset()
-    return logits.float()
+    return logits.float().cpu()

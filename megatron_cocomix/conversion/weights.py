@@ -164,7 +164,7 @@ def to_llama(m: Tensors, args) -> Tensors:
 
 def megatron_to_hf(model: torch.nn.Module, args, architecture: str, vocab_size: int) -> Tensors:
     """HF state dict (contiguous tensors, padded vocabulary rows dropped; lm_head only when untied)."""
-    m = {name: p.detach() for name, p in model.named_parameters()}
+    m = {name: p.detach().cpu() for name, p in model.named_parameters()}
     out = {"gpt2": lambda: to_gpt2_blocks(m, args), "cocomix": lambda: to_cocomix(m, args),
            "llama": lambda: to_llama(m, args)}[architecture]()
     embed = "model.embed_tokens.weight" if architecture == "llama" else "transformer.wte.weight"
