@@ -278,3 +278,32 @@ def build_tokenizer(args: argparse.Namespace) -> _TextTokenizer:
     logger.info("tokenizer %s: vocab %d padded to %d (%d dummy tokens)", args.tokenizer_type, tokenizer.vocab_size,
                 args.padded_vocab_size, args.padded_vocab_size - tokenizer.vocab_size)
     return tokenizer
+
+
+# Files of a Hugging Face tokenizer directory that travel with it (tokenizer.json is required; the others say which
+# tokens are special and which one ends a document).
+HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+
+
+def tokenizer_export_state(tokenizer: _TextTokenizer) -> dict:
+    """The tokenizer as plain data for a checkpoint: {type, vocab_size, eod, files: {name: bytes}}.
+
+    Files are stored by content (GPT-2 BPE: vocab.json + merges.txt; SentencePiece: tokenizer.model; Hugging
+    Face: tokenizer.json and its config files; NullTokenizer: none), so a checkpoint exports on another machine."""
+    identity = tokenizer.unique_identifiers
+    kind = identity["class"]
+    sources = {}
+    if kind == "GPT2BPETokenizer":
+        sources = {"vocab.json": identity["vocab_file"], "merges.txt": identity["merge_file"]}
+    elif kind == "SentencePieceTokenizer":
+        sources = {"tokenizer.model": identity["tokenizer_model"]}
+    elif kind == "HuggingFaceTokenizer":
+        directory = os.path.dirname(identity["tokenizer_model"])
+        sources = {name: os.path.join(directory, name) for name in HF_TOKENIZER_FILES}
+        sources["tokenizer.json"] = identity["tokenizer_model"]
+    files = {}
+    for name, path in sources.items():
+        if os.path.isfile(path):
+            with open(path, "rb") as f:
+                files[name] = f.read()
+    return {"type": kind, "vocab_size": int(tokenizer.vocab_size), "eod": int(tokenizer.eod), "files": files}

@@ -220,6 +220,24 @@ def _model_args(args: argparse.Namespace) -> Dict[str, Optional[int]]:
     return {name: getattr(args, name) for name in MODEL_SHAPE_ARGS}
 
 
+def export_state(args: argparse.Namespace) -> dict:
+    """What a checkpoint needs to be rebuilt and exported on its own (tools/convert_to_hf.py): every plain flag
+    value (`args`) and the tokenizer (`tokenizer`: type, vocabulary size, eod, and the content of its files,
+    so the export does not depend on paths that may have moved). Saved under the common key `export`."""
+    from megatron_cocomix.data.tokenizer import tokenizer_export_state
+    from megatron_cocomix.global_vars import get_tokenizer
+
+    plain = (bool, int, float, str, type(None))
+    flags = {name: value for name, value in vars(args).items() if not name.startswith("_")
+             and (isinstance(value, plain) or (isinstance(value, (list, tuple))
+                                                and all(isinstance(v, plain) for v in value)))}
+    try:
+        tokenizer = get_tokenizer()
+    except RuntimeError:  # a model saved outside pretrain() (tools, tests) has no run tokenizer
+        tokenizer = None
+    return {"args": flags, "tokenizer": tokenizer_export_state(tokenizer) if tokenizer else None}
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Save
 
@@ -259,6 +277,7 @@ def _save_model_and_state(args, iteration, model, backend: OptimizerBackend, sta
         iteration=iteration,
         consumed_train_samples=state["consumed_train_samples"],
         model_args=_model_args(args),
+        export=export_state(args),
         layout=current_layout(),
         opt_param_scheduler=backend.scheduler.state_dict(),
         **backend.checkpoint_metadata(),

@@ -1,0 +1,91 @@
+"""Generate text from an export (--hf-model) or straight from a training checkpoint (--load), streaming.
+
+    python tools/generate.py --hf-model HF_DIR --prompt "Once upon a time" [--max-new-tokens 64]
+        [--temperature 1.0 --top-p 1.0 --seed 0 | --greedy]
+    python tools/generate.py --load CKPT_DIR [--iteration N] --prompt ...
+
+Uses transformers' generate() with the KV cache (the CoCoMix class caches one entry per token below the concept
+layer, two from it on). A checkpoint is converted in memory, as tools/convert_to_hf.py would write it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from typing import List, Optional
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_cocomix.errors import cli_main  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf-model", help="Hugging Face directory (an export of tools/convert_to_hf.py, or any).")
+    source.add_argument("--load", help="Training checkpoint directory.")
+    parser.add_argument("--iteration", type=int, default=None, help="With --load: iteration (default latest).")
+    parser.add_argument("--prompt", required=True, help="Text to continue.")
+    parser.add_argument("--max-new-tokens", type=int, default=64)
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--top-p", type=float, default=1.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--greedy", action="store_true", help="Greedy decoding instead of sampling.")
+    return parser
+
+
+def _from_checkpoint(root: str, iteration: Optional[int], directory: str):
+    """(model, tokenizer) converted in memory from a training checkpoint."""
+    from transformers import AutoTokenizer
+
+    from megatron_cocomix.conversion.checkpoint import find_checkpoint, load_checkpoint_tp1, read_common
+    from megatron_cocomix.conversion.export import build_hf_model
+    from megatron_cocomix.conversion.tokenizer_files import write_tokenizer
+    from megatron_cocomix.conversion.weights import choose_architecture
+
+    path = find_checkpoint(root, iteration)
+    tokenizer = (read_common(path).get("export") or {}).get("tokenizer")
+    if tokenizer is None:
+        raise ValueError(f"{path} records no tokenizer: export it with tools/convert_to_hf.py and its tokenizer "
+                         f"flags, then use --hf-model")
+    loaded = load_checkpoint_tp1(root, iteration, check_args=choose_architecture)
+    model = build_hf_model(loaded.model, loaded.args, choose_architecture(loaded.args), tokenizer)
+    write_tokenizer(tokenizer, directory, loaded.args.seq_length)
+    return model, AutoTokenizer.from_pretrained(directory)
+
+
+@cli_main
+def main(argv: Optional[List[str]] = None) -> int:
+    options = build_parser().parse_args(argv)
+    if options.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {options.max_new_tokens}")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, TextStreamer
+
+    with tempfile.TemporaryDirectory() as directory:
+        if options.hf_model:
+            if not os.path.isfile(os.path.join(options.hf_model, "config.json")):
+                raise FileNotFoundError(f"--hf-model {options.hf_model}: no config.json there")
+            model = AutoModelForCausalLM.from_pretrained(options.hf_model, trust_remote_code=True)
+            tokenizer = AutoTokenizer.from_pretrained(options.hf_model, trust_remote_code=True)
+        else:
+            model, tokenizer = _from_checkpoint(options.load, options.iteration, directory)
+    model.eval()
+    ids = tokenizer(options.prompt, add_special_tokens=False, return_tensors="pt")
+    if ids["input_ids"].shape[1] == 0:
+        raise ValueError("--prompt: the prompt has no tokens")
+    torch.manual_seed(options.seed)
+    sampling = {} if options.greedy else {"temperature": options.temperature, "top_p": options.top_p}
+    print(options.prompt, end="", flush=True)
+    with torch.no_grad():
+        model.generate(**ids, max_new_tokens=options.max_new_tokens, do_sample=not options.greedy,
+                       streamer=TextStreamer(tokenizer, skip_prompt=True), use_cache=True,
+                       pad_token_id=tokenizer.eos_token_id, **sampling)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
