@@ -16,7 +16,7 @@ counts the global batch's input tokens. Memory is the device's peak allocated / 
 the process's peak resident set on CPU.
 
 Tensorboard (last rank, as in Megatron): each loss key, 'learning-rate', 'batch-size', 'grad-norm',
-'loss-scale' (also '<name> vs samples' for these), and every --log-interval: 'iteration-time' (s),
+'loss-scale' (also '<name> vs samples' for these), 'tokens' (tokens seen, by iteration), and every --log-interval: 'iteration-time' (s),
 'throughput' (Megatron's TFLOP/s/GPU tag) and its alias 'tflops-per-device', 'tokens-per-sec', 'mfu' (%, GPU
 only), 'mem-max-allocated-bytes' / 'mem-reserved-bytes' / 'mem-max-reserved-bytes' (GPU) or
 'mem-max-rss-bytes' (CPU); validation: '<key> validation' and '<key> validation ppl'.
@@ -140,6 +140,8 @@ class TrainingLogger:
             for tag, value in scalars.items():
                 writer.add_scalar(tag, value, iteration)
                 writer.add_scalar(f"{tag} vs samples", value, consumed_samples)
+            # Tokens seen at each iteration: what runs of different batch sizes are compared by.
+            writer.add_scalar("tokens", consumed_samples * args.seq_length, iteration)
 
         if iteration % args.log_interval != 0:
             return

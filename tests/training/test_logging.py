@@ -119,6 +119,8 @@ def test_tensorboard_scalars(pp2_run):
     assert [values["learning-rate"][e["iteration"]] for e in history] == pytest.approx([e["lr"] for e in history])
     assert values["lm loss validation ppl"][4] == pytest.approx(math.exp(values["lm loss validation"][4]), rel=1e-5)
     assert values["lm loss validation"][4] == pytest.approx(result["valid"]["lm loss"], rel=1e-6)
+    # Tokens seen by iteration (tools/plot_runs.py's x axis): 8 sequences x 32 tokens per iteration.
+    assert values["tokens"] == {i: i * 8 * 32 for i in (1, 2, 3, 4)}
     for step in (2, 4):
         seconds = values["iteration-time"][step]
         # TFLOP/s per device = FLOPs per iteration / (time x world size); tokens/s counts the global batch.

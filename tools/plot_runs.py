@@ -1,0 +1,137 @@
+"""Training curves of several runs in one figure, from their tensorboard event files, plus the numbers as CSV.
+
+    python tools/plot_runs.py runs/cocomix runs/ntp runs/kd --output curves.png   # writes curves.png + curves.csv
+
+A RUN_DIR is a run's --tensorboard-dir or any folder above it: event files are found recursively, and each folder
+holding event files is one run, labelled by its path below RUN_DIR (or by RUN_DIR's name). Panels, against tokens
+seen (the 'tokens' scalar the trainer writes; without it, against iterations): training lm loss, validation
+perplexity ('lm loss validation ppl'), and the concept loss where a run has one (training and validation).
+Headless (matplotlib's Agg backend); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_cocomix.errors import cli_main  # noqa: E402
+
+PANELS = [  # (title, y label, [(tag, curve label)])
+    ("training lm loss", "lm loss", [("lm loss", "train")]),
+    ("validation perplexity", "ppl", [("lm loss validation ppl", "valid")]),
+    ("concept loss", "concept loss", [("concept loss", "train"), ("concept loss validation", "valid")]),
+]
+TOKENS_TAG = "tokens"
+
+
+def find_runs(run_dirs: Sequence[str]) -> List[Tuple[str, str]]:
+    """[(label, folder holding event files)] for every RUN_DIR, in the given order, sub-runs sorted."""
+    runs = []
+    for root in run_dirs:
+        if not os.path.isdir(root):
+            raise FileNotFoundError(f"{root}: no such directory")
+        found = sorted({d for d, _, files in os.walk(root) if any(f.startswith("events.out.tfevents") for f in files)})
+        if not found:
+            raise ValueError(f"{root}: no tensorboard event files (events.out.tfevents.*) below it")
+        name = os.path.basename(os.path.normpath(root))
+        for folder in found:
+            relative = os.path.relpath(folder, root)
+            runs.append((name if relative == "." else f"{name}/{relative}", folder))
+    return runs
+
+
+def read_scalars(folder: str) -> Dict[str, Dict[int, float]]:
+    """{tag: {step: value}} of every scalar in the folder's event files (the last value of a repeated step)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(folder, size_guidance={"scalars": 0})
+    events.Reload()
+    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
+
+
+def curves(scalars: Dict[str, Dict[int, float]]) -> Tuple[str, Dict[str, List[Tuple[float, float]]]]:
+    """(x-axis name, {tag: [(x, value)]}) with x = tokens seen at that iteration, or the iteration itself."""
+    tokens = scalars.get(TOKENS_TAG)
+    out = {}
+    for _, _, series in PANELS:
+        for tag, _ in series:
+            if tag in scalars:
+                points = sorted(scalars[tag].items())
+                if tokens:
+                    points = [(tokens[step], value) for step, value in points if step in tokens]
+                out[tag] = [(float(x), float(y)) for x, y in points]
+    return ("tokens" if tokens else "iteration"), out
+
+
+def plot(runs: List[Tuple[str, Dict]], output: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = [p for p in PANELS if any(tag in data for _, (_, data) in runs for tag, _ in p[2])]
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
+    for ax, (title, ylabel, series) in zip(axes[0], panels):
+        x_names = set()
+        for label, (x_name, data) in runs:
+            for tag, kind in series:
+                if tag in data and data[tag]:
+                    xs, ys = zip(*data[tag])
+                    style = "-" if kind == "train" else "--o"
+                    ax.plot(xs, ys, style, markersize=3, label=f"{label} ({kind})" if len(series) > 1 else label)
+                    x_names.add(x_name)
+        ax.set_title(title)
+        ax.set_xlabel(" / ".join(sorted(x_names)) + (" seen" if x_names == {"tokens"} else ""))
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(output, dpi=110)
+    plt.close(fig)
+
+
+def write_csv(runs: List[Tuple[str, Dict]], path: str) -> int:
+    rows = 0
+    with open(path, "w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["run", "metric", "x", "x_name", "value"])
+        for label, (x_name, data) in runs:
+            for tag, points in data.items():
+                for x, value in points:
+                    writer.writerow([label, tag, x, x_name, value])
+                    rows += 1
+    return rows
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Plot lm loss, validation perplexity and concept loss of several runs "
+                                            "against tokens seen, from tensorboard event files.", allow_abbrev=False)
+    p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="A run's --tensorboard-dir or a folder above it.")
+    p.add_argument("--output", default="curves.png", help="The figure (PNG).")
+    p.add_argument("--csv", default=None, help="The numbers (default: the figure's path with .csv).")
+    return p
+
+
+@cli_main
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    out_dir = os.path.dirname(os.path.abspath(args.output))
+    if not os.path.isdir(out_dir):
+        raise FileNotFoundError(f"--output {args.output}: directory {out_dir} does not exist")
+    runs = [(label, curves(read_scalars(folder))) for label, folder in find_runs(args.run_dirs)]
+    if not any(data for _, (_, data) in runs):
+        raise ValueError(f"{', '.join(args.run_dirs)}: no lm loss, validation or concept loss scalars to plot")
+    csv_path = args.csv or os.path.splitext(args.output)[0] + ".csv"
+    plot(runs, args.output)
+    rows = write_csv(runs, csv_path)
+    print(f"wrote {args.output} ({len(runs)} runs) and {csv_path} ({rows} rows)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
