@@ -241,3 +241,35 @@ def test_ntp_import_with_a_fresh_concept_layer_finetunes_as_cocomix(tiny_gpt2, t
                                                 "--eval-interval", "1000", "--eval-iters", "1", "--log-interval", "1",
                                                 "--num-workers", "0"], tmp_path, nproc=1)
     assert summary["iteration"] == 2 and "concept loss" in summary["train_history"][0]
+
+
+def test_official_release_layout_imports(checkpoints, export_root, tmp_path, single_process):
+    """A directory as the official release saves GPT2CoCoMixLMHeadModel (model_type gpt2, its constructor arguments
+    in config.json, no remote code): imports with its concept layer, and back to the same tensors."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tests.hf.helpers import export
+
+    source, _ = export(checkpoints("tp1")["cocomix"], export_root, ("tp1", "cocomix"))
+    official = tmp_path / "official"
+    shutil.copytree(source, official)
+    for name in ("configuration_cocomix.py", "modeling_cocomix.py"):
+        os.remove(official / name)
+    with open(official / "config.json") as f:
+        config = json.load(f)
+    for key in ("auto_map", "position_embedding_type", "rotary_base", "mixing"):
+        config.pop(key)
+    config.update(model_type="gpt2", architectures=["GPT2CoCoMixLMHeadModel"])
+    with open(official / "config.json", "w") as f:
+        json.dump(config, f)
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    code, out, err = import_hf(["--hf-model", str(official), "--output", ckpt])
+    assert code == 0, err
+    assert "--cocomix --concept-layer 2 --concept-dim 64 --concept-topk 4" in out
+    code, _, err = convert(["--load", ckpt, "--output", back])
+    assert code == 0, err
+    original, exported = load_file(str(official / "model.safetensors")), load_file(os.path.join(back, "model.safetensors"))
+    assert set(original) == set(exported) and all(torch.equal(original[k], exported[k]) for k in original)
