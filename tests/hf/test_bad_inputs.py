@@ -44,6 +44,9 @@ def test_iteration_not_saved(checkpoints, tmp_path, single_process):
     _assert_refused(["--load", checkpoints("tp1")["gpt2"], "--iteration", "7"], str(tmp_path / "out"),
                     "--iteration 7")
     assert not (tmp_path / "out").exists()
+    code, out, err = convert(["--load", checkpoints("tp1")["gpt2"], "--iteration", "2", "--output",
+                              str(tmp_path / "out"), "--no-verify"])
+    assert code == 0 and "iteration 2" in out and "verify:" not in out, err
 
 
 def test_missing_tokenizer_then_tokenizer_flags(checkpoints, tmp_path, single_process):
