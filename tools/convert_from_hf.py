@@ -10,8 +10,9 @@ use, so pass the N you will train with. At the end it prints the flags to contin
     pretrain_cocomix.py <printed flags> --load CKPT_DIR --finetune <your training flags>
 
 CoCoMix and pause-token models (this project's exports, or the official release's GPT2CoCoMixLMHeadModel, whose
-config.json has concept_dim) import with their concept layer. An NTP import continued with --cocomix (a fresh
-concept layer) is not supported yet: the strict load refuses the missing concept-layer tensors. Bad input: one `error:` line, exit status 2, nothing written.
+config.json has concept_dim) import with their concept layer. --concept-layer L --concept-dim C adds a fresh
+concept layer to an NTP model (drawn from --seed as training draws it; the log says so), for CoCoMix fine-tuning
+of a pretrained model. Bad input: one `error:` line, exit status 2, nothing written.
 """
 
 from __future__ import annotations
@@ -43,6 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "needs it (added rows are zero, so their logits are 0 and enter the softmax: the loss "
                              "then differs from transformers').")
     parser.add_argument("--overwrite", action="store_true", help="Replace a non-empty --output.")
+    fresh = parser.add_argument_group("a fresh concept layer on an NTP model (CoCoMix fine-tuning of an import)")
+    fresh.add_argument("--concept-layer", type=int, default=None,
+                       help="Add a CoCoMix concept layer at this block, its weights drawn fresh from --seed.")
+    fresh.add_argument("--concept-dim", type=int, default=None, help="Number of concepts C (the SAE's latents).")
+    fresh.add_argument("--concept-topk", type=int, default=32)
+    fresh.add_argument("--seed", type=int, default=1234, help="Seed of the fresh concept layer (training's init).")
     return parser
 
 
@@ -85,9 +92,19 @@ def main(argv: Optional[List[str]] = None) -> int:
         placeholders = ["--micro-batch-size", "1", "--train-iters", "1", "--lr", "1e-4", "--mock-data"]
         here = ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", tokenizer_dir]
         concept = concept_flags(hf.config) if arch == "cocomix" else []
+        fresh = options.concept_layer is not None
+        if fresh:
+            if arch != "gpt2" and arch != "llama":
+                raise ValueError("--concept-layer: the model already has one (a CoCoMix / pause-token model)")
+            if options.concept_dim is None or options.concept_dim <= 0:
+                raise ValueError("--concept-layer needs a positive --concept-dim (the SAE's number of latents)")
+            concept = ["--cocomix", "--concept-layer", str(options.concept_layer), "--concept-dim",
+                       str(options.concept_dim), "--concept-topk", str(options.concept_topk)]
         pause = concept if concept[:1] == ["--pause-tokens"] else []
         args = parse_args(network + pause + layout + here + placeholders, world_size=tp * pp)
         if concept and not pause:  # the model alone: the concept labels' flags are the run's business
+            if not 0 < int(concept[2]) < args.num_layers:
+                raise ValueError(f"--concept-layer {concept[2]} must be in [1, {args.num_layers})")
             args.cocomix, args.concept_layer = True, int(concept[2])
             args.concept_dim, args.concept_topk = int(concept[4]), int(concept[6])
         args.padded_vocab_size = vocab_size_with_padding(tokenizer.vocab_size, divisible_by, tp)
@@ -102,7 +119,21 @@ def main(argv: Optional[List[str]] = None) -> int:
         _init_single_process(args)
         set_tokenizer(tokenizer)
         model = build_model(args)
-        model.load_state_dict(hf_to_megatron(hf.state_dict(), args, arch), strict=True)
+        state = hf_to_megatron(hf.state_dict(), args, arch)
+        if fresh:
+            from megatron.core.utils import get_model_config
+
+            from megatron_cocomix.model.gpt import initialize_weights
+
+            # Training's layout-independent draw; the imported tensors then overwrite all but the concept layer.
+            initialize_weights([model], options.seed, get_model_config(model),
+                               tied_embeddings=not args.untie_embeddings_and_output_weights)
+            result = model.load_state_dict(state, strict=False)
+            own = f"decoder.layers.{args.concept_layer}.concept_mixing."
+            if result.unexpected_keys or any(not k.startswith(own) for k in result.missing_keys):
+                raise RuntimeError(f"weight map incomplete: {result}")
+        else:
+            model.load_state_dict(state, strict=True)
         args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tp, pp  # recorded for the run
         args.tokenizer_model = final_tokenizer
         save_checkpoint_tp1(model, args, tmp)
@@ -117,6 +148,9 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"--tensor-model-parallel-size {tp}): their logits are 0 until trained")
     print(f"imported {options.hf_model} ({type(hf).__name__}, {sum(p.numel() for p in hf.parameters()):,} "
           f"parameters, vocabulary {hf.config.vocab_size} padded to {args.padded_vocab_size}) into {options.output}")
+    if fresh:
+        print(f"the concept layer (block {options.concept_layer}: predictor, compression, pre_bias) starts fresh: "
+              f"drawn from --seed {options.seed} as training initialises it; every other weight is imported")
     labels = " <--teacher-model/--teacher-layer/--sae or --concept-labels>" if concept and not pause else ""
     print("continue training with:\n  pretrain_cocomix.py " + shlex.join(network + concept + layout + tokenizer_flags)
           + f" --load {shlex.quote(options.output)} --finetune{labels} <data and training flags>")

@@ -44,6 +44,9 @@ def test_iteration_not_saved(checkpoints, tmp_path, single_process):
     _assert_refused(["--load", checkpoints("tp1")["gpt2"], "--iteration", "7"], str(tmp_path / "out"),
                     "--iteration 7")
     assert not (tmp_path / "out").exists()
+    code, out, err = convert(["--load", checkpoints("tp1")["gpt2"], "--iteration", "2", "--output",
+                              str(tmp_path / "out"), "--no-verify"])
+    assert code == 0 and "iteration 2" in out and "verify:" not in out, err
 
 
 def test_missing_tokenizer_then_tokenizer_flags(checkpoints, tmp_path, single_process):
@@ -100,3 +103,24 @@ def test_checkpoint_without_recorded_flags_takes_them_after_dashes(checkpoints, 
                              + ["--"] + TINY_GPT + VARIANTS["gpt2"])
     assert code == 0, err
     assert "verify: max abs logit diff" in out
+
+
+@pytest.mark.parametrize("variant", ["llama", "cocomix"])
+def test_verify_catches_a_wrong_weight(variant, checkpoints, tmp_path, monkeypatch, single_process):
+    """A weight map that swaps two heads' query rows in one layer: verify reports it, exits 1, writes nothing."""
+    from megatron_cocomix.conversion import export as export_module
+
+    original = export_module.megatron_to_hf
+
+    def swapped(*args, **kwargs):
+        state = original(*args, **kwargs)
+        name = next(n for n in state if n.endswith(("q_proj.weight", "c_attn.weight")))
+        t = state[name]
+        rows = t if name.endswith("q_proj.weight") else t.T  # [out, in]
+        rows[:16], rows[16:32] = rows[16:32].clone(), rows[:16].clone()
+        return state
+
+    monkeypatch.setattr(export_module, "megatron_to_hf", swapped)
+    code, out, err = convert(["--load", checkpoints("tp1")[variant], "--output", str(tmp_path / "out")])
+    assert code == 1 and "verify FAILED" in err, (code, out, err)
+    assert not (tmp_path / "out").exists() and not any(".tmp-" in n for n in os.listdir(tmp_path))

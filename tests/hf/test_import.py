@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from tests.helpers.cocomix_assets import GPT2_VOCAB
+from tests.helpers.cocomix_assets import GPT2_VOCAB, tiny_teacher
 from tests.helpers.paths import GPT2_MERGES
 from tests.helpers.paths import GPT2_VOCAB as GPT2_VOCAB_FILE
 from tests.hf.helpers import convert
@@ -197,3 +197,79 @@ def test_cocomix_export_round_trip(variant, checkpoints, export_root, tmp_path, 
     source, _ = export(checkpoints("tp1")[variant], export_root, ("tp1", variant))
     ckpt = _round_trip(source, tmp_path, 2)
     assert os.path.isdir(ckpt)
+
+
+def test_ntp_import_with_a_fresh_concept_layer_finetunes_as_cocomix(tiny_gpt2, tmp_path, single_process):
+    """--concept-layer adds a concept layer drawn fresh (and says so); pretrain_cocomix.py --load --finetune
+    --cocomix continues from it (online labels from a GPT-2-vocabulary teacher), and its export keeps the imported
+    GPT-2 weights unchanged."""
+    import shlex
+
+    import numpy
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    from safetensors.torch import load_file
+
+    from tests.helpers.cocomix_assets import tiny_sae
+    from tests.helpers.launch import run_pretrain
+
+    ckpt = str(tmp_path / "ckpt")
+    code, out, err = import_hf(["--hf-model", tiny_gpt2, "--output", ckpt, "--seq-length", "32",
+                                "--concept-layer", "1", "--concept-dim", "64", "--concept-topk", "4"])
+    assert code == 0, err
+    assert "the concept layer (block 1: predictor, compression, pre_bias) starts fresh" in out
+    printed = shlex.split(out.split("pretrain_cocomix.py", 1)[1].split("<", 1)[0])
+    assert printed[printed.index("--concept-layer") + 1] == "1" and "--cocomix" in printed
+
+    code, _, err = convert(["--load", ckpt, "--output", str(tmp_path / "back")])
+    assert code == 0, err
+    source, back = load_file(os.path.join(tiny_gpt2, "model.safetensors")), load_file(
+        str(tmp_path / "back" / "model.safetensors"))
+    for name, tensor in source.items():
+        assert torch.equal(back[name], tensor), name
+    assert back["transformer.concept_predictor.weight"].std() > 0.01  # drawn, not zeros
+
+    prefix = str(tmp_path / "docs")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.int32)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(64):
+        builder.add_item(torch.randint(0, GPT2_VOCAB, (40,), generator=g, dtype=torch.int32))
+        builder.end_document()
+    builder.finalize(prefix + ".idx")
+    teacher = ["--teacher-model", tiny_teacher(vocab_size=GPT2_VOCAB), "--teacher-layer", "1", "--sae", tiny_sae()]
+    summary = run_pretrain(printed + teacher + ["--data-path", prefix, "--split", "90,10,0", "--micro-batch-size", "2",
+                                                "--global-batch-size", "4", "--train-iters", "2", "--lr", "1e-4",
+                                                "--eval-interval", "1000", "--eval-iters", "1", "--log-interval", "1",
+                                                "--num-workers", "0"], tmp_path, nproc=1)
+    assert summary["iteration"] == 2 and "concept loss" in summary["train_history"][0]
+
+
+def test_official_release_layout_imports(checkpoints, export_root, tmp_path, single_process):
+    """A directory as the official release saves GPT2CoCoMixLMHeadModel (model_type gpt2, its constructor arguments
+    in config.json, no remote code): imports with its concept layer, and back to the same tensors."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file
+
+    from tests.hf.helpers import export
+
+    source, _ = export(checkpoints("tp1")["cocomix"], export_root, ("tp1", "cocomix"))
+    official = tmp_path / "official"
+    shutil.copytree(source, official)
+    for name in ("configuration_cocomix.py", "modeling_cocomix.py"):
+        os.remove(official / name)
+    with open(official / "config.json") as f:
+        config = json.load(f)
+    for key in ("auto_map", "position_embedding_type", "rotary_base", "mixing"):
+        config.pop(key)
+    config.update(model_type="gpt2", architectures=["GPT2CoCoMixLMHeadModel"])
+    with open(official / "config.json", "w") as f:
+        json.dump(config, f)
+    ckpt, back = str(tmp_path / "ckpt"), str(tmp_path / "back")
+    code, out, err = import_hf(["--hf-model", str(official), "--output", ckpt])
+    assert code == 0, err
+    assert "--cocomix --concept-layer 2 --concept-dim 64 --concept-topk 4" in out
+    code, _, err = convert(["--load", ckpt, "--output", back])
+    assert code == 0, err
+    original, exported = load_file(str(official / "model.safetensors")), load_file(os.path.join(back, "model.safetensors"))
+    assert set(original) == set(exported) and all(torch.equal(original[k], exported[k]) for k in original)
