@@ -50,7 +50,7 @@ def _split_gguf(path: str) -> tuple[str, Optional[str]]:
     return path, None
 
 
-def _check_path(path: str) -> None:
+def check_model_path(path: str) -> None:
     if not os.path.exists(path):
         raise FileNotFoundError(f"teacher model {path}: no such file or directory")
     if os.path.isfile(path) and not path.endswith(".gguf"):
@@ -59,7 +59,7 @@ def _check_path(path: str) -> None:
         raise ValueError(f"teacher model {path}: directory without config.json (not a Hugging Face model directory)")
 
 
-def _load_hf_model(path: str, dtype: torch.dtype) -> nn.Module:
+def load_hf_model(path: str, dtype: torch.dtype) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     directory, gguf_file = _split_gguf(path)
@@ -86,7 +86,7 @@ def load_teacher_tokenizer(path: str):
     """The teacher's own Hugging Face tokenizer (from the directory or the gguf file), offline."""
     from transformers import AutoTokenizer
 
-    _check_path(path)
+    check_model_path(path)
     directory, gguf_file = _split_gguf(path)
     kwargs = {"gguf_file": gguf_file} if gguf_file else {}
     return AutoTokenizer.from_pretrained(directory, local_files_only=True, **kwargs)
@@ -229,7 +229,7 @@ def load_teacher(path: str, layer: int, dtype: Optional[torch.dtype | str] = Non
     Nothing is downloaded.
     """
     path = os.fspath(path)
-    _check_path(path)
+    check_model_path(path)
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(device)
@@ -240,7 +240,7 @@ def load_teacher(path: str, layer: int, dtype: Optional[torch.dtype | str] = Non
             raise ValueError(f"--teacher-dtype {dtype}: expected one of {', '.join(TEACHER_DTYPES)}")
         dtype = TEACHER_DTYPES[dtype]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    model = _load_hf_model(path, dtype)
+    model = load_hf_model(path, dtype)
     return Teacher(model.to(device), layer, path)
 
 

@@ -19,8 +19,8 @@ import torch
 from megatron_cocomix.training.checkpointing import (
     TRACKER,
     CheckpointError,
-    _complete_checkpoints,
     checkpoint_dir,
+    complete_checkpoints,
     read_tracker,
 )
 
@@ -48,7 +48,7 @@ def find_checkpoint(root: str, iteration: Optional[int] = None) -> str:
         raise CheckpointError(f"--load {root}: no such directory")
     if iteration is not None:
         path = checkpoint_dir(root, iteration)
-        if os.path.basename(path) not in _complete_checkpoints(root) or \
+        if os.path.basename(path) not in complete_checkpoints(root) or \
                 not os.path.isfile(os.path.join(path, "common.pt")):
             raise CheckpointError(f"--iteration {iteration}: {path} is not a complete checkpoint")
         return path

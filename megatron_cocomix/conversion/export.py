@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_cocomix.conversion.weights import hf_config, megatron_to_hf
+from megatron_cocomix.files import replace_dir
 
 HF_SOURCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf")
 COCOMIX_FILES = ("configuration_cocomix.py", "modeling_cocomix.py")
@@ -82,13 +83,7 @@ def write_export(hf, tokenizer: dict, output: str, max_shard_size: str, model_ma
         write_tokenizer(tokenizer, tmp, model_max_length)
         if check is not None:
             check(tmp)
-        if os.path.isdir(output):
-            old = f"{tmp}.old"
-            os.rename(output, old)
-            os.rename(tmp, output)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, output)
+        replace_dir(tmp, output, f"{tmp}.old")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

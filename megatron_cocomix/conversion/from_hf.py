@@ -34,16 +34,16 @@ def _is_cocomix(path: str) -> bool:
 
 def load_hf(path: str):
     """(model in fp32, tokenizer) from a local directory or a .gguf file (dequantised), offline."""
-    from megatron_cocomix.concepts.teacher import _check_path, _load_hf_model, load_teacher_tokenizer
+    from megatron_cocomix.concepts.teacher import check_model_path, load_hf_model, load_teacher_tokenizer
 
-    _check_path(path)
+    check_model_path(path)
     if _is_cocomix(path):
         # This project's class reads both (same names); AutoModel would read the official one as plain GPT-2.
         from megatron_cocomix.hf import CoCoMixForCausalLM
 
         model = CoCoMixForCausalLM.from_pretrained(path, dtype=torch.float32, local_files_only=True)
         return model.eval(), load_teacher_tokenizer(path)
-    return _load_hf_model(path, torch.float32).eval(), load_teacher_tokenizer(path)
+    return load_hf_model(path, torch.float32).eval(), load_teacher_tokenizer(path)
 
 
 def concept_flags(config) -> List[str]:
@@ -178,9 +178,9 @@ def save_checkpoint_tp1(model: torch.nn.Module, args, output: str) -> None:
         CHECKPOINT_VERSION,
         TRACKER,
         InProcessTorchDistSave,
-        _model_args,
         checkpoint_dir,
         export_state,
+        model_shape_args,
     )
 
     os.makedirs(output, exist_ok=True)
@@ -189,7 +189,7 @@ def save_checkpoint_tp1(model: torch.nn.Module, args, output: str) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
     state = {"model": model.sharded_state_dict(), "checkpoint_version": CHECKPOINT_VERSION, "iteration": 0,
-             "consumed_train_samples": 0, "model_args": _model_args(args), "export": export_state(args),
+             "consumed_train_samples": 0, "model_args": model_shape_args(args), "export": export_state(args),
              "layout": current_layout(), "optimizer_backend": None}
     dist_checkpointing.save(state, tmp, sharded_strategy=InProcessTorchDistSave())
     if os.path.isdir(final):

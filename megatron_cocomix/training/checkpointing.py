@@ -55,6 +55,7 @@ from megatron.core.dist_checkpointing.strategies.torch import (
 from megatron.core.utils import unwrap_model
 
 from megatron_cocomix.distributed import current_layout, layout_string
+from megatron_cocomix.files import fsync_dir, fsync_tree, replace_dir
 from megatron_cocomix.training.backends import OptimizerBackend
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -116,21 +117,13 @@ def read_tracker(root: str) -> Optional[int]:
     return iteration
 
 
-def _complete_checkpoints(root: str) -> List[str]:
+def complete_checkpoints(root: str) -> List[str]:
     """iter_XXXXXXX directories (never `.tmp-` ones) under root, oldest first."""
     if not os.path.isdir(root):
         return []
     names = [n for n in os.listdir(root) if n.startswith("iter_") and n[5:].isdigit()
              and os.path.isdir(os.path.join(root, n))]
     return sorted(names)
-
-
-def _fsync_dir(path: str) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _write_tracker(root: str, iteration: int, token: str) -> None:
@@ -140,18 +133,7 @@ def _write_tracker(root: str, iteration: int, token: str) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, os.path.join(root, TRACKER))
-    _fsync_dir(root)
-
-
-def _fsync_tree(path: str) -> None:
-    for directory, _, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        _fsync_dir(directory)
+    fsync_dir(root)
 
 
 def _remove_stale_temporaries(root: str) -> None:
@@ -216,7 +198,7 @@ def _rng_sharded_object(data) -> ShardedObject:
     return ShardedObject("rng_state", data, shape, offset, replica_id=0)
 
 
-def _model_args(args: argparse.Namespace) -> Dict[str, Optional[int]]:
+def model_shape_args(args: argparse.Namespace) -> Dict[str, Optional[int]]:
     return {name: getattr(args, name) for name in MODEL_SHAPE_ARGS}
 
 
@@ -276,7 +258,7 @@ def _save_model_and_state(args, iteration, model, backend: OptimizerBackend, sta
         checkpoint_version=CHECKPOINT_VERSION,
         iteration=iteration,
         consumed_train_samples=state["consumed_train_samples"],
-        model_args=_model_args(args),
+        model_args=model_shape_args(args),
         export=export_state(args),
         layout=current_layout(),
         opt_param_scheduler=backend.scheduler.state_dict(),
@@ -292,15 +274,9 @@ def _publish(root, iteration, final, tmp, token, rank, start) -> None:
     if rank == 0:
         # Every rank's files are complete (barrier); make them durable before anything points at them, so a
         # crash right after the tracker update cannot leave it naming files still in the page cache.
-        _fsync_tree(tmp)
-        if os.path.exists(final):  # the same iteration saved again (e.g. after a resume): replace it
-            old = f"{final}.old-{token}"
-            os.rename(final, old)
-            os.rename(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, final)
-        _fsync_dir(root)
+        fsync_tree(tmp)
+        replace_dir(tmp, final, f"{final}.old-{token}")  # the same iteration saved again replaces the old one
+        fsync_dir(root)
         _write_tracker(root, iteration, token)
         print(f"  successfully saved checkpoint at iteration {iteration:7d} to {root} "
               f"[{time.time() - start:.2f} s]", flush=True)
@@ -315,7 +291,7 @@ def resolve_checkpoint(root: str) -> Optional[str]:
     """The directory `--load root` refers to; None (with a warning) when root holds no checkpoint at all."""
     iteration = read_tracker(root)
     if iteration is None:
-        complete = _complete_checkpoints(root)
+        complete = complete_checkpoints(root)
         if complete:
             raise CheckpointError(
                 f"{os.path.join(root, TRACKER)} is missing but {root} holds {', '.join(complete[-3:])}: write the "
@@ -361,7 +337,7 @@ def check_compatible(path: str, common: dict, args: argparse.Namespace) -> None:
     saved = common.get("model_args")
     if saved is None:
         raise CheckpointError(f"{path}: not a checkpoint written by this project (no model_args in common.pt)")
-    ours = _model_args(args)
+    ours = model_shape_args(args)
     for name, value in ours.items():
         if name in ("padded_vocab_size", "true_vocab_size") or saved.get(name) == value:
             continue

@@ -9,7 +9,7 @@ import shutil
 import pytest
 import torch
 
-from tests.hf.helpers import convert
+from tests.helpers.hf_checkpoints import convert
 
 
 def _edited_copy(checkpoint: str, target: str, edit) -> str:
@@ -90,8 +90,8 @@ def test_non_empty_output(checkpoints, tmp_path, overwrite, single_process):
 def test_checkpoint_without_recorded_flags_takes_them_after_dashes(checkpoints, tmp_path, single_process):
     """A checkpoint saved before flags and tokenizer were recorded: refused in one line, then exported with the
     training flags after `--` and the tokenizer flags."""
+    from tests.helpers.hf_checkpoints import VARIANTS
     from tests.helpers.launch import TINY_GPT
-    from tests.hf.conftest import VARIANTS
 
     def drop_export(common):
         del common["export"]

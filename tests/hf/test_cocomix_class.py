@@ -18,7 +18,7 @@ import time
 import pytest
 import torch
 
-from tests.hf.helpers import export
+from tests.helpers.hf_checkpoints import export
 
 D, LAYERS, VOCAB, POSITIONS, CONCEPTS, INNER = 64, 4, 256, 64, 64, 256
 
@@ -83,7 +83,7 @@ print(json.dumps({"leaked": leaked, "class": type(model).__name__}))
 
 
 def test_fresh_offline_process_loads_without_this_project(cocomix_export, tmp_path):
-    from tests.hf.test_export import logits_of
+    from tests.helpers.hf_checkpoints import logits_of
 
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "RANK", "WORLD_SIZE")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_MODULES_CACHE=str(tmp_path / "modules"))

@@ -15,8 +15,7 @@ import os
 import pytest
 import torch
 
-from tests.hf.conftest import LAYOUTS
-from tests.hf.helpers import export
+from tests.helpers.hf_checkpoints import LAYOUTS, export, logits_of
 
 CASES = [(layout, variant) for layout, (_, _, variants) in LAYOUTS.items() for variant in variants]
 ARCHITECTURE = {"cocomix": "CoCoMixForCausalLM", "cocomix_rope": "CoCoMixForCausalLM",
@@ -24,14 +23,6 @@ ARCHITECTURE = {"cocomix": "CoCoMixForCausalLM", "cocomix_rope": "CoCoMixForCaus
                 "cocomix_zero1": "CoCoMixForCausalLM", "cocomix_bf16": "CoCoMixForCausalLM",
                 "gpt2_distopt": "GPT2LMHeadModel", "gpt2_zero2": "GPT2LMHeadModel"}
 SAME_MODEL = {"cocomix_zero1": "cocomix", "gpt2_distopt": "gpt2", "gpt2_zero2": "gpt2"}  # other back ends, same model and data
-
-
-def logits_of(path: str, tokens: torch.Tensor) -> torch.Tensor:
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, dtype=torch.float32).eval()
-    with torch.no_grad():
-        return model(input_ids=tokens, use_cache=False).logits
 
 
 @pytest.mark.parametrize("layout,variant", CASES, ids=[f"{lay}-{var}" for lay, var in CASES])
@@ -68,7 +59,7 @@ def test_sharded_bf16_export(checkpoints, tmp_path, single_process):
     bf16 the same way) within 1e-4."""
     from safetensors import safe_open
 
-    from tests.hf.helpers import VERIFY_RE, convert
+    from tests.helpers.hf_checkpoints import VERIFY_RE, convert
 
     output = str(tmp_path / "bf16")
     code, out, err = convert(["--load", checkpoints("tp1")["cocomix"], "--output", output, "--dtype", "bf16",

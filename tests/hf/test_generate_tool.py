@@ -8,7 +8,7 @@ import io
 
 import torch
 
-from tests.hf.helpers import export
+from tests.helpers.hf_checkpoints import export
 
 
 def _run(argv):

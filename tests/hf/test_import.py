@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from tests.helpers.cocomix_assets import GPT2_VOCAB, tiny_teacher
+from tests.helpers.hf_checkpoints import convert
 from tests.helpers.paths import GPT2_MERGES
 from tests.helpers.paths import GPT2_VOCAB as GPT2_VOCAB_FILE
-from tests.hf.helpers import convert
 
 
 def import_hf(argv):
@@ -131,7 +131,7 @@ def test_import_bad_input(tmp_path, single_process):
 def test_smollm2_gguf_imports(tmp_path, single_process):
     """The shipped SmolLM2-135M-Instruct .gguf (dequantised) imports; the checkpoint's logits in this stack equal
     transformers' on the same dequantised weights."""
-    from megatron_cocomix.concepts.teacher import _load_hf_model
+    from megatron_cocomix.concepts.teacher import load_hf_model
     from megatron_cocomix.conversion.checkpoint import load_checkpoint_tp1, megatron_logits
     from megatron_cocomix.conversion.export import compare_logits
     from tests.concepts.test_smollm2_integration import smollm2_gguf
@@ -143,7 +143,7 @@ def test_smollm2_gguf_imports(tmp_path, single_process):
     tokens = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
     ours = megatron_logits(load_checkpoint_tp1(str(tmp_path / "ckpt")).model, tokens)
     with torch.no_grad():
-        theirs = _load_hf_model(gguf, torch.float32).eval()(input_ids=tokens).logits
+        theirs = load_hf_model(gguf, torch.float32).eval()(input_ids=tokens).logits
     numbers = compare_logits(ours[..., :theirs.shape[-1]], theirs)
     print(f"\nSmolLM2-135M gguf import: {numbers}")
     assert numbers["max_abs_logit_diff"] <= 1e-3 and numbers["mean_kl"] <= 1e-4
@@ -192,7 +192,7 @@ def test_imported_gpt2_trains_at_tp2_with_transformers_loss(tiny_gpt2, tmp_path,
 def test_cocomix_export_round_trip(variant, checkpoints, export_root, tmp_path, single_process):
     """A CoCoMix / pause-token export imports with its concept layer: export -> checkpoint -> export is
     bit-identical, and the printed flags name the concept layer."""
-    from tests.hf.helpers import export
+    from tests.helpers.hf_checkpoints import export
 
     source, _ = export(checkpoints("tp1")[variant], export_root, ("tp1", variant))
     ckpt = _round_trip(source, tmp_path, 2)
@@ -251,7 +251,7 @@ def test_official_release_layout_imports(checkpoints, export_root, tmp_path, sin
 
     from safetensors.torch import load_file
 
-    from tests.hf.helpers import export
+    from tests.helpers.hf_checkpoints import export
 
     source, _ = export(checkpoints("tp1")["cocomix"], export_root, ("tp1", "cocomix"))
     official = tmp_path / "official"

@@ -1,0 +1,37 @@
+"""Durable, atomic directory writes shared by checkpoints and exports: a reader sees the old directory or the
+complete new one, never a half-written one, even across a crash."""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+
+def fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: str) -> None:
+    """fsync every file and directory under `path`."""
+    for directory, _, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(directory, name), os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(directory)
+
+
+def replace_dir(finished: str, target: str, old: str) -> None:
+    """Move the finished directory to `target`; an existing `target` is first renamed to `old`, then deleted."""
+    if os.path.exists(target):
+        os.rename(target, old)
+        os.rename(finished, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(finished, target)
