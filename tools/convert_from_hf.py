@@ -145,7 +145,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise
     if args.padded_vocab_size > hf.config.vocab_size:
         print(f"note: {args.padded_vocab_size - hf.config.vocab_size} zero vocabulary rows added (padding for "
-              f"--tensor-model-parallel-size {tp}): their logits are 0 until trained")
+              f"--tensor-model-parallel-size {tp}); training masks them out of every softmax")
     print(f"imported {options.hf_model} ({type(hf).__name__}, {sum(p.numel() for p in hf.parameters()):,} "
           f"parameters, vocabulary {hf.config.vocab_size} padded to {args.padded_vocab_size}) into {options.output}")
     if fresh:
