@@ -1,0 +1,57 @@
+"""Fixtures of the evaluation tests: a tiny NTP GPT-2-style and a tiny CoCoMix checkpoint (the tests/hf variants,
+2 steps, trained in ONE launch), their exports, and a token dataset whose documents end with the EOD token,
+some longer than the models' context (32)."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import numpy
+import pytest
+import torch
+
+from tests.helpers.launch import MULTI_RUN_WORKER, TINY_GPT, run_script
+from tests.hf.conftest import VARIANTS
+
+EOD = 255  # NullTokenizer of TINY_GPT: ids 0..254, EOD 255
+CONTEXT = 32  # TINY_GPT's --seq-length
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """{variant: checkpoint dir} for gpt2 (NTP -> GPT2LMHeadModel) and cocomix (-> CoCoMix class)."""
+    root = str(tmp_path_factory.mktemp("eval_ckpt"))
+    runs, out = [], {}
+    for variant in ("gpt2", "cocomix"):
+        out[variant] = os.path.join(root, variant)
+        runs.append([variant, "pretrain", TINY_GPT + VARIANTS[variant] + [
+            "--train-iters", "2", "--eval-interval", "100", "--save", out[variant], "--save-interval", "2"]])
+    spec = os.path.join(root, "spec.json")
+    with open(spec, "w") as f:
+        json.dump(runs, f)
+    run_script(MULTI_RUN_WORKER, [spec, os.path.join(root, "summary.json")], nproc=1, timeout=600)
+    return out
+
+
+def write_documents(prefix: str, num_docs: int = 24, seed: int = 0, min_len: int = 3, max_len: int = 90) -> list:
+    """A megatron .bin/.idx of random documents (ids < EOD) each ending with EOD; returns them (int64)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = numpy.random.default_rng(seed)
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.uint16)
+    docs = []
+    for _ in range(num_docs):
+        doc = numpy.append(rng.integers(0, EOD, int(rng.integers(min_len, max_len))), EOD).astype(numpy.int64)
+        builder.add_item(torch.from_numpy(doc))
+        builder.end_document()
+        docs.append(doc)
+    builder.finalize(prefix + ".idx")
+    return docs
+
+
+@pytest.fixture(scope="session")
+def token_data(tmp_path_factory):
+    """(prefix, documents): 24 documents of 4 to 90 tokens."""
+    prefix = os.path.join(str(tmp_path_factory.mktemp("eval_data")), "docs")
+    return prefix, write_documents(prefix)
