@@ -32,6 +32,7 @@ float32 rounding in the kernels.
 
 from __future__ import annotations
 
+import collections.abc
 import math
 import os
 import tempfile
@@ -75,7 +76,7 @@ class Documents:
     eval_split: Optional[str]
     begin: int                  # first sequence index scored
     end: int                    # one past the last (before --max-documents)
-    docs: List[numpy.ndarray]   # int64 token ids, one array per document
+    docs: Sequence[numpy.ndarray]  # token ids (the .bin's dtype), one array per document, read when indexed
 
 
 def read_documents(prefix: str, split: Optional[str] = None, eval_split: Optional[str] = None,
@@ -96,11 +97,27 @@ def read_documents(prefix: str, split: Optional[str] = None, eval_split: Optiona
         raise ValueError(f"--max-documents must be positive, got {max_documents}")
     stop = end if max_documents is None else min(end, begin + max_documents)
     dataset = IndexedDataset(prefix)
-    docs = [numpy.asarray(dataset[i], dtype=numpy.int64) for i in range(begin, stop)]
-    docs = [d for d in docs if d.size]  # an empty sequence predicts nothing
+    # An empty sequence predicts nothing.
+    docs = _DocumentReader(dataset, [i for i in range(begin, stop) if dataset.sequence_lengths[i] > 0])
     if not docs:
         raise ValueError(f"--data-path {prefix}: no document to score (split {split}, eval split {eval_split})")
     return Documents(prefix, split, eval_split, begin, end, docs)
+
+
+class _DocumentReader(collections.abc.Sequence):
+    """Documents read from the memory-mapped .bin when indexed, as copies: megatron-core's IndexedDataset unmaps
+    the file when it is collected, and a view would then read freed memory."""
+
+    def __init__(self, dataset, indices: List[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, k):
+        if isinstance(k, slice):
+            return [self[j] for j in range(*k.indices(len(self)))]
+        return numpy.array(self.dataset[self.indices[k]])
 
 
 def windows(n: int, context: int, stride: int) -> List[Tuple[int, int, int]]:
@@ -194,6 +211,8 @@ def hf_scorer(path: str, name: Optional[str] = None, dtype: torch.dtype = torch.
     check_hf_dir(path)
     model = AutoModelForCausalLM.from_pretrained(path, trust_remote_code=True, local_files_only=True,
                                                  dtype=dtype).eval()
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where megatron puts a checkpoint
+    model.to(device)
     tokenizer = _hf_tokenizer(path)
     config = model.config
     positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
@@ -209,7 +228,7 @@ def hf_scorer(path: str, name: Optional[str] = None, dtype: torch.dtype = torch.
 
     def logits(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         with torch.no_grad():
-            return model(input_ids=tokens, attention_mask=mask, use_cache=False).logits
+            return model(input_ids=tokens.to(device), attention_mask=mask.to(device), use_cache=False).logits
 
     return Scorer(name=name or os.path.basename(os.path.normpath(path)), kind="hf", path=os.path.abspath(path),
                   parameters=sum(p.numel() for p in model.parameters()), max_context=max_context,
@@ -233,22 +252,45 @@ def score(scorer: Scorer, docs: Sequence[numpy.ndarray], context: int, stride: i
     """{loss, ppl, bits_per_byte, nll, tokens, bytes, documents} of `scorer` over `docs` (module docstring)."""
     if batch_size <= 0:
         raise ValueError(f"--batch-size must be positive, got {batch_size}")
-    high = max(int(d.max()) for d in docs)
-    if high >= scorer.vocab_size:
-        raise ValueError(f"token id {high} of the data is outside {scorer.name}'s vocabulary [0, {scorer.vocab_size})"
-                         f": the data was preprocessed with another tokenizer")
-    rows = []  # (doc index, inputs, targets, first scored position)
-    for i, doc in enumerate(docs):
-        inputs = numpy.concatenate([[scorer.eod], doc[:-1]])
-        for begin, end, first in windows(len(doc), context, stride):
-            rows.append((i, inputs[begin:end], doc[begin:end], first - begin))
-    rows.sort(key=lambda r: -len(r[1]))  # longest first: little padding, the biggest batch first (memory)
     nll = [0.0] * len(docs)
     bar = None
     if progress:
         from tqdm import tqdm
 
         bar = tqdm(total=sum(len(d) for d in docs), desc=f"evaluate {scorer.name}", unit="tok")
+    # Documents are windowed a chunk at a time (memory); the chunk size is fixed, so the batches, and the
+    # per-document sums, do not depend on anything but batch_size.
+    for chunk in range(0, len(docs), _DOCUMENTS_PER_CHUNK):
+        _score_chunk(scorer, docs, range(chunk, min(chunk + _DOCUMENTS_PER_CHUNK, len(docs))), context, stride,
+                     batch_size, nll, bar)
+    if bar is not None:
+        bar.close()
+    total_nll = math.fsum(nll)
+    tokens_scored = sum(len(d) for d in docs)
+    num_bytes = sum(len(scorer.decode(d[:-1]).encode("utf-8")) for d in docs)
+    loss = total_nll / tokens_scored
+    return {"loss": loss, "ppl": math.exp(loss),
+            "bits_per_byte": total_nll / math.log(2) / num_bytes if num_bytes else float("nan"),
+            "nll": total_nll, "tokens": tokens_scored, "bytes": num_bytes, "documents": len(docs)}
+
+
+_DOCUMENTS_PER_CHUNK = 1024
+
+
+def _score_chunk(scorer: Scorer, docs: Sequence[numpy.ndarray], indices: range, context: int, stride: int,
+                 batch_size: int, nll: List[float], bar) -> None:
+    """Add the NLL of docs[i] (i in indices) to nll[i]."""
+    rows = []  # (doc index, inputs, targets, first scored position in the window)
+    for i in indices:
+        doc = numpy.asarray(docs[i], dtype=numpy.int64)
+        if int(doc.max()) >= scorer.vocab_size or int(doc.min()) < 0:
+            bad = int(doc.max()) if int(doc.max()) >= scorer.vocab_size else int(doc.min())
+            raise ValueError(f"token id {bad} of document {i} is outside {scorer.name}'s vocabulary "
+                             f"[0, {scorer.vocab_size}): the data was preprocessed with another tokenizer")
+        inputs = numpy.concatenate([[scorer.eod], doc[:-1]])
+        for begin, end, first in windows(len(doc), context, stride):
+            rows.append((i, inputs[begin:end], doc[begin:end], first - begin))
+    rows.sort(key=lambda r: -len(r[1]))  # longest first: little padding, the biggest batch first (memory)
     for start in range(0, len(rows), batch_size):
         batch = rows[start:start + batch_size]
         width = len(batch[0][1])
@@ -261,22 +303,13 @@ def score(scorer: Scorer, docs: Sequence[numpy.ndarray], context: int, stride: i
             targets[r, :len(y)] = torch.from_numpy(y)
             mask[r, :len(x)] = 1
             scored[r, first:len(x)] = True
-        logits = scorer.logits(tokens, mask)[..., :scorer.vocab_size].float().cpu()
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-        token_nll = (-logp).double() * scored
-        for r, (i, _, _, first) in enumerate(batch):
-            nll[i] += float(token_nll[r].sum())
+        logits = scorer.logits(tokens, mask)[..., :scorer.vocab_size].float()
+        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
+        token_nll = ((-logp).double().cpu() * scored).sum(-1)
+        for r, (i, _, _, _) in enumerate(batch):
+            nll[i] += float(token_nll[r])
         if bar is not None:
             bar.update(int(scored.sum()))
-    if bar is not None:
-        bar.close()
-    total_nll = math.fsum(nll)
-    tokens_scored = sum(len(d) for d in docs)
-    num_bytes = sum(len(scorer.decode(d[:-1]).encode("utf-8")) for d in docs)
-    loss = total_nll / tokens_scored
-    return {"loss": loss, "ppl": math.exp(loss),
-            "bits_per_byte": total_nll / math.log(2) / num_bytes if num_bytes else float("nan"),
-            "nll": total_nll, "tokens": tokens_scored, "bytes": num_bytes, "documents": len(docs)}
 
 
 # ------------------------------------------------------------------------------------------------------ report
