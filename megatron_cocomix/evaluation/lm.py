@@ -197,11 +197,21 @@ def checkpoint_scorer(root: str, iteration: Optional[int] = None, name: Optional
     max_context = (args.max_position_embeddings or args.seq_length) if learned else 10 ** 9
     model = loaded.model
     return Scorer(name=name or os.path.basename(os.path.normpath(root)), kind="checkpoint", path=loaded.path,
-                  parameters=sum(p.numel() for p in model.parameters()), max_context=max_context,
-                  default_context=args.seq_length, eod=int(state["eod"]), vocab_size=vocab_size,
+                  parameters=_parameters_without_padding(model, args.padded_vocab_size, vocab_size),
+                  max_context=max_context, default_context=args.seq_length, eod=int(state["eod"]), vocab_size=vocab_size,
                   # causal attention: the right padding is never seen by a real position, no mask needed
                   logits=lambda tokens, mask: megatron_logits(model, tokens),
                   decode=_decoder(tokenizer), extra={"iteration": loaded.iteration})
+
+
+def _parameters_without_padding(model: torch.nn.Module, padded_vocab_size: int, vocab_size: int) -> int:
+    """Parameters of the megatron model less its vocabulary padding rows (the count of its export)."""
+    total = 0
+    for name, p in model.named_parameters():  # shared (tied) tensors are listed once
+        total += p.numel()
+        if ("word_embeddings" in name or "output_layer" in name) and p.shape[0] == padded_vocab_size:
+            total -= (padded_vocab_size - vocab_size) * p[0].numel()
+    return total
 
 
 def hf_scorer(path: str, name: Optional[str] = None, dtype: torch.dtype = torch.float32) -> Scorer:

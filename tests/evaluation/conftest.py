@@ -16,16 +16,19 @@ from tests.hf.conftest import VARIANTS
 
 EOD = 255  # NullTokenizer of TINY_GPT: ids 0..254, EOD 255
 CONTEXT = 32  # TINY_GPT's --seq-length
+PADDED_EOD = 200  # gpt2_padded: ids 0..199, EOD 200, table padded to 256 rows
 
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    """{variant: checkpoint dir} for gpt2 (NTP -> GPT2LMHeadModel) and cocomix (-> CoCoMix class)."""
+    """{variant: checkpoint dir} for gpt2 (NTP -> GPT2LMHeadModel), cocomix (-> CoCoMix class) and gpt2_padded
+    (vocabulary 200 + EOD: 55 padding rows in the embedding table, which the export drops)."""
     root = str(tmp_path_factory.mktemp("eval_ckpt"))
     runs, out = [], {}
-    for variant in ("gpt2", "cocomix"):
+    for variant in ("gpt2", "cocomix", "gpt2_padded"):
         out[variant] = os.path.join(root, variant)
-        runs.append([variant, "pretrain", TINY_GPT + VARIANTS[variant] + [
+        model = VARIANTS["gpt2"] + ["--vocab-size", str(PADDED_EOD)] if variant == "gpt2_padded" else VARIANTS[variant]
+        runs.append([variant, "pretrain", TINY_GPT + model + [
             "--train-iters", "2", "--eval-interval", "100", "--save", out[variant], "--save-interval", "2"]])
     spec = os.path.join(root, "spec.json")
     with open(spec, "w") as f:
@@ -34,15 +37,16 @@ def tiny_checkpoints(tmp_path_factory):
     return out
 
 
-def write_documents(prefix: str, num_docs: int = 24, seed: int = 0, min_len: int = 3, max_len: int = 90) -> list:
-    """A megatron .bin/.idx of random documents (ids < EOD) each ending with EOD; returns them (int64)."""
+def write_documents(prefix: str, num_docs: int = 24, seed: int = 0, min_len: int = 3, max_len: int = 90,
+                    eod: int = EOD) -> list:
+    """A megatron .bin/.idx of random documents (ids < eod) each ending with eod; returns them (int64)."""
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
     rng = numpy.random.default_rng(seed)
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.uint16)
     docs = []
     for _ in range(num_docs):
-        doc = numpy.append(rng.integers(0, EOD, int(rng.integers(min_len, max_len))), EOD).astype(numpy.int64)
+        doc = numpy.append(rng.integers(0, eod, int(rng.integers(min_len, max_len))), eod).astype(numpy.int64)
         builder.add_item(torch.from_numpy(doc))
         builder.end_document()
         docs.append(doc)

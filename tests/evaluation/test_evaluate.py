@@ -21,7 +21,7 @@ import numpy
 import pytest
 import torch
 
-from tests.evaluation.conftest import CONTEXT, EOD, write_documents
+from tests.evaluation.conftest import CONTEXT, EOD, PADDED_EOD, write_documents
 from tests.hf.helpers import export
 
 
@@ -139,6 +139,17 @@ def test_checkpoint_and_export_agree(tiny_checkpoints, exports, token_data, tmp_
             assert ckpt[key] == hf[key], key
         assert f"| {name} |" in out
     assert rows["ntp"]["loss"] != rows["cocomix"]["loss"]
+
+
+def test_padded_vocabulary_checkpoint_and_export_agree(tiny_checkpoints, exports, tmp_path):
+    """A checkpoint whose table has padding rows: the softmax over the tokenizer's ids, as the export; the
+    parameter count without the padding rows, as the export's."""
+    prefix = str(tmp_path / "padded")
+    write_documents(prefix, num_docs=8, seed=2, eod=PADDED_EOD)
+    rows = evaluate_json(["--load", tiny_checkpoints["gpt2_padded"], "--hf-model", exports["gpt2_padded"],
+                          "--data-path", prefix], tmp_path)["models"]
+    assert abs(rows[0]["loss"] - rows[1]["loss"]) <= 1e-5 * rows[1]["loss"], rows
+    assert rows[0]["parameters"] == rows[1]["parameters"]
 
 
 def test_batch_size_does_not_change_the_numbers(tiny_checkpoints, exports, token_data):
