@@ -41,7 +41,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--name", nargs="+", action="extend", default=None,
                         help="A name per model, in the order the models are given (default: directory name).")
     parser.add_argument("--data-path", required=True, help="Prefix of the .bin/.idx token dataset.")
-    parser.add_argument("--split", default=None, help="Training's --split (default 969,30,1 with --eval-split).")
+    parser.add_argument("--split", default=None, help="Training's --split (default 969,30,1 with --eval-split; needs --eval-split).")
     parser.add_argument("--eval-split", default=None, help="valid or test: score only that part of the documents.")
     parser.add_argument("--seq-length", type=int, default=None,
                         help="Context in tokens (default: the trained sequence length, else the model's positions).")
@@ -85,7 +85,9 @@ def main(argv: Optional[List[str]] = None) -> int:
                            progress=not options.no_progress)
         rows.append({"name": scorer.name, "kind": kind, "path": scorer.path, "parameters": scorer.parameters,
                      **scorer.extra, **numbers, "data_path": documents.prefix, "split": documents.split,
-                     "eval_split": documents.eval_split, "first_document": documents.begin,
+                     "eval_split": documents.eval_split,
+                     # the split's sequences [begin, end) of the index, before --max-documents
+                     "document_range": [documents.begin, documents.end], "first_document": documents.begin,
                      "documents_in_split": documents.end - documents.begin, "context": context, "stride": stride,
                      "batch_size": options.batch_size})
         del scorer

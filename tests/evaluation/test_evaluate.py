@@ -202,6 +202,7 @@ def test_split_selects_the_training_documents(exports, token_data, tmp_path):
         expected = indices[eval_split]
         assert len(expected) > 0
         assert result["first_document"] == expected[0] and result["documents_in_split"] == len(expected)
+        assert result["document_range"] == [int(expected[0]), int(expected[-1]) + 1]
         assert result["documents"] == len(expected)
         assert result["tokens"] == sum(len(docs[i]) for i in expected)
         assert result["split"] == split and result["eval_split"] == eval_split
