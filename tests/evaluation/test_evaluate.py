@@ -223,3 +223,21 @@ def test_bad_inputs_one_error_line(case, token_data, exports, tmp_path):
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
     assert out == ""
+
+
+def test_bad_input_from_the_command_line(token_data, tmp_path):
+    """A fresh process (warnings on): stderr is exactly the one error line."""
+    import subprocess
+    import sys
+
+    from tests.helpers.launch import test_env
+    from tests.helpers.paths import ROOT
+
+    env = test_env()
+    env.pop("PYTHONWARNINGS", None)
+    os.makedirs(tmp_path / "empty")
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "evaluate.py"), "--load",
+                           str(tmp_path / "empty"), "--data-path", token_data[0]],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == "", proc
+    assert proc.stderr.startswith("error: --load ") and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
