@@ -24,6 +24,9 @@ B counts the bytes of each scored document's decoded text *without* its final EO
 preprocessing read, for a lossless tokenizer) while the EOD's NLL stays in the numerator, as is usual for bits per
 byte over documents. The decoding is the run's tokenizer (the checkpoint's saved one, or the HF model's).
 
+Precision. Every model runs in float32: a checkpoint's weights (bf16 / fp16 training included) are upcast
+exactly, and an HF directory is loaded with dtype float32, so a checkpoint and its export (in any dtype) agree.
+
 Batching. Windows of several documents go through one forward, right-padded with EOD. Attention is causal, so a
 real position never sees the padding after it; padded targets are ignored. Windows are sorted by length (less
 padding) and every NLL is summed per document in float64, so the numbers do not depend on the batch size beyond
@@ -195,7 +198,9 @@ def checkpoint_scorer(root: str, iteration: Optional[int] = None, name: Optional
         tokenizer = _hf_tokenizer(directory)
     learned = getattr(args, "position_embedding_type", "learned_absolute") == "learned_absolute"
     max_context = (args.max_position_embeddings or args.seq_length) if learned else 10 ** 9
-    model = loaded.model
+    # fp32 whatever the training dtype (bf16 / fp16 weights upcast exactly), as an export is loaded here: the
+    # megatron model in bf16 on CPU also trips on mixed-dtype norms.
+    model = loaded.model.float()
     return Scorer(name=name or os.path.basename(os.path.normpath(root)), kind="checkpoint", path=loaded.path,
                   parameters=_parameters_without_padding(model, args.padded_vocab_size, vocab_size),
                   max_context=max_context, default_context=args.seq_length, eod=int(state["eod"]), vocab_size=vocab_size,

@@ -141,12 +141,14 @@ def test_checkpoint_and_export_agree(tiny_checkpoints, exports, token_data, tmp_
     assert rows["ntp"]["loss"] != rows["cocomix"]["loss"]
 
 
-def test_padded_vocabulary_checkpoint_and_export_agree(tiny_checkpoints, exports, tmp_path):
-    """A checkpoint whose table has padding rows: the softmax over the tokenizer's ids, as the export; the
-    parameter count without the padding rows, as the export's."""
-    prefix = str(tmp_path / "padded")
-    write_documents(prefix, num_docs=8, seed=2, eod=PADDED_EOD)
-    rows = evaluate_json(["--load", tiny_checkpoints["gpt2_padded"], "--hf-model", exports["gpt2_padded"],
+@pytest.mark.parametrize("variant", ["gpt2_padded", "cocomix_bf16"])
+def test_padded_or_bf16_checkpoint_and_export_agree(variant, tiny_checkpoints, exports, tmp_path):
+    """A table with padding rows: the softmax over the tokenizer's ids, as the export, and the parameter count
+    without the padding rows. A bf16 run and its bf16 export: both evaluated in fp32 from the same weights."""
+    eod = PADDED_EOD if variant == "gpt2_padded" else EOD
+    prefix = str(tmp_path / "docs")
+    write_documents(prefix, num_docs=8, seed=2, eod=eod)
+    rows = evaluate_json(["--load", tiny_checkpoints[variant], "--hf-model", exports[variant],
                           "--data-path", prefix], tmp_path)["models"]
     assert abs(rows[0]["loss"] - rows[1]["loss"]) <= 1e-5 * rows[1]["loss"], rows
     assert rows[0]["parameters"] == rows[1]["parameters"]
