@@ -60,3 +60,13 @@ def token_data(tmp_path_factory):
     """(prefix, documents): 24 documents of 4 to 90 tokens."""
     prefix = os.path.join(str(tmp_path_factory.mktemp("eval_data")), "docs")
     return prefix, write_documents(prefix)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The tiny forwards run on one thread: on 2 shared cores, torch's thread pool competing with other
+    processes made them ~50x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
