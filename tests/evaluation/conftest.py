@@ -22,11 +22,11 @@ PADDED_EOD = 200  # gpt2_padded: ids 0..199, EOD 200, table padded to 256 rows
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
     """{variant: checkpoint dir} for gpt2 (NTP -> GPT2LMHeadModel), cocomix (-> CoCoMix class), gpt2_padded
-    (vocabulary 200 + EOD: 55 padding rows in the embedding table, which the export drops) and cocomix_bf16
-    (trained and exported in bf16)."""
+    (vocabulary 200 + EOD: 55 padding rows in the embedding table, which the export drops), cocomix_bf16
+    (trained and exported in bf16) and llama (rotary, RMSNorm, SwiGLU, GQA -> LlamaForCausalLM)."""
     root = str(tmp_path_factory.mktemp("eval_ckpt"))
     runs, out = [], {}
-    for variant in ("gpt2", "cocomix", "gpt2_padded", "cocomix_bf16"):
+    for variant in ("gpt2", "cocomix", "gpt2_padded", "cocomix_bf16", "llama"):
         out[variant] = os.path.join(root, variant)
         model = VARIANTS["gpt2"] + ["--vocab-size", str(PADDED_EOD)] if variant == "gpt2_padded" else VARIANTS[variant]
         runs.append([variant, "pretrain", TINY_GPT + model + [

@@ -141,10 +141,11 @@ def test_checkpoint_and_export_agree(tiny_checkpoints, exports, token_data, tmp_
     assert rows["ntp"]["loss"] != rows["cocomix"]["loss"]
 
 
-@pytest.mark.parametrize("variant", ["gpt2_padded", "cocomix_bf16"])
-def test_padded_or_bf16_checkpoint_and_export_agree(variant, tiny_checkpoints, exports, tmp_path):
+@pytest.mark.parametrize("variant", ["gpt2_padded", "cocomix_bf16", "llama"])
+def test_more_checkpoints_and_exports_agree(variant, tiny_checkpoints, exports, tmp_path):
     """A table with padding rows: the softmax over the tokenizer's ids, as the export, and the parameter count
-    without the padding rows. A bf16 run and its bf16 export: both evaluated in fp32 from the same weights."""
+    without the padding rows. A bf16 run and its bf16 export: both evaluated in fp32 from the same weights. A
+    Llama-style run (rotary: no position table) and its LlamaForCausalLM export, with sliding windows."""
     eod = PADDED_EOD if variant == "gpt2_padded" else EOD
     prefix = str(tmp_path / "docs")
     write_documents(prefix, num_docs=8, seed=2, eod=eod)
