@@ -21,8 +21,8 @@ import numpy
 import pytest
 import torch
 
-from tests.evaluation.conftest import CONTEXT, EOD, PADDED_EOD, write_documents
-from tests.hf.helpers import export
+from tests.helpers.evaluation_data import CONTEXT, EOD, PADDED_EOD, write_documents
+from tests.helpers.hf_checkpoints import export
 
 
 def evaluate(args):
