@@ -27,24 +27,30 @@ import torch
 Tensors = Dict[str, torch.Tensor]
 
 
+def _not_gpt2_block(args) -> str:
+    """The first flag that takes the model away from GPT-2's block (LayerNorm, GELU MLP, multi-head attention)."""
+    for flag, bad in (("--swiglu", args.swiglu), ("--normalization RMSNorm", args.normalization != "LayerNorm"),
+                      ("--group-query-attention", args.num_query_groups != args.num_attention_heads)):
+        if bad:
+            return flag
+    return ""
+
+
 def choose_architecture(args) -> str:
     """'gpt2', 'llama' or 'cocomix' for these flags; ValueError naming the flag that has no exact target."""
     if args.cocomix or args.pause_tokens:
         if args.cocomix and args.concept_mixing != "interleave":
             raise ValueError(f"--concept-mixing {args.concept_mixing}: only interleave exports (the CoCoMix class)")
-        for flag, bad in (("--swiglu", args.swiglu), ("--normalization RMSNorm", args.normalization != "LayerNorm"),
-                          ("--group-query-attention", args.num_query_groups != args.num_attention_heads)):
-            if bad:
-                raise ValueError(f"{flag}: the CoCoMix export has GPT-2 blocks (LayerNorm, GELU, multi-head "
-                                 f"attention)")
+        flag = _not_gpt2_block(args)
+        if flag:
+            raise ValueError(f"{flag}: the CoCoMix export has GPT-2 blocks (LayerNorm, GELU, multi-head attention)")
         _check_common(args)
         return "cocomix"
     if args.position_embedding_type == "learned_absolute":
-        for flag, bad in (("--swiglu", args.swiglu), ("--normalization RMSNorm", args.normalization != "LayerNorm"),
-                          ("--group-query-attention", args.num_query_groups != args.num_attention_heads)):
-            if bad:
-                raise ValueError(f"{flag} with learned positions has no stock Hugging Face architecture "
-                                 f"(GPT2LMHeadModel needs LayerNorm, GELU and multi-head attention)")
+        flag = _not_gpt2_block(args)
+        if flag:
+            raise ValueError(f"{flag} with learned positions has no stock Hugging Face architecture "
+                             f"(GPT2LMHeadModel needs LayerNorm, GELU and multi-head attention)")
         _check_common(args)
         return "gpt2"
     for flag, bad in (("--normalization LayerNorm", args.normalization != "RMSNorm"),
