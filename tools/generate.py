@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=1.0)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--greedy", action="store_true", help="Greedy decoding instead of sampling.")
+    parser.add_argument("--steer", default=None, metavar="ID:SCALE[,ID:SCALE]",
+                        help="CoCoMix concept steering: multiply these concept logits by SCALE (the paper uses -10 to "
+                             "10) before the top-k at the concept layer, at every position.")
+    parser.add_argument("--steer-mode", choices=["multiply", "add"], default="multiply",
+                        help="Steering multiplies the chosen logits (the paper) or adds SCALE to them.")
     return parser
 
 
@@ -74,6 +79,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             model, tokenizer = _from_checkpoint(options.load, options.iteration, directory)
     model.eval()
+    steering = parse_steering(options.steer, options.steer_mode, model)
     ids = tokenizer(options.prompt, add_special_tokens=False, return_tensors="pt")
     if ids["input_ids"].shape[1] == 0:
         raise ValueError("--prompt: the prompt has no tokens")
@@ -83,8 +89,28 @@ def main(argv: Optional[List[str]] = None) -> int:
     with torch.no_grad():
         model.generate(**ids, max_new_tokens=options.max_new_tokens, do_sample=not options.greedy,
                        streamer=TextStreamer(tokenizer, skip_prompt=True), use_cache=True,
-                       pad_token_id=tokenizer.eos_token_id, **sampling)
+                       pad_token_id=tokenizer.eos_token_id, **steering, **sampling)
     return 0
+
+
+def parse_steering(spec: Optional[str], mode: str, model) -> dict:
+    """--steer "12:10,40:-5" -> {"concept_steering": {12: 10.0, 40: -5.0}} for generate(); {} without --steer."""
+    if not spec:
+        return {}
+    if getattr(model.config, "model_type", None) != "cocomix" or getattr(model.config, "mixing", "") == "pause":
+        raise ValueError("--steer needs a CoCoMix model (concepts to steer)")
+    steering = {}
+    for item in spec.split(","):
+        try:
+            concept, scale = item.split(":")
+            steering[int(concept)] = float(scale)
+        except ValueError:
+            raise ValueError(f"--steer {spec}: expected ID:SCALE[,ID:SCALE], got {item!r}") from None
+        if not 0 <= int(concept) < model.config.concept_dim:
+            raise ValueError(f"--steer {spec}: concept {concept} is outside 0..{model.config.concept_dim - 1}")
+    if mode == "add":
+        steering["mode"] = "add"
+    return {"concept_steering": steering}
 
 
 if __name__ == "__main__":

@@ -180,19 +180,30 @@ class CoCoMixModel(CoCoMixPreTrainedModel):
     def set_input_embeddings(self, embeddings):
         self.wte = embeddings
 
-    def mix(self, h: torch.Tensor):
-        """The concept layer: h [b, t, d] -> (interleaved [b, 2t, d], concept logits [b, t, C] or None)."""
+    def mix(self, h: torch.Tensor, concept_steering: Optional[dict] = None):
+        """The concept layer: h [b, t, d] -> (interleaved [b, 2t, d], concept logits [b, t, C] or None).
+
+        concept_steering {concept id: scale} changes the chosen concept logits before the top-k, at every position:
+        z_i <- z_i * scale (the paper's steering), or z_i + scale with the key "mode": "add"."""
         if self.config.mixing == "pause":
             return interleave(h, self.pause_embedding.to(h.dtype).expand_as(h)), None
         xn, mu, std = concept_layer_norm(h)
         logits = self.concept_predictor(xn - self.pre_bias)
+        if concept_steering:
+            steering = dict(concept_steering)
+            add = steering.pop("mode", "multiply") == "add"
+            ids = torch.tensor([int(i) for i in steering], dtype=torch.long, device=logits.device)
+            scales = torch.tensor([float(v) for v in steering.values()], dtype=logits.dtype, device=logits.device)
+            chosen = logits.index_select(-1, ids)
+            logits = logits.index_copy(-1, ids, chosen + scales if add else chosen * scales)
         values, ids = logits.topk(self.config.concept_num, dim=-1)
         sparse = torch.zeros_like(logits).scatter(-1, ids, values)
         concept = (self.compress_layer(sparse) + self.pre_bias) * std + mu
         return interleave(h, concept), logits
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
-                past_key_values: Optional[DynamicCache] = None, use_cache: bool = False):
+                past_key_values: Optional[DynamicCache] = None, use_cache: bool = False,
+                concept_steering: Optional[dict] = None):
         """input_ids [b, t] (the new tokens when a cache is given); attention_mask [b, past + t] (1 = real token).
         Returns (hidden [b, t, d] after ln_f, from the concept slots, concept logits [b, t, C] or None, cache)."""
         b, t = input_ids.shape
@@ -214,7 +225,7 @@ class CoCoMixModel(CoCoMixPreTrainedModel):
         concept_logits = None
         for i, block in enumerate(self.h):
             if i == self.config.insert_layer_idx:
-                h, concept_logits = self.mix(h)
+                h, concept_logits = self.mix(h, concept_steering)
                 mask = slot_mask(attention_mask, 2 * t, 2)
                 if rotary is not None:
                     rotary = tuple(r.repeat_interleave(2, dim=2) for r in rotary)
@@ -240,11 +251,14 @@ class CoCoMixForCausalLM(CoCoMixPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
                 past_key_values: Optional[DynamicCache] = None, labels: Optional[torch.LongTensor] = None,
-                use_cache: Optional[bool] = None, logits_to_keep: int = 0, **unused) -> CausalLMOutputWithPast:
+                use_cache: Optional[bool] = None, logits_to_keep: int = 0, concept_steering: Optional[dict] = None,
+                **unused) -> CausalLMOutputWithPast:
         """logits [b, t, V] (the last `logits_to_keep` positions when > 0); loss = mean next-token cross-entropy
-        over labels != -100 (labels are the inputs, shifted inside, as in transformers)."""
+        over labels != -100 (labels are the inputs, shifted inside, as in transformers). `concept_steering`
+        ({concept id: scale}, see CoCoMixModel.mix) is also a generate() argument: it steers the prompt and every
+        generated token."""
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        hidden, _, cache = self.transformer(input_ids, attention_mask, past_key_values, use_cache)
+        hidden, _, cache = self.transformer(input_ids, attention_mask, past_key_values, use_cache, concept_steering)
         if logits_to_keep:
             hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden)

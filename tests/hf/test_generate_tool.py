@@ -48,3 +48,24 @@ def test_generate_from_export_and_checkpoint(checkpoints, export_root, single_pr
 def test_generate_bad_input(tmp_path, single_process):
     code, _, err = _run(["--hf-model", str(tmp_path), "--prompt", "x"])
     assert code == 2 and err.strip().startswith("error: --hf-model") and len(err.strip().splitlines()) == 1
+
+
+def test_steering_tools(checkpoints, export_root, single_process, capsys):
+    """generate.py --steer and steer.py: scale 1 is the unsteered continuation; a large scale changes it; bad
+    --steer values are one error line."""
+    from tools import steer
+
+    path, _ = export(checkpoints("tp1")["cocomix"], export_root, ("tp1", "cocomix"))
+    prompt = "3 1 4 1 5 9"
+    plain = _run(["--hf-model", path, "--prompt", prompt, "--max-new-tokens", "8", "--greedy"])[1]
+    scale_one = _run(["--hf-model", path, "--prompt", prompt, "--max-new-tokens", "8", "--greedy",
+                      "--steer", "7:1,30:1"])[1]
+    assert scale_one == plain
+    assert steer.main(["--hf-model", path, "--prompt", prompt, "--concept", "7", "--scales", "1,1000,-1000",
+                       "--max-new-tokens", "8"]) == 0
+    rows = [line.split(" | ", 1)[1] for line in capsys.readouterr().out.splitlines() if " | " in line]
+    assert len(rows) == 3 and plain.strip().endswith(eval(rows[0]).strip()) and rows[1] != rows[0]
+    for bad, message in (("7", "expected ID:SCALE"), ("100000:2", "outside 0..63")):
+        code, _, err = _run(["--hf-model", path, "--prompt", prompt, "--steer", bad])
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert code == 2 and len(errors) == 1 and message in errors[0] and err.strip().endswith(errors[0])
