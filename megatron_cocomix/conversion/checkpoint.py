@@ -22,6 +22,7 @@ from megatron_cocomix.training.checkpointing import (
     checkpoint_dir,
     complete_checkpoints,
     read_tracker,
+    verify_checkpoint_files,
 )
 
 # Flags that only describe how a run was parallelised or scheduled: reset for the single-process rebuild.
@@ -62,9 +63,13 @@ def find_checkpoint(root: str, iteration: Optional[int] = None) -> str:
 
 
 def read_common(path: str) -> dict:
-    """The checkpoint's common state (common.pt: iteration, model_args, export, ...)."""
+    """The checkpoint's common state (common.pt: iteration, model_args, export, ...), read as training reads it
+    (megatron's loader; no second unpickling path of our own), after the files were checked for completeness."""
+    from megatron.core import dist_checkpointing
+
+    verify_checkpoint_files(path)
     try:
-        return torch.load(os.path.join(path, "common.pt"), map_location="cpu", weights_only=False)
+        return dist_checkpointing.load_common_state_dict(path)
     except Exception as e:
         raise CheckpointError(f"{path}/common.pt: unreadable ({type(e).__name__}: {str(e)[:200]})") from None
 
