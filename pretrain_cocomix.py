@@ -169,6 +169,10 @@ def _attach_precomputed_labels(args, train):
     from megatron_cocomix.data.concept_labels import ConceptLabelsDataset, expected_fingerprint
 
     labels = ConceptLabelsDataset(args.concept_labels)
+    if labels.fingerprint.get("eval_split"):
+        raise ValueError(f"--concept-labels {args.concept_labels}: labels of the held-out "
+                         f"{labels.fingerprint['eval_split']} windows (extract_concepts.py --eval-split), not of "
+                         f"training samples")
     if args.teacher_model and args.sae:
         from megatron_cocomix.concepts.sae import sae_fingerprint
 

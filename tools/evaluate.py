@@ -55,13 +55,44 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output-json", default=None, help="Write every number and its settings here.")
     parser.add_argument("--output-md", default=None, help="Write the markdown table here.")
     parser.add_argument("--no-progress", action="store_true", help="No tqdm progress bar.")
+    g = parser.add_argument_group(
+        "CoCoMix concept prediction",
+        "Concept loss and top-1 / top-k accuracy of the models with a concept layer, on windows of --seq-length "
+        "tokens of the same held-out documents, against the teacher's labels: computed online (the training "
+        "run's --teacher-model, --teacher-layer and --sae) or read from --concept-labels.")
+    g.add_argument("--teacher-model", default=None, help="The students' teacher: HF directory or .gguf file.")
+    g.add_argument("--teacher-layer", type=int, default=None, help="Hook: the teacher's hidden_states[layer].")
+    g.add_argument("--sae", default=None, help="The TopK SAE the students' labels came from.")
+    g.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="As training's flag.")
+    g.add_argument("--concept-num-labels", type=int, default=4, help="Labels per token (as training).")
+    g.add_argument("--concept-attribution", choices=["act", "preact", "abs"], default="act",
+                   help="Attribution score (as training).")
+    g.add_argument("--concept-label-masking", choices=["ignore", "reference"], default="ignore",
+                   help="Label convention (as training).")
+    g.add_argument("--concept-labels", default=None,
+                   help="Labels of these held-out windows written by tools/extract_concepts.py --eval-split "
+                        "(instead of the online teacher).")
+    g.add_argument("--concept-max-windows", type=int, default=None, help="Score at most N windows.")
     return parser
+
+
+def _concept_labels(options, documents, seq_length: int, progress: bool):
+    """(windows [n, s], labels [n, s, K]) of the held-out documents, online or from --concept-labels."""
+    from megatron_cocomix.evaluation import concepts
+
+    windows = concepts.concept_windows(documents.docs, seq_length, options.concept_max_windows)
+    if options.concept_labels:
+        return windows, concepts.read_eval_labels(options.concept_labels, documents, windows)
+    labeler = concepts.OnlineLabeler(options.teacher_model, options.teacher_layer, options.sae,
+                                     options.concept_num_labels, options.concept_attribution,
+                                     options.concept_label_masking, options.teacher_dtype)
+    return windows, concepts.label_windows(labeler, windows, options.batch_size, progress)
 
 
 @cli_main
 def main(argv: Optional[List[str]] = None) -> int:
     options = build_parser().parse_args(argv)
-    from megatron_cocomix.evaluation import lm
+    from megatron_cocomix.evaluation import concepts, lm
 
     models = options.models or []
     if not models:
@@ -71,8 +102,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise ValueError(f"--name: {len(names)} names for {len(models)} models")
     if options.eval_split is not None and options.eval_split not in ("valid", "test"):
         raise ValueError(f"--eval-split {options.eval_split!r}: expected valid or test")
+    online = [f for f in ("teacher_model", "teacher_layer", "sae") if getattr(options, f) is not None]
+    if online and len(online) < 3:
+        missing = sorted({"teacher_model", "teacher_layer", "sae"} - set(online))
+        raise ValueError(f"concept evaluation needs --teacher-model, --teacher-layer and --sae: missing "
+                         f"{', '.join('--' + m.replace('_', '-') for m in missing)}")
+    concept_eval = bool(online) or options.concept_labels is not None
     # Every input is checked before the first model is loaded.
     documents = lm.read_documents(options.data_path, options.split, options.eval_split, options.max_documents)
+    for flag in ("teacher_model", "sae"):
+        if getattr(options, flag) is not None and not os.path.exists(getattr(options, flag)):
+            raise FileNotFoundError(f"--{flag.replace('_', '-')} {getattr(options, flag)}: no such file or directory")
     for kind, path in models:
         if kind == "checkpoint":
             lm.check_checkpoint(path, options.iteration)
@@ -80,6 +120,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             lm.check_hf_dir(path)
 
     rows = []
+    concept_data = None  # (seq_length, windows, labels): labelled once, scored for every concept model
     for index, (kind, path) in enumerate(models):
         name = names[index] if names else None
         scorer = (lm.checkpoint_scorer(path, options.iteration, name) if kind == "checkpoint"
@@ -88,21 +129,33 @@ def main(argv: Optional[List[str]] = None) -> int:
         numbers = lm.score(scorer, documents.docs, context, stride, options.batch_size,
                            progress=not options.no_progress)
         rows.append({"name": scorer.name, "kind": kind, "path": scorer.path, "parameters": scorer.parameters,
+                     "vocab_size": scorer.vocab_size,
                      **scorer.extra, **numbers, "data_path": documents.prefix, "split": documents.split,
                      "eval_split": documents.eval_split,
                      # the split's sequences [begin, end) of the index, before --max-documents
                      "document_range": [documents.begin, documents.end], "first_document": documents.begin,
                      "documents_in_split": documents.end - documents.begin, "context": context, "stride": stride,
                      "batch_size": options.batch_size})
+        if concept_eval and scorer.concept_logits is not None:
+            if concept_data is None or concept_data[0] != context:
+                concept_data = (context, *_concept_labels(options, documents, context, not options.no_progress))
+            _, windows, labels = concept_data
+            rows[-1].update(concepts.score_concepts(scorer.concept_logits, scorer.concept_topk, windows, labels,
+                                                    options.batch_size, scorer.name, not options.no_progress))
         del scorer
     table = lm.markdown_table(rows)
+    if any("concept_loss" in row for row in rows):
+        table += "\n" + concepts.markdown_table(rows)
     print(table, end="", flush=True)
     if options.output_md:
         with open(options.output_md, "w") as f:
             f.write(table)
     if options.output_json:
         settings = {k: getattr(options, k) for k in ("data_path", "split", "eval_split", "seq_length", "stride",
-                                                      "max_documents", "batch_size", "iteration")}
+                                                      "max_documents", "batch_size", "iteration", "teacher_model",
+                                                      "teacher_layer", "sae", "teacher_dtype", "concept_num_labels",
+                                                      "concept_attribution", "concept_label_masking",
+                                                      "concept_labels", "concept_max_windows")}
         with open(options.output_json, "w") as f:
             json.dump({"settings": settings, "models": rows}, f, indent=2)
     return 0

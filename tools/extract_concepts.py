@@ -48,16 +48,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-tokenizer-check", action="store_true",
                    help="Skip comparing the teacher's tokenizer with the data tokenizer (NullTokenizer data).")
     g.add_argument("--no-progress", action="store_true", help="No tqdm progress bar.")
+    g.add_argument("--eval-split", choices=["valid", "test"], default=None,
+                   help="Label the held-out windows that tools/evaluate.py scores (the documents --split gives to "
+                        "this split, concatenated and cut into --seq-length windows) instead of the training "
+                        "samples; evaluate.py --concept-labels reads the result.")
+    g.add_argument("--max-documents", type=int, default=None,
+                   help="With --eval-split: only the first N documents (as evaluate.py's flag).")
     return parser
 
 
 def _validate(args: argparse.Namespace) -> None:
     from megatron_cocomix.arguments import validate_data_args
 
-    for flag in ("teacher_model", "teacher_layer", "sae", "seq_length", "train_iters", "global_batch_size"):
+    sizes = ("seq_length",) if args.eval_split else ("seq_length", "train_iters", "global_batch_size")
+    for flag in ("teacher_model", "teacher_layer", "sae") + sizes:
         if getattr(args, flag) is None:
             raise ValueError(f"--{flag.replace('_', '-')} is required (use the training run's value)")
-    for flag in ("seq_length", "train_iters", "global_batch_size", "chunk_samples", "concept_num_labels"):
+    if args.max_documents is not None and not args.eval_split:
+        raise ValueError("--max-documents needs --eval-split (it selects held-out documents)")
+    if args.eval_split and (not args.data_path or len(args.data_path) != 1):
+        raise ValueError(f"--eval-split labels the documents of one --data-path prefix, got {args.data_path}")
+    for flag in sizes + ("chunk_samples", "concept_num_labels"):
         if getattr(args, flag) <= 0:
             raise ValueError(f"--{flag.replace('_', '-')} must be positive, got {getattr(args, flag)}")
     if args.extract_batch_size is None:
@@ -157,9 +168,21 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
     if not args.no_tokenizer_check and args.tokenizer_type != "NullTokenizer":
         check_teacher_tokenizer(args.teacher_model, tokenizer)
 
-    num_samples = args.train_iters * args.global_batch_size
-    train_ds, _, _ = build_train_valid_test_datasets(args, tokenizer, [num_samples, 0, 0])
-    fingerprint = expected_fingerprint(args, tokenizer, num_samples, sae_fingerprint(args.sae))
+    if args.eval_split:
+        windows, held_out = _held_out_windows(args)
+        num_samples = len(windows)
+        fingerprint = expected_fingerprint(args, tokenizer, num_samples, sae_fingerprint(args.sae))
+        fingerprint.update(held_out)
+
+        def sample_tokens(i: int) -> torch.Tensor:
+            return windows[i]
+    else:
+        num_samples = args.train_iters * args.global_batch_size
+        train_ds, _, _ = build_train_valid_test_datasets(args, tokenizer, [num_samples, 0, 0])
+        fingerprint = expected_fingerprint(args, tokenizer, num_samples, sae_fingerprint(args.sae))
+
+        def sample_tokens(i: int) -> torch.Tensor:
+            return torch.as_tensor(train_ds[i]["tokens"])
     if os.path.exists(args.output_prefix + ".json"):
         from megatron_cocomix.data.concept_labels import ConceptLabelsDataset
 
@@ -187,7 +210,7 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
         last = min(first + args.chunk_samples, num_samples)
         for begin in range(first, last, args.extract_batch_size):
             ids = range(begin, min(begin + args.extract_batch_size, last))
-            tokens = torch.stack([torch.as_tensor(train_ds[i]["tokens"]) for i in ids])
+            tokens = torch.stack([sample_tokens(i) for i in ids])
             labels = attribution_labels(teacher, sae, tokens, args.concept_num_labels, args.concept_attribution,
                                         mask_invalid=mask_invalid)
             writer.add(labels)
@@ -224,6 +247,17 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
     if rank == 0:
         print(json.dumps(result))
     return result
+
+
+def _held_out_windows(args: argparse.Namespace) -> tuple[torch.Tensor, dict]:
+    """The windows evaluate.py scores for concepts, and the fingerprint keys that say which they are."""
+    from megatron_cocomix.evaluation.concepts import concept_windows
+    from megatron_cocomix.evaluation.lm import read_documents
+
+    documents = read_documents(args.data_path[0], args.split, args.eval_split, args.max_documents)
+    windows = concept_windows(documents.docs, args.seq_length)
+    return windows, {"eval_split": args.eval_split, "max_documents": args.max_documents,
+                     "document_range": [documents.begin, documents.end], "seed": None, "train_data_path": None}
 
 
 @cli_main

@@ -152,6 +152,9 @@ class Scorer:
     logits: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
     decode: Callable[[Sequence[int]], str]
     extra: Dict[str, object] = field(default_factory=dict)
+    # A CoCoMix model's concept layer: tokens [b, s] -> concept logits [b, s, C], and the k of its top-k.
+    concept_logits: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+    concept_topk: Optional[int] = None
 
 
 def _hf_tokenizer(directory: str):
@@ -201,12 +204,39 @@ def checkpoint_scorer(root: str, iteration: Optional[int] = None, name: Optional
     # fp32 whatever the training dtype (bf16 / fp16 weights upcast exactly), as an export is loaded here: the
     # megatron model in bf16 on CPU also trips on mixed-dtype norms.
     model = loaded.model.float()
+    concept_logits = _megatron_concept_logits(model)
     return Scorer(name=name or os.path.basename(os.path.normpath(root)), kind="checkpoint", path=loaded.path,
                   parameters=_parameters_without_padding(model, args.padded_vocab_size, vocab_size),
                   max_context=max_context, default_context=args.seq_length, eod=int(state["eod"]), vocab_size=vocab_size,
                   # causal attention: the right padding is never seen by a real position, no mask needed
                   logits=lambda tokens, mask: megatron_logits(model, tokens),
-                  decode=_decoder(tokenizer), extra={"iteration": loaded.iteration})
+                  decode=_decoder(tokenizer), extra=_training_extent(args, loaded.iteration),
+                  concept_logits=concept_logits, concept_topk=args.concept_topk if concept_logits else None)
+
+
+def _training_extent(args, iteration: int) -> Dict[str, object]:
+    """The iteration and the tokens the checkpoint was trained on (constant global batch size)."""
+    return {"iteration": iteration, "tokens_seen": iteration * args.global_batch_size * args.seq_length}
+
+
+def _megatron_concept_logits(model: torch.nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
+    """Concept logits of a megatron CoCoMix model, read from its concept predictor during a forward (TP1)."""
+    from megatron_cocomix.conversion.checkpoint import megatron_logits
+    from megatron_cocomix.model.concept_mixing import ConceptMixing, find_concept_mixing
+
+    mixing = find_concept_mixing(model)
+    if not isinstance(mixing, ConceptMixing):  # NTP, KD, pause
+        return None
+    captured = []
+
+    def concept_logits(tokens: torch.Tensor) -> torch.Tensor:
+        handle = mixing.predictor.register_forward_hook(lambda module, inputs, output: captured.append(output[0]))
+        try:
+            megatron_logits(model, tokens)
+        finally:
+            handle.remove()
+        return captured.pop().transpose(0, 1).float()  # [s, b, C] -> [b, s, C]
+    return concept_logits
 
 
 def _parameters_without_padding(model: torch.nn.Module, padded_vocab_size: int, vocab_size: int) -> int:
@@ -245,10 +275,17 @@ def hf_scorer(path: str, name: Optional[str] = None, dtype: torch.dtype = torch.
         with torch.no_grad():
             return model(input_ids=tokens.to(device), attention_mask=mask.to(device), use_cache=False).logits
 
+    concept_logits = None
+    if getattr(config, "model_type", None) == "cocomix" and config.mixing == "concept":
+        def concept_logits(tokens: torch.Tensor) -> torch.Tensor:
+            with torch.no_grad():
+                return model.transformer(tokens.to(device))[1]
+
     return Scorer(name=name or os.path.basename(os.path.normpath(path)), kind="hf", path=os.path.abspath(path),
                   parameters=sum(p.numel() for p in model.parameters()), max_context=max_context,
                   default_context=default_context, eod=int(eod), vocab_size=int(config.vocab_size), logits=logits,
-                  decode=_decoder(tokenizer))
+                  decode=_decoder(tokenizer), concept_logits=concept_logits,
+                  concept_topk=int(config.concept_num) if concept_logits else None)
 
 
 # ----------------------------------------------------------------------------------------------------- scoring

@@ -1,0 +1,167 @@
+"""Concept prediction on held-out data: the student's concept loss and accuracy against the teacher's labels.
+
+Windows. The held-out documents (evaluation/lm.py's `read_documents`: the same split and documents as the
+perplexity) are concatenated in order, each ending with its EOD, and cut into consecutive windows of s tokens
+(the last partial window is dropped), as training cuts its samples: tokens [n, s].
+
+Labels y [n, s, K] are the teacher's attribution labels of each window (docs/design.md §3), computed by the same
+function training and tools/extract_concepts.py use (`attribution_labels`), online from --teacher-model /
+--teacher-layer / --sae, or read from a labels file that tools/extract_concepts.py --eval-split wrote for these
+windows. Labels are computed once and scored against every model.
+
+Metrics, for the student's concept logits z [n, s, C] at its concept layer (docs/design.md §6, §11), summed over
+all windows before dividing, so they weigh every label (or token) equally:
+    concept loss      = sum over valid (token, label) of (logsumexp(z) - z[y_k]) / number of valid labels
+    concept top1 acc  = tokens whose argmax z equals their first label / tokens with a valid first label
+    concept topk acc  = valid labels among the student's top-k ids (k = the model's --concept-topk) / valid labels
+Chance levels, for a student that knows nothing: 1 / C for top-1 and k / C for top-k.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, Dict, Optional, Sequence
+
+import numpy
+import torch
+
+from megatron_cocomix.model.losses import concept_accuracy
+
+# tokens [b, s] -> concept logits [b, s, C]
+ConceptLogits = Callable[[torch.Tensor], torch.Tensor]
+
+
+def concept_windows(docs: Sequence[numpy.ndarray], seq_length: int, max_windows: Optional[int] = None) -> torch.Tensor:
+    """Consecutive windows [n, seq_length] of the concatenated documents (module docstring)."""
+    if seq_length <= 0:
+        raise ValueError(f"--seq-length must be positive, got {seq_length}")
+    stream = numpy.concatenate([numpy.asarray(d, dtype=numpy.int64) for d in docs])
+    n = len(stream) // seq_length
+    if max_windows is not None:
+        n = min(n, max_windows)
+    if n == 0:
+        raise ValueError(f"the held-out documents hold {len(stream)} tokens, fewer than one window of "
+                         f"{seq_length}: score more documents or use a shorter --seq-length")
+    return torch.from_numpy(stream[:n * seq_length].reshape(n, seq_length).copy())
+
+
+@dataclass
+class OnlineLabeler:
+    """The teacher and SAE of training, loaded once: labels [b, s, K] for windows [b, s]."""
+
+    teacher_model: str
+    teacher_layer: int
+    sae_path: str
+    num_labels: int = 4
+    attribution: str = "act"
+    masking: str = "ignore"
+    teacher_dtype: str = "fp32"
+
+    def __post_init__(self):
+        from megatron_cocomix.concepts import check_teacher_sae, load_sae, load_teacher
+
+        self.teacher = load_teacher(self.teacher_model, self.teacher_layer, dtype=self.teacher_dtype)
+        self.sae = load_sae(self.sae_path, device=self.teacher.device).freeze()
+        check_teacher_sae(self.teacher, self.sae)
+        if self.num_labels > self.sae.k and self.masking == "ignore" and self.attribution != "preact":
+            raise ValueError(f"--concept-num-labels {self.num_labels} exceeds the SAE's k {self.sae.k}")
+
+    @property
+    def num_latents(self) -> int:
+        return self.sae.num_latents
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        from megatron_cocomix.concepts import attribution_labels
+
+        if int(tokens.max()) >= self.teacher.vocab_size:
+            raise ValueError(f"token id {int(tokens.max())} is outside teacher {self.teacher_model}'s vocabulary "
+                             f"of {self.teacher.vocab_size}: the teacher must share the students' tokenizer")
+        return attribution_labels(self.teacher, self.sae, tokens.to(self.teacher.device), self.num_labels,
+                                  self.attribution, mask_invalid=self.masking == "ignore").cpu()
+
+
+def read_eval_labels(prefix: str, documents, windows: torch.Tensor) -> torch.Tensor:
+    """labels [n, s, K] of the windows from a file of tools/extract_concepts.py --eval-split, refused when it was
+    made for other documents or another window length."""
+    import os
+
+    from megatron_cocomix.data.concept_labels import ConceptLabelsDataset
+
+    labels = ConceptLabelsDataset(prefix)
+    fingerprint = labels.fingerprint
+    expected = {"eval_split": documents.eval_split, "split": documents.split, "seq_length": int(windows.shape[1]),
+                "data_path": [os.path.abspath(documents.prefix)]}
+    for key, want in expected.items():
+        if fingerprint.get(key) != want:
+            raise ValueError(f"--concept-labels {prefix}: made for {key} {fingerprint.get(key)!r}, this evaluation "
+                             f"has {want!r} (tools/extract_concepts.py --eval-split with the same data flags)")
+    if fingerprint.get("document_range", [None])[0] != documents.begin or len(labels) < len(windows):
+        raise ValueError(f"--concept-labels {prefix}: holds {len(labels)} windows from document "
+                         f"{fingerprint.get('document_range')}, this evaluation needs {len(windows)} from document "
+                         f"{documents.begin} (check --max-documents)")
+    return torch.stack([labels[i] for i in range(len(windows))]).long()
+
+
+def label_windows(labeler: Callable[[torch.Tensor], torch.Tensor], windows: torch.Tensor, batch_size: int = 8,
+                  progress: bool = False) -> torch.Tensor:
+    """labels [n, s, K] of every window, batch_size windows per teacher call (labels of a window do not depend
+    on the others of its batch)."""
+    from tqdm import tqdm
+
+    parts = []
+    for begin in tqdm(range(0, len(windows), batch_size), desc="teacher labels", unit="batch",
+                      disable=not progress):
+        parts.append(labeler(windows[begin:begin + batch_size]))
+    return torch.cat(parts)
+
+
+def score_concepts(concept_logits: ConceptLogits, topk: int, windows: torch.Tensor, labels: torch.Tensor,
+                   batch_size: int = 8, name: str = "model", progress: bool = False) -> Dict[str, float]:
+    """{concept_loss, concept_top1_acc, concept_topk_acc, concept_labels, concept_tokens, concept_topk} of a
+    student's concept logits against labels [n, s, K] (module docstring)."""
+    from tqdm import tqdm
+
+    if labels.shape[:2] != windows.shape:
+        raise ValueError(f"labels of shape {tuple(labels.shape)} do not cover the windows {tuple(windows.shape)}")
+    ce_sum, labels_valid = 0.0, 0
+    hits = {"concept top1 acc": [0.0, 0.0], "concept topk acc": [0.0, 0.0]}
+    num_latents = None
+    for begin in tqdm(range(0, len(windows), batch_size), desc=f"concepts {name}", unit="batch",
+                      disable=not progress):
+        tokens, y = windows[begin:begin + batch_size], labels[begin:begin + batch_size]
+        with torch.no_grad():
+            z = concept_logits(tokens).float().cpu()  # [b, s, C]
+        num_latents = z.shape[-1]
+        if int(y.max()) >= num_latents:
+            raise ValueError(f"label {int(y.max())} is outside {name}'s {num_latents} concepts: the labels come "
+                             f"from another SAE than the one the student was trained with")
+        valid = y >= 0
+        target = torch.gather(z, -1, y.clamp(min=0))
+        ce_sum += float(((torch.logsumexp(z, dim=-1, keepdim=True) - target) * valid).double().sum())
+        labels_valid += int(valid.sum())
+        top_ids = z.topk(topk, dim=-1).indices
+        for metric, (hit, total) in concept_accuracy(top_ids, y).items():
+            hits[metric][0] += float(hit)
+            hits[metric][1] += float(total)
+    top1, topk_hits = hits["concept top1 acc"], hits["concept topk acc"]
+    return {"concept_loss": ce_sum / labels_valid if labels_valid else math.nan,
+            "concept_top1_acc": top1[0] / top1[1] if top1[1] else math.nan,
+            "concept_topk_acc": topk_hits[0] / topk_hits[1] if topk_hits[1] else math.nan,
+            "concept_topk": topk, "concept_labels": labels_valid, "concept_tokens": int(windows.numel()),
+            "concept_chance_top1": 1.0 / num_latents if num_latents else math.nan,
+            "concept_chance_topk": topk / num_latents if num_latents else math.nan}
+
+
+def markdown_table(rows: Sequence[dict]) -> str:
+    """One row per model with a concept layer: concept loss, top-1 and top-k accuracy (chance in brackets)."""
+    lines = ["| model | concept loss | concept top-1 acc | concept top-k acc | k | labels |",
+             "|---|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        if "concept_loss" not in row:
+            continue
+        lines.append(f"| {row['name']} | {row['concept_loss']:.4f} | {row['concept_top1_acc']:.4f} "
+                     f"(chance {row['concept_chance_top1']:.4f}) | {row['concept_topk_acc']:.4f} "
+                     f"(chance {row['concept_chance_topk']:.4f}) | {row['concept_topk']} | "
+                     f"{row['concept_labels']:,} |")
+    return "\n".join(lines) + "\n"
