@@ -1,13 +1,16 @@
-"""Held-out language modelling of checkpoints and Hugging Face models: loss, perplexity, bits per byte.
+"""Held-out language modelling and zero-shot tasks (lm-eval, local files) of checkpoints and Hugging Face models.
 
     python tools/evaluate.py --load CKPT_A CKPT_B [--iteration N] --hf-model HF_DIR [--name A B C] \
-        --data-path PREFIX [--split 969,30,1 --eval-split valid|test] [--seq-length C --stride S] \
-        [--max-documents N] [--batch-size 8] [--output-json FILE] [--output-md FILE]
+        [--data-path PREFIX [--split 969,30,1 --eval-split valid|test] [--stride S] [--max-documents N]] \
+        [--tasks lambada_openai,hellaswag,piqa,social_iqa,arc_easy,winogrande --task-data-dir DIR [--limit N]] \
+        [--seq-length C] [--batch-size 8] [--output-json FILE] [--output-md FILE]
 
-One row per model, in the order given. A checkpoint runs as its own megatron model (TP1, this process) with its
-saved tokenizer; an HF directory through AutoModelForCausalLM (remote code: CoCoMix exports; local files only).
-Each document is scored on its own after one EOD token, with a sliding window past the context; the maths is in
-megatron_cocomix/evaluation/lm.py.
+One row per model, in the order given; --data-path, --tasks or both. Held-out perplexity: a checkpoint runs as its
+own megatron model (TP1, this process) with its saved tokenizer; an HF directory through AutoModelForCausalLM
+(remote code: CoCoMix exports; local files only). Each document is scored on its own after one EOD token, with a
+sliding window past the context; the maths is in megatron_cocomix/evaluation/lm.py. Zero-shot tasks: lm-eval's
+own task configs on local JSON-lines files, the model wrapped by lm-eval's HFLM (a checkpoint through its
+export); see megatron_cocomix/evaluation/zero_shot.py. With --tasks the table is laid out as the paper's Table 1.
 """
 
 from __future__ import annotations
@@ -44,24 +47,32 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--hf-model", nargs="+", action=_Models, help="Hugging Face directory(ies).")
     parser.add_argument("--name", nargs="+", action="extend", default=None,
                         help="A name per model, in the order the models are given (default: directory name).")
-    parser.add_argument("--data-path", required=True, help="Prefix of the .bin/.idx token dataset.")
+    parser.add_argument("--data-path", default=None,
+                        help="Prefix of the .bin/.idx token dataset: held-out perplexity (this and/or --tasks).")
     parser.add_argument("--split", default=None, help="Training's --split (default 969,30,1 with --eval-split; needs --eval-split).")
     parser.add_argument("--eval-split", default=None, help="valid or test: score only that part of the documents.")
     parser.add_argument("--seq-length", type=int, default=None,
-                        help="Context in tokens (default: the trained sequence length, else the model's positions).")
+                        help="Context in tokens, also lm-eval's max_length (default: the trained sequence length, "
+                             "else the model's positions).")
     parser.add_argument("--stride", type=int, default=None, help="Sliding-window stride (default context // 2).")
     parser.add_argument("--max-documents", type=int, default=None, help="Score only the first N documents.")
-    parser.add_argument("--batch-size", type=int, default=8, help="Windows per forward (does not change results).")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="Windows per forward for held-out perplexity (does not change results); lm-eval's "
+                             "batch size for --tasks.")
     parser.add_argument("--output-json", default=None, help="Write every number and its settings here.")
     parser.add_argument("--output-md", default=None, help="Write the markdown table here.")
-    parser.add_argument("--no-progress", action="store_true", help="No tqdm progress bar.")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="No tqdm progress bars of this tool and of datasets (lm-eval keeps its own).")
+    from megatron_cocomix.evaluation import zero_shot
+
+    zero_shot.add_arguments(parser)
     return parser
 
 
 @cli_main
 def main(argv: Optional[List[str]] = None) -> int:
     options = build_parser().parse_args(argv)
-    from megatron_cocomix.evaluation import lm
+    from megatron_cocomix.evaluation import lm, zero_shot
 
     models = options.models or []
     if not models:
@@ -69,10 +80,16 @@ def main(argv: Optional[List[str]] = None) -> int:
     names = options.name or []
     if names and len(names) != len(models):
         raise ValueError(f"--name: {len(names)} names for {len(models)} models")
+    if options.data_path is None and options.tasks is None:
+        raise ValueError("give --data-path PREFIX (held-out perplexity) and/or --tasks with --task-data-dir "
+                         "(zero-shot tasks)")
     if options.eval_split is not None and options.eval_split not in ("valid", "test"):
         raise ValueError(f"--eval-split {options.eval_split!r}: expected valid or test")
     # Every input is checked before the first model is loaded.
-    documents = lm.read_documents(options.data_path, options.split, options.eval_split, options.max_documents)
+    tasks = (zero_shot.check_tasks(options.tasks, options.task_data_dir, options.limit, options.bootstrap_iters)
+             if options.tasks is not None else None)
+    documents = (lm.read_documents(options.data_path, options.split, options.eval_split, options.max_documents)
+                 if options.data_path is not None else None)
     for kind, path in models:
         if kind == "checkpoint":
             lm.check_checkpoint(path, options.iteration)
@@ -82,20 +99,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     rows = []
     for index, (kind, path) in enumerate(models):
         name = names[index] if names else None
-        scorer = (lm.checkpoint_scorer(path, options.iteration, name) if kind == "checkpoint"
-                  else lm.hf_scorer(path, name))
-        context, stride = lm.resolve_context(scorer, options.seq_length, options.stride)
-        numbers = lm.score(scorer, documents.docs, context, stride, options.batch_size,
-                           progress=not options.no_progress)
-        rows.append({"name": scorer.name, "kind": kind, "path": scorer.path, "parameters": scorer.parameters,
-                     **scorer.extra, **numbers, "data_path": documents.prefix, "split": documents.split,
-                     "eval_split": documents.eval_split,
-                     # the split's sequences [begin, end) of the index, before --max-documents
-                     "document_range": [documents.begin, documents.end], "first_document": documents.begin,
-                     "documents_in_split": documents.end - documents.begin, "context": context, "stride": stride,
-                     "batch_size": options.batch_size})
-        del scorer
-    table = lm.markdown_table(rows)
+        row = {}
+        if documents is not None:
+            row = held_out_row(options, documents, kind, path, name)
+        if tasks is not None:
+            model = zero_shot.load_model(kind, path, options.iteration, name)
+            numbers = zero_shot.evaluate(model, tasks, options.seq_length, options.batch_size, options.limit,
+                                         options.bootstrap_iters, progress=not options.no_progress)
+            row = {"name": model.name, "kind": kind, "path": model.path, "parameters": model.parameters,
+                   "iteration": model.iteration, "tokens_seen": model.tokens_seen, **row, **numbers}
+            del model
+        rows.append(row)
+    table = zero_shot.markdown_table(rows, tasks) if tasks is not None else lm.markdown_table(rows)
     print(table, end="", flush=True)
     if options.output_md:
         with open(options.output_md, "w") as f:
@@ -103,9 +118,29 @@ def main(argv: Optional[List[str]] = None) -> int:
     if options.output_json:
         settings = {k: getattr(options, k) for k in ("data_path", "split", "eval_split", "seq_length", "stride",
                                                       "max_documents", "batch_size", "iteration")}
+        if tasks is not None:
+            settings["zero_shot"] = zero_shot.settings(tasks, options.task_data_dir, options.limit,
+                                                       options.bootstrap_iters)
         with open(options.output_json, "w") as f:
             json.dump({"settings": settings, "models": rows}, f, indent=2)
     return 0
+
+
+def held_out_row(options, documents, kind: str, path: str, name: Optional[str]) -> dict:
+    """Held-out loss, perplexity and bits per byte of one model, with their settings."""
+    from megatron_cocomix.evaluation import lm
+
+    scorer = (lm.checkpoint_scorer(path, options.iteration, name) if kind == "checkpoint"
+              else lm.hf_scorer(path, name))
+    context, stride = lm.resolve_context(scorer, options.seq_length, options.stride)
+    numbers = lm.score(scorer, documents.docs, context, stride, options.batch_size, progress=not options.no_progress)
+    return {"name": scorer.name, "kind": kind, "path": scorer.path, "parameters": scorer.parameters,
+            **scorer.extra, **numbers, "data_path": documents.prefix, "split": documents.split,
+            "eval_split": documents.eval_split,
+            # the split's sequences [begin, end) of the index, before --max-documents
+            "document_range": [documents.begin, documents.end], "first_document": documents.begin,
+            "documents_in_split": documents.end - documents.begin, "context": context, "stride": stride,
+            "batch_size": options.batch_size}
 
 
 if __name__ == "__main__":
