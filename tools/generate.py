@@ -29,10 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--load", help="Training checkpoint directory.")
     parser.add_argument("--iteration", type=int, default=None, help="With --load: iteration (default latest).")
     parser.add_argument("--prompt", required=True, help="Text to continue.")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="Tokens generated after the prompt.")
+    parser.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (not with --greedy).")
+    parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass (1: off; not with --greedy).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling.")
     parser.add_argument("--greedy", action="store_true", help="Greedy decoding instead of sampling.")
     parser.add_argument("--steer", default=None, metavar="ID:SCALE[,ID:SCALE]",
                         help="CoCoMix concept steering: multiply these concept logits by SCALE (the paper uses -10 to "
