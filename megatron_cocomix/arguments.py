@@ -166,6 +166,19 @@ def _add_logging_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--peak-tflops", type=float, default=None,
                    help="Dense peak TFLOP/s of one device for the MFU column; default from a table of known GPUs "
                         "(e.g. H100/H200 989 bf16).")
+    g.add_argument("--wandb-project", default=None,
+                   help="Weights & Biases project: the last rank logs the tensorboard scalars to W&B too (needs "
+                        "`pip install wandb`). W&B is off without it.")
+    g.add_argument("--wandb-exp-name", default=None,
+                   help="Name of the W&B run (required with --wandb-project, as in Megatron-LM).")
+    g.add_argument("--wandb-save-dir", default=None,
+                   help="Local folder of the W&B run files (W&B adds wandb/<run>/ below it); default <--save>/wandb, "
+                        "as in Megatron-LM.")
+    g.add_argument("--wandb-entity", default=None, help="W&B team or user owning the project; default W&B's own.")
+    g.add_argument("--wandb-mode", choices=["online", "offline", "disabled"], default=None,
+                   help="W&B mode; default: $WANDB_MODE, else online (Megatron-LM's behaviour). Without network use "
+                        "offline (online gives up after wandb.init's timeout, 90 s) and upload later with "
+                        "`wandb sync DIR`.")
 
 
 def _add_validation_args(parser: argparse.ArgumentParser) -> None:
@@ -402,6 +415,20 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     # Checkpointing.
     if args.save is not None and args.save_interval is None:
         args.save_interval = args.train_iters
+
+    # Weights & Biases: the import is checked here, before anything is built; runs without the flag never import it.
+    if args.wandb_project:
+        if not args.wandb_exp_name:
+            raise ArgumentError("--wandb-project needs --wandb-exp-name (the W&B run's name)")
+        if not args.wandb_save_dir:
+            if not args.save:
+                raise ArgumentError("--wandb-project needs --wandb-save-dir (or --save: its wandb/ folder is the "
+                                    "default)")
+            args.wandb_save_dir = os.path.join(args.save, "wandb")
+        try:
+            import wandb  # noqa: F401
+        except ImportError:
+            raise ArgumentError("--wandb-project needs the wandb package: pip install wandb==0.30.0") from None
 
     # Data.
     validate_data_args(args)

@@ -36,6 +36,8 @@ def test_megatron_defaults():
      "--concept-labels nowhere/labels: no such file nowhere/labels.bin"),
     (["--kd"], 1, "--kd needs --teacher-model"),
     (["--recompute-method", "block"], 1, "--recompute-method needs --recompute-granularity full"),
+    (["--wandb-project", "p"], 1, "--wandb-project needs --wandb-exp-name"),
+    (["--wandb-project", "p", "--wandb-exp-name", "e"], 1, "--wandb-project needs --wandb-save-dir (or --save"),
 ])
 def test_bad_flags_give_one_line(extra, world_size, message):
     with pytest.raises(ArgumentError) as error:

@@ -34,8 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--hf-model", required=True, help="Hugging Face model directory or .gguf file.")
     parser.add_argument("--output", required=True, help="Checkpoint directory to write (the run's --load).")
-    parser.add_argument("--tensor-model-parallel-size", type=int, default=1)
-    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                        help="Tensor-parallel size the run will train with (fixes its vocabulary padding; printed "
+                             "with the flags).")
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=1,
+                        help="Pipeline-parallel size the run will train with (printed with the flags).")
     parser.add_argument("--seq-length", type=int, default=2048,
                         help="Training sequence length to print (capped at the model's position table).")
     parser.add_argument("--make-vocab-size-divisible-by", type=int, default=None,
@@ -48,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     fresh.add_argument("--concept-layer", type=int, default=None,
                        help="Add a CoCoMix concept layer at this block, its weights drawn fresh from --seed.")
     fresh.add_argument("--concept-dim", type=int, default=None, help="Number of concepts C (the SAE's latents).")
-    fresh.add_argument("--concept-topk", type=int, default=32)
+    fresh.add_argument("--concept-topk", type=int, default=32,
+                       help="Concept logits kept per token (training's --concept-topk).")
     fresh.add_argument("--seed", type=int, default=1234, help="Seed of the fresh concept layer (training's init).")
     return parser
 

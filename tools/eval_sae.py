@@ -35,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=8, help="Windows per teacher forward.")
     p.add_argument("--skip-positions", type=int, default=1, help="Leading positions left out of FVU / L0.")
     p.add_argument("--output", default=None, help="Also write the JSON result to this file.")
+    p.add_argument("--no-progress", action="store_true", help="No tqdm progress bar.")
     return p
 
 
@@ -55,7 +56,10 @@ def main(argv: list[str] | None = None) -> int:
     windows = TokenWindows(args.data_path, args.seq_length)
     first = max(0, len(windows) - args.num_sequences)
     ids = list(range(first, len(windows)))
-    batches = (windows.batch(ids[i:i + args.batch_size]) for i in range(0, len(ids), args.batch_size))
+    from tqdm import tqdm
+
+    starts = tqdm(range(0, len(ids), args.batch_size), desc="eval_sae", unit="batch", disable=args.no_progress)
+    batches = (windows.batch(ids[i:i + args.batch_size]) for i in starts)
     result = evaluate_sae(sae, teacher, batches, skip_positions=args.skip_positions)
     result.update(sae=args.sae, teacher_model=args.teacher_model, teacher_layer=args.teacher_layer)
     print(json.dumps(result))

@@ -29,10 +29,10 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--load", help="Training checkpoint directory.")
     parser.add_argument("--iteration", type=int, default=None, help="With --load: iteration (default latest).")
     parser.add_argument("--prompt", required=True, help="Text to continue.")
-    parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--top-p", type=float, default=1.0)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="Tokens generated after the prompt.")
+    parser.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (not with --greedy).")
+    parser.add_argument("--top-p", type=float, default=1.0, help="Nucleus sampling mass (1: off; not with --greedy).")
+    parser.add_argument("--seed", type=int, default=0, help="Seed of the sampling.")
     parser.add_argument("--greedy", action="store_true", help="Greedy decoding instead of sampling.")
     parser.add_argument("--steer", default=None, metavar="ID:SCALE[,ID:SCALE]",
                         help="CoCoMix concept steering: multiply these concept logits by SCALE (the paper uses -10 to "
@@ -40,26 +40,6 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steer-mode", choices=["multiply", "add"], default="multiply",
                         help="Steering multiplies the chosen logits (the paper) or adds SCALE to them.")
     return parser
-
-
-def _from_checkpoint(root: str, iteration: Optional[int], directory: str):
-    """(model, tokenizer) converted in memory from a training checkpoint."""
-    from transformers import AutoTokenizer
-
-    from megatron_cocomix.conversion.checkpoint import find_checkpoint, load_checkpoint_tp1, read_common
-    from megatron_cocomix.conversion.export import build_hf_model
-    from megatron_cocomix.conversion.tokenizer_files import write_tokenizer
-    from megatron_cocomix.conversion.weights import choose_architecture
-
-    path = find_checkpoint(root, iteration)
-    tokenizer = (read_common(path).get("export") or {}).get("tokenizer")
-    if tokenizer is None:
-        raise ValueError(f"{path} records no tokenizer: export it with tools/convert_to_hf.py and its tokenizer "
-                         f"flags, then use --hf-model")
-    loaded = load_checkpoint_tp1(root, iteration, check_args=choose_architecture)
-    model = build_hf_model(loaded.model, loaded.args, choose_architecture(loaded.args), tokenizer)
-    write_tokenizer(tokenizer, directory, loaded.args.seq_length)
-    return model, AutoTokenizer.from_pretrained(directory)
 
 
 @cli_main
@@ -77,7 +57,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             model = AutoModelForCausalLM.from_pretrained(options.hf_model, trust_remote_code=True)
             tokenizer = AutoTokenizer.from_pretrained(options.hf_model, trust_remote_code=True)
         else:
-            model, tokenizer = _from_checkpoint(options.load, options.iteration, directory)
+            from megatron_cocomix.conversion.export import hf_model_from_checkpoint
+
+            model, tokenizer = hf_model_from_checkpoint(options.load, options.iteration, directory)
     model.eval()
     steering = parse_steering(options.steer, options.steer_mode, model)
     ids = tokenizer(options.prompt, add_special_tokens=False, return_tensors="pt")

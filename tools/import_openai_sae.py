@@ -19,15 +19,19 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_cocomix.errors import cli_main  # noqa: E402
 
 
-@cli_main
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Convert an OpenAI TopK SAE .pt file to a SAELens folder.",
                                 allow_abbrev=False)
     p.add_argument("--input", required=True, help="OpenAI state dict (.pt).")
     p.add_argument("--output", required=True, help="SAELens folder to create.")
     p.add_argument("--layer", type=int, default=None, help="Record hook_name hidden_states.LAYER in cfg.json.")
     p.add_argument("--no-layer-norm", action="store_true", help="The SAE was trained without input LN.")
-    args = p.parse_args(argv)
+    return p
+
+
+@cli_main
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     import torch
 
     from megatron_cocomix.concepts import load_sae, save_saelens

@@ -372,7 +372,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--partitions", type=int, default=1,
                    help="Contiguous groups of input files processed concurrently, then concatenated.")
     g.add_argument("--log-interval", type=int, default=1000, help="Documents between progress lines (no terminal).")
-    g.add_argument("--quiet", action="store_true", help="No progress output, only the summary.")
+    g.add_argument("--quiet", "--no-progress", action="store_true", dest="quiet",
+                   help="No progress bar or progress lines, only the summary.")
     return parser
 
 

@@ -27,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--scales", default="-10,-5,0,1,5,10", help="Comma-separated scales (1 = unsteered).")
     parser.add_argument("--mode", choices=["multiply", "add"], default="multiply",
                         help="Multiply the concept's logit (the paper) or add the scale to it.")
-    parser.add_argument("--max-new-tokens", type=int, default=32)
+    parser.add_argument("--max-new-tokens", type=int, default=32, help="Tokens generated after the prompt per scale.")
     return parser
 
 

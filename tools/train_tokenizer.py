@@ -27,15 +27,24 @@ from megatron_cocomix.data.corpus import is_text_file, open_binary, resolve_inpu
 from megatron_cocomix.errors import cli_main  # noqa: E402
 
 
-def iter_texts(files: Sequence[str], json_keys: Sequence[str]) -> Iterator[str]:
-    """The documents' texts; lines that are not JSON objects with string values are skipped."""
+def iter_texts(files: Sequence[str], json_keys: Sequence[str], bar=None) -> Iterator[str]:
+    """The documents' texts; lines that are not JSON objects with string values are skipped. `bar` (tqdm) counts
+    the input bytes read (compressed bytes for .gz/.zst)."""
     for path in files:
         raw, stream = open_binary(path)
+        done = 0
         with raw, stream:
             if is_text_file(path):
-                yield stream.read().decode("utf-8", errors="replace")
+                text = stream.read().decode("utf-8", errors="replace")
+                if bar is not None:
+                    bar.update(raw.tell())
+                yield text
                 continue
             for line in stream:
+                if bar is not None:
+                    position = raw.tell()
+                    bar.update(position - done)
+                    done = position
                 try:
                     record = json.loads(line)
                 except (json.JSONDecodeError, UnicodeDecodeError):
@@ -62,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="Longer training lines are cut (bytes).")
     parser.add_argument("--num-threads", type=int, default=os.cpu_count() or 1, help="Training threads.")
     parser.add_argument("--seed", type=int, default=1234, help="Seed of the sentence sampling.")
+    parser.add_argument("--no-progress", action="store_true",
+                        help="No tqdm progress bar while the corpus is read (SentencePiece's training has none).")
     return parser
 
 
@@ -74,16 +85,21 @@ def train(args: argparse.Namespace) -> str:
     if not os.path.isdir(out_dir):
         raise ValueError(f"--model-prefix {args.model_prefix}: directory {out_dir} does not exist")
     files = resolve_inputs(args.input)
+    from tqdm import tqdm
+
     # SentencePiece trains on lines, so documents are fed line by line; "\n" is a user-defined piece, which
     # makes a newline inside a document one id at encoding time.
-    with tempfile.NamedTemporaryFile("w", suffix=".txt", dir=out_dir, delete=False, encoding="utf-8") as f:
+    with tempfile.NamedTemporaryFile("w", suffix=".txt", dir=out_dir, delete=False, encoding="utf-8") as f, \
+            tqdm(total=sum(os.path.getsize(p) for p in files), unit="B", unit_scale=True, desc="read corpus",
+                 disable=args.no_progress) as bar:
         corpus = f.name
         count = 0
-        for text in iter_texts(files, args.json_keys):
+        for text in iter_texts(files, args.json_keys, bar):
             for line in text.splitlines():
                 if line.strip():
                     f.write(line + "\n")
                     count += 1
+            bar.set_postfix(lines=count, refresh=False)
     try:
         if count == 0:
             raise ValueError(f"--input {' '.join(args.input)}: no text found")

@@ -180,6 +180,16 @@ def check_checkpoint(root: str, iteration: Optional[int]) -> str:
     return path
 
 
+def tokens_seen(path: str) -> Optional[int]:
+    """Tokens a checkpoint's run trained on: consumed samples x sequence length (training's `tokens` scalar)."""
+    from megatron_cocomix.conversion.checkpoint import read_common
+
+    common = read_common(path)
+    seq_length = ((common.get("export") or {}).get("args") or {}).get("seq_length")
+    samples = common.get("consumed_train_samples")
+    return int(samples) * int(seq_length) if samples is not None and seq_length else None
+
+
 def check_hf_dir(path: str) -> None:
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"--hf-model {path}: no config.json there")
@@ -210,13 +220,9 @@ def checkpoint_scorer(root: str, iteration: Optional[int] = None, name: Optional
                   max_context=max_context, default_context=args.seq_length, eod=int(state["eod"]), vocab_size=vocab_size,
                   # causal attention: the right padding is never seen by a real position, no mask needed
                   logits=lambda tokens, mask: megatron_logits(model, tokens),
-                  decode=_decoder(tokenizer), extra=_training_extent(args, loaded.iteration),
+                  decode=_decoder(tokenizer),
+                  extra={"iteration": loaded.iteration, "tokens_seen": tokens_seen(loaded.path)},
                   concept_logits=concept_logits, concept_topk=args.concept_topk if concept_logits else None)
-
-
-def _training_extent(args, iteration: int) -> Dict[str, object]:
-    """The iteration and the tokens the checkpoint was trained on (constant global batch size)."""
-    return {"iteration": iteration, "tokens_seen": iteration * args.global_batch_size * args.seq_length}
 
 
 def _megatron_concept_logits(model: torch.nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
@@ -249,8 +255,19 @@ def _parameters_without_padding(model: torch.nn.Module, padded_vocab_size: int, 
     return total
 
 
-def hf_scorer(path: str, name: Optional[str] = None, dtype: torch.dtype = torch.float32) -> Scorer:
-    """A transformers causal LM (remote code allowed: CoCoMix exports), local files only, and its tokenizer."""
+def hf_contexts(config, tokenizer) -> Tuple[int, int]:
+    """(longest input, default context) of a transformers model: its positions, and the trained sequence length
+    an export's tokenizer records (stock tokenizers: the model's positions, or a huge sentinel when unknown)."""
+    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+    max_context = int(positions) if positions else 10 ** 9
+    trained = getattr(tokenizer, "model_max_length", None)
+    default_context = min(max_context, int(trained)) if trained and trained < 10 ** 8 else max_context
+    return max_context, default_context
+
+
+def load_hf(path: str, dtype: torch.dtype = torch.float32):
+    """(model, tokenizer, device): a transformers causal LM (remote code allowed: CoCoMix exports), local files
+    only, in eval mode on the device megatron would use, and its tokenizer."""
     from transformers import AutoModelForCausalLM
 
     check_hf_dir(path)
@@ -258,14 +275,14 @@ def hf_scorer(path: str, name: Optional[str] = None, dtype: torch.dtype = torch.
                                                  dtype=dtype).eval()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # where megatron puts a checkpoint
     model.to(device)
-    tokenizer = _hf_tokenizer(path)
+    return model, _hf_tokenizer(path), device
+
+
+def hf_scorer(path: str, name: Optional[str] = None, dtype: torch.dtype = torch.float32) -> Scorer:
+    """A transformers causal LM (remote code allowed: CoCoMix exports), local files only, and its tokenizer."""
+    model, tokenizer, device = load_hf(path, dtype)
     config = model.config
-    positions = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-    max_context = int(positions) if positions else 10 ** 9
-    # An export's tokenizer records the trained sequence length; stock tokenizers the model's positions (or a
-    # huge sentinel when unknown).
-    trained = getattr(tokenizer, "model_max_length", None)
-    default_context = min(max_context, int(trained)) if trained and trained < 10 ** 8 else max_context
+    max_context, default_context = hf_contexts(config, tokenizer)
     eod = tokenizer.eos_token_id if tokenizer.eos_token_id is not None else config.eos_token_id
     if eod is None:
         raise ValueError(f"--hf-model {path}: neither the tokenizer nor config.json names an eos token (the "
@@ -369,12 +386,12 @@ def markdown_table(rows: Sequence[dict]) -> str:
     """One row per model: name, parameters, held-out ppl, bits per byte, tokens."""
     lines = ["| model | parameters | held-out ppl | bits per byte | tokens |", "|---|---:|---:|---:|---:|"]
     for row in rows:
-        lines.append(f"| {row['name']} | {_count(row['parameters'])} | {row['ppl']:.4f} | "
+        lines.append(f"| {row['name']} | {format_count(row['parameters'])} | {row['ppl']:.4f} | "
                      f"{row['bits_per_byte']:.4f} | {row['tokens']:,} |")
     return "\n".join(lines) + "\n"
 
 
-def _count(n: int) -> str:
+def format_count(n: int) -> str:
     for unit, size in (("B", 10 ** 9), ("M", 10 ** 6), ("K", 10 ** 3)):
         if n >= size:
             return f"{n / size:.2f}{unit}"

@@ -249,6 +249,15 @@ class CoCoMixForCausalLM(CoCoMixPreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, embeddings):
         self.lm_head = embeddings
 
+    def concept_logits(self, input_ids: torch.LongTensor,
+                       attention_mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """The concept layer's logits z [b, t, C] for input_ids [b, t] (attention_mask as in forward), before the
+        top-k: the student's prediction of the teacher's concept labels at each token (docs/design.md §4).
+        Pause-token models have no concept head (ValueError)."""
+        if self.config.mixing != "concept":
+            raise ValueError(f"this {self.config.mixing}-token model has no concept head")
+        return self.transformer(input_ids, attention_mask)[1]
+
     def forward(self, input_ids: torch.LongTensor, attention_mask: Optional[torch.Tensor] = None,
                 past_key_values: Optional[DynamicCache] = None, labels: Optional[torch.LongTensor] = None,
                 use_cache: Optional[bool] = None, logits_to_keep: int = 0, concept_steering: Optional[dict] = None,

@@ -1,4 +1,4 @@
-"""Training and validation logs in Megatron-LM's line format (stdout) and tensorboard.
+"""Training and validation logs in Megatron-LM's line format (stdout), tensorboard and Weights & Biases.
 
 The stdout line keeps Megatron's field names and number formats so scripts that parse Megatron logs keep
 working; every entry of the loss dictionary prints with 7 significant digits (`{:.6E}`), averaged over the
@@ -20,6 +20,7 @@ Tensorboard (last rank, as in Megatron): each loss key, 'learning-rate', 'batch-
 'throughput' (Megatron's TFLOP/s/GPU tag) and its alias 'tflops-per-device', 'tokens-per-sec', 'mfu' (%, GPU
 only), 'mem-max-allocated-bytes' / 'mem-reserved-bytes' / 'mem-max-reserved-bytes' (GPU) or
 'mem-max-rss-bytes' (CPU); validation: '<key> validation' and '<key> validation ppl'.
+With --wandb-project the same scalars go to W&B (training/scalar_writers.py).
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ import torch
 
 from megatron_cocomix.training import flops, memory
 from megatron_cocomix.training.hardware import device_peak_tflops, memory_stats
+from megatron_cocomix.training.scalar_writers import ScalarWriters, build_scalar_writers
 
 _MB = 1024.0 * 1024.0
 
@@ -74,11 +76,8 @@ class TrainingLogger:
         except ValueError as e:
             self.flops_note = f"FLOPs not estimated: {e}"
         self.peak_tflops = device_peak_tflops(args)
-        self.writer = None
-        if args.tensorboard_dir and _is_last_rank():
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(log_dir=args.tensorboard_dir, max_queue=1000)
+        # Every scalar goes through this one fan-out, so tensorboard and W&B always hold the same values.
+        self.writer = build_scalar_writers(args) if _is_last_rank() else ScalarWriters([])
 
     # ---------------------------------------------------------------------------------------------------
     def _built_parameters_per_stage(self) -> Optional[List[int]]:
@@ -129,7 +128,7 @@ class TrainingLogger:
         batch_size = args.global_batch_size
 
         writer = self.writer
-        if writer is not None and iteration % args.tensorboard_log_interval == 0:
+        if writer and iteration % args.tensorboard_log_interval == 0:
             scalars = dict(losses)
             scalars["learning-rate"] = learning_rate
             scalars["batch-size"] = batch_size
@@ -139,7 +138,7 @@ class TrainingLogger:
                 scalars["loss-scale"] = loss_scale
             for tag, value in scalars.items():
                 writer.add_scalar(tag, value, iteration)
-                writer.add_scalar(f"{tag} vs samples", value, consumed_samples)
+                writer.add_scalar_vs_samples(tag, value, iteration, consumed_samples)
             # Tokens seen at each iteration: what runs of different batch sizes are compared by.
             writer.add_scalar("tokens", consumed_samples * args.seq_length, iteration)
 
@@ -155,7 +154,7 @@ class TrainingLogger:
             if self.peak_tflops:
                 mfu = 100.0 * tflops / self.peak_tflops
 
-        if writer is not None:
+        if writer:
             writer.add_scalar("iteration-time", elapsed, iteration)
             writer.add_scalar("tokens-per-sec", tokens_per_sec, iteration)
             if tflops is not None:
@@ -232,21 +231,17 @@ class TrainingLogger:
         line = f" {label} | "
         for key, value in losses.items():
             line += f"{key} value: {value:.6E} | "
-            if self.writer is not None:
-                self.writer.add_scalar(f"{key} validation", value, iteration)
+            self.writer.add_scalar(f"{key} validation", value, iteration)
             if "loss" not in key:  # accuracies and other metrics have no perplexity
                 continue
             ppl = math.exp(min(20.0, value))
             line += f"{key} PPL: {ppl:.6E} | "
-            if self.writer is not None:
-                self.writer.add_scalar(f"{key} validation ppl", ppl, iteration)
+            self.writer.add_scalar(f"{key} validation ppl", ppl, iteration)
         length = len(line) + 1
         print("-" * length + "\n" + line + "\n" + "-" * length, flush=True)
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.flush()
-            self.writer.close()
+        self.writer.close()
 
 
 # ---------------------------------------------------------------------------------------------------------

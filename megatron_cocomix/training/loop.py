@@ -262,7 +262,7 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
             # Its `rng_state` entry is applied by train(), once nothing else will draw from the generators.
             state = checkpointing.load_checkpoint(args, model, backend)
         data = DataIterators(args, train_valid_test_datasets_provider)
-    logger = TrainingLogger(args, backend.local_parameter_count())
+        logger = TrainingLogger(args, backend.local_parameter_count())  # opens the W&B run: it may fail
     logger.log_startup()
 
     stopped_early = None

@@ -22,7 +22,6 @@ import pytest
 import torch
 
 from tests.helpers.evaluation_data import CONTEXT, EOD, PADDED_EOD, write_documents
-from tests.helpers.hf_checkpoints import export
 
 
 def evaluate(args):
@@ -41,12 +40,6 @@ def evaluate_json(args, tmp_path, name="out.json") -> dict:
     assert code == 0, err[-3000:]
     with open(path) as f:
         return json.load(f)
-
-
-@pytest.fixture(scope="module")
-def exports(tiny_checkpoints, tmp_path_factory, single_process):
-    root = str(tmp_path_factory.mktemp("eval_exports"))
-    return {variant: export(path, root, ("eval", variant))[0] for variant, path in tiny_checkpoints.items()}
 
 
 @pytest.fixture(scope="module")

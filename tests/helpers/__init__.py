@@ -5,6 +5,7 @@ launch          running scripts under torchrun / DeepSpeed / one process on gloo
 cocomix_assets  the cached tiny random teacher + TopK SAE for TINY_GPT, and the CoCoMix flags that use them
 concept_files   tiny random HF teachers, OpenAI-format SAEs and token datasets written to a given path
 data_files      writers of small input files (JSON lines)
+task_data       zero-shot task files: a few documents per task in the schema lm-eval reads
 
 Worker scripts (run by file path under a launcher, never collected by pytest):
 pretrain_worker       one pretrain_cocomix run; writes its summary (launch.run_pretrain)

@@ -36,9 +36,10 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_env() -> Dict[str, str]:
+def test_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore", TOKENIZERS_PARALLELISM="false")
+    env.update(extra or {})
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     for var in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(var, None)
@@ -57,10 +58,12 @@ def launch_command(script: str, args: Sequence[str], nproc: int = 1, launcher: s
 
 
 def run_script(script: str, args: Sequence[str], nproc: int = 1, timeout: int = 300,
-               launcher: str = "torchrun", check: bool = True) -> subprocess.CompletedProcess:
-    """Run a script with `nproc` processes; returns the completed process (stdout + stderr captured)."""
+               launcher: str = "torchrun", check: bool = True,
+               env: Optional[Dict[str, str]] = None) -> subprocess.CompletedProcess:
+    """Run a script with `nproc` processes (`env`: extra environment variables); returns the completed process
+    (stdout + stderr captured)."""
     cmd = launch_command(script, args, nproc, launcher)
-    proc = subprocess.run(cmd, cwd=ROOT, env=test_env(), capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(cmd, cwd=ROOT, env=test_env(env), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n"
                              f"{proc.stderr[-6000:]}")
@@ -78,10 +81,10 @@ def start_script(script: str, args: Sequence[str], nproc: int = 1, stderr_path: 
 
 
 def run_pretrain(args: Sequence[str], tmp_path, nproc: int = 1, name: str = "run", timeout: int = 300,
-                 launcher: str = "torchrun") -> dict:
+                 launcher: str = "torchrun", env: Optional[Dict[str, str]] = None) -> dict:
     """Train with pretrain_cocomix's providers; returns the summary (train_history, valid, iteration...)."""
     summary = os.path.join(str(tmp_path), f"{name}.json")
-    proc = run_script(PRETRAIN_WORKER, [summary, *args], nproc=nproc, timeout=timeout, launcher=launcher)
+    proc = run_script(PRETRAIN_WORKER, [summary, *args], nproc=nproc, timeout=timeout, launcher=launcher, env=env)
     with open(summary) as f:
         result = json.load(f)
     result["stdout"] = proc.stdout

@@ -1,17 +1,17 @@
 """The training log: Megatron's stdout line (parsed the way Megatron log parsers read it), the validation block,
-the start-up report, and the tensorboard scalars, from real training runs; plus the logger's averaging,
-skipped / nan counting and extra loss keys in-process."""
+the start-up report, and the tensorboard scalars, from real training runs (pp2_run: tests/training/conftest.py);
+plus the logger's averaging, skipped / nan counting and extra loss keys in-process."""
 
 import math
 import re
 
 import pytest
-from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from megatron_cocomix.arguments import parse_args
 from megatron_cocomix.training import flops
 from megatron_cocomix.training.logging import TrainingLogger
 from tests.helpers.launch import TINY_GPT, run_pretrain
+from tests.helpers.run_logs import tensorboard_scalars as scalars
 
 LINE = re.compile(r"^ \[(?P<time>\d{4}-\d\d-\d\d \d\d:\d\d:\d\d[.\d]*)\] iteration\s+(?P<iteration>\d+)/\s*(?P<total>\d+)"
                   r" \|(?P<fields>.*\|)$")
@@ -35,25 +35,8 @@ def parse_log(stdout: str, train_iters: int = 4) -> dict:
     return parsed
 
 
-def scalars(tensorboard_dir: str) -> dict:
-    events = EventAccumulator(tensorboard_dir)
-    events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
-
-
-@pytest.fixture(scope="module")
-def pp2_run(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("logging")
-    flags = TINY_GPT + ["--pipeline-model-parallel-size", "2", "--log-interval", "2", "--swiglu",
-                        "--group-query-attention", "--num-query-groups", "2", "--tensorboard-dir", str(tmp / "tb")]
-    result = run_pretrain(flags, tmp, nproc=2)
-    args = parse_args(flags, world_size=2)
-    args.padded_vocab_size = 256
-    return result, args, str(tmp / "tb")
-
-
 def test_log_line_is_megatron_format(pp2_run):
-    result, args, _ = pp2_run
+    result, args, _, _ = pp2_run
     log = parse_log(result["stdout"])
     assert sorted(log) == [2, 4]  # --log-interval 2
     history = {entry["iteration"]: entry for entry in result["train_history"]}
@@ -79,7 +62,7 @@ def test_log_line_is_megatron_format(pp2_run):
 
 
 def test_validation_block_and_startup_report(pp2_run):
-    result, args, _ = pp2_run
+    result, args, _, _ = pp2_run
     lines = result["stdout"].splitlines()
     blocks = [(i, VALIDATION.match(line)) for i, line in enumerate(lines) if VALIDATION.match(line)]
     # Every --eval-interval; the last iteration validated, so there is no separate end-of-training block.
@@ -107,7 +90,7 @@ def test_validation_block_and_startup_report(pp2_run):
 
 
 def test_tensorboard_scalars(pp2_run):
-    result, args, tensorboard_dir = pp2_run
+    result, args, tensorboard_dir, _ = pp2_run
     values = scalars(tensorboard_dir)
     expected = {"lm loss", "learning-rate", "grad-norm", "loss-scale", "batch-size", "iteration-time", "throughput",
                 "tflops-per-device", "tokens-per-sec", "mem-max-rss-bytes", "lm loss validation",

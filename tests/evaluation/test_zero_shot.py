@@ -1,0 +1,199 @@
+"""tools/evaluate.py --tasks: lm-eval's zero-shot tasks on local JSON-lines files.
+
+- every shipped task runs on a tiny CoCoMix export (remote code), offline (any connection off this machine is
+  refused and recorded), with lm-eval's metrics in [0, 1] and a finite LAMBADA perplexity; --limit is lm-eval's;
+- PIQA's accuracies and every choice's log-likelihood equal a plain-torch computation (the prompt
+  "Question: {goal}\\nAnswer:", the continuations " {sol}", tokens read off the NullTokenizer's words by hand),
+  for a checkpoint (through its export) and its HF export, in a Table 1 with the held-out perplexity and the
+  tokens the checkpoint was trained on;
+- missing or malformed task files and unknown tasks: one `error:` line, before any model is loaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+
+import numpy
+import pytest
+import torch
+
+from tests.helpers.evaluation_data import EOD
+from tests.helpers.task_data import SPLITS, task_documents, write_task_data
+
+ALL_TASKS = "lambada_openai,hellaswag,piqa,social_iqa,arc_easy,winogrande"
+
+
+def evaluate(args):
+    """tools/evaluate.main(args) in this process -> (exit status, stdout, stderr)."""
+    from tools import evaluate as tool
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = tool.main([*args, "--no-progress"])
+    return code, out.getvalue(), err.getvalue()
+
+
+def test_every_task_runs_on_an_export(exports, tmp_path, no_network):
+    data = str(tmp_path / "tasks")
+    write_task_data(data, num_docs=6)
+    out_json, out_md = str(tmp_path / "zs.json"), str(tmp_path / "zs.md")
+    code, out, err = evaluate(["--hf-model", exports["cocomix"], "--name", "cocomix", "--tasks", ALL_TASKS,
+                               "--task-data-dir", data, "--limit", "5", "--output-json", out_json,
+                               "--output-md", out_md])
+    assert code == 0, err[-3000:]
+    assert no_network == [], no_network
+    print("\n" + out)
+    with open(out_md) as f:
+        assert f.read() == out
+    with open(out_json) as f:
+        report = json.load(f)
+    settings = report["settings"]["zero_shot"]
+    assert settings["num_fewshot"] == 0 and settings["limit"] == 5
+    for task, split in SPLITS.items():
+        assert settings["tasks"][task]["data_file"] == os.path.join(data, task, f"{split}.jsonl")
+        assert settings["tasks"][task]["documents"] == 6
+    row = report["models"][0]
+    assert row["kind"] == "hf" and row["tokens_seen"] is None and row["max_length"] == 32
+    results = row["tasks"]
+    assert list(results) == ALL_TASKS.split(",")
+    for task, numbers in results.items():
+        assert numbers["documents"] == 5, task
+        accuracies = [numbers[m] for m in ("acc", "acc_norm") if m in numbers]
+        assert accuracies and all(0.0 <= a <= 1.0 for a in accuracies), (task, numbers)
+        assert numbers["acc_stderr"] is not None, task
+    assert set(results["hellaswag"]) >= {"acc", "acc_norm"} and set(results["winogrande"]) >= {"acc"}
+    # A random 256-token model: the target word's perplexity is finite and far above 1.
+    assert math.isfinite(results["lambada_openai"]["perplexity"]) and results["lambada_openai"]["perplexity"] > 10
+    table1 = [results["lambada_openai"]["acc"], results["hellaswag"]["acc_norm"], results["piqa"]["acc"],
+              results["social_iqa"]["acc"], results["arc_easy"]["acc"], results["winogrande"]["acc"]]
+    assert abs(row["average_acc"] - sum(table1) / 6) < 1e-12
+    header, _, cells = out.splitlines()
+    for column in ("LAMBADA ppl", "LAMBADA acc %", "HellaSwag acc_norm %", "PIQA acc %", "SIQA acc %",
+                   "ARC-Easy acc %", "WinoGrande acc %", "average acc %"):
+        assert f" {column} |" in header, column
+    assert "held-out ppl" not in header
+    values = [c.strip() for c in cells.strip("|").split("|")]
+    assert values[0] == "cocomix" and values[2] == "-"
+    assert values[3] == f"{results['lambada_openai']['perplexity']:.2f}"
+    assert values[5:] == [f"{100 * a:.2f}" for a in table1[1:]] + [f"{100 * row['average_acc']:.2f}"]
+
+
+def _word_ids(text: str) -> list:
+    """The NullTokenizer export's ids: a word that is a token id is that id, any other word the unknown (EOD)."""
+    return [int(w) if w.isdigit() and int(w) < EOD else EOD for w in text.split()]
+
+
+def reference_piqa(hf_dir: str, docs) -> dict:
+    """acc and acc_norm of lm-eval's PIQA, computed here: sum of log p(continuation tokens | prompt) per choice;
+    acc takes the largest, acc_norm the largest per character of the choice. Also the log-likelihoods."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    hits, hits_norm, log_likelihoods = 0, 0, []
+    for doc in docs:
+        context = _word_ids(f"Question: {doc['goal']}\nAnswer:")
+        scores = []
+        for sol in (doc["sol1"], doc["sol2"]):
+            continuation = _word_ids(f" {sol}")
+            tokens = torch.tensor([context + continuation])
+            with torch.no_grad():
+                logp = torch.log_softmax(model(input_ids=tokens[:, :-1]).logits[0].double(), -1)
+            positions = range(len(context) - 1, tokens.shape[1] - 1)
+            scores.append(sum(float(logp[p, tokens[0, p + 1]]) for p in positions))
+        log_likelihoods.append(scores)
+        lengths = [len(doc["sol1"]), len(doc["sol2"])]
+        hits += int(max(range(2), key=lambda i: scores[i]) == doc["label"])
+        hits_norm += int(max(range(2), key=lambda i: scores[i] / lengths[i]) == doc["label"])
+    return {"acc": hits / len(docs), "acc_norm": hits_norm / len(docs), "log_likelihoods": log_likelihoods}
+
+
+def test_piqa_accuracy_equals_plain_torch(tiny_checkpoints, exports, token_data, tmp_path, no_network):
+    """A checkpoint (exported on the fly) and its export score PIQA as the reference; an odd number of documents
+    so that swapped choices could not give the same accuracy. The Table 1 rows carry the held-out perplexity and
+    the checkpoint's tokens seen (2 iterations x 8 sequences x 32 tokens)."""
+    docs = task_documents("piqa", 9, seed=3)
+    data = str(tmp_path / "tasks")
+    write_task_data(data, num_docs=2, overrides={"piqa": docs})
+    out_json = str(tmp_path / "piqa.json")
+    code, out, err = evaluate(["--load", tiny_checkpoints["gpt2"], "--hf-model", exports["gpt2"],
+                               "--name", "ckpt", "export", "--data-path", token_data[0], "--tasks", "piqa",
+                               "--task-data-dir", data, "--output-json", out_json])
+    assert code == 0, err[-3000:]
+    assert no_network == [], no_network
+    print("\n" + out)
+    with open(out_json) as f:
+        rows = json.load(f)["models"]
+    expected = reference_piqa(exports["gpt2"], docs)
+    assert 0 < expected["acc"] < 1, expected  # both outcomes occur: the comparison is not trivial
+    for row in rows:
+        piqa = row["tasks"]["piqa"]
+        assert piqa["documents"] == len(docs)
+        assert piqa["acc"] == pytest.approx(expected["acc"], abs=1e-12), (row["name"], piqa, expected)
+        assert piqa["acc_norm"] == pytest.approx(expected["acc_norm"], abs=1e-12), (row["name"], piqa, expected)
+    assert rows[0]["kind"] == "checkpoint" and rows[0]["tokens_seen"] == 2 * 8 * 32 and rows[0]["iteration"] == 2
+    assert rows[0]["parameters"] == rows[1]["parameters"]
+    header, _, first, second = out.splitlines()
+    assert header.startswith("| model | parameters | tokens seen | held-out ppl | PIQA acc % | average acc % |")
+    assert first.startswith(f"| ckpt | {rows[0]['parameters'] / 1e3:.2f}K | 512 | {rows[0]['ppl']:.2f} |")
+    assert second.startswith("| export | ") and " | - | " in second
+    # Each choice's log-likelihood as lm-eval computed it: the prompt and the continuation are the reference's.
+    from megatron_cocomix.evaluation import zero_shot
+
+    tasks = zero_shot.check_tasks("piqa", data)
+    model = zero_shot.load_model("hf", exports["gpt2"])
+    report = zero_shot.evaluate(model, tasks, bootstrap_iters=0, progress=False, log_likelihoods=True)
+    assert report["tasks"]["piqa"]["acc"] == rows[1]["tasks"]["piqa"]["acc"]
+    assert numpy.allclose(report["log_likelihoods"]["piqa"], expected["log_likelihoods"], rtol=0, atol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["missing_dir", "missing_files", "unknown_task", "no_data_dir", "missing_field",
+                                  "not_json", "nothing_to_do"])
+def test_bad_task_inputs_one_error_line(case, exports, tmp_path, monkeypatch):
+    from megatron_cocomix.evaluation import lm, zero_shot
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("a model was loaded before the inputs were checked")
+
+    monkeypatch.setattr(zero_shot, "load_model", no_model)
+    monkeypatch.setattr(lm, "load_hf", no_model)
+    data = str(tmp_path / "tasks")
+    write_task_data(data, num_docs=2)
+    args = ["--hf-model", exports["gpt2"], "--tasks", "piqa,hellaswag", "--task-data-dir", data]
+    if case == "missing_dir":
+        args[-1] = str(tmp_path / "nowhere")
+        expected = [f"piqa needs {tmp_path}/nowhere/piqa/validation.jsonl (not found",
+                    f"hellaswag needs {tmp_path}/nowhere/hellaswag/validation.jsonl (not found"]
+    elif case == "missing_files":
+        os.remove(os.path.join(data, "hellaswag", "validation.jsonl"))
+        args[3] = "piqa,hellaswag,lambada_openai"
+        os.remove(os.path.join(data, "lambada_openai", "test.jsonl"))
+        expected = [f"hellaswag needs {data}/hellaswag/validation.jsonl (not found",
+                    f"lambada_openai needs {data}/lambada_openai/test.jsonl (not found",
+                    "EleutherAI/lambada_openai"]
+    elif case == "unknown_task":
+        args[3] = "piqa,mmlu"
+        expected = ["mmlu", "supported: lambada_openai, hellaswag, piqa, social_iqa, arc_easy, winogrande"]
+    elif case == "no_data_dir":
+        args = args[:-2]
+        expected = ["--tasks needs --task-data-dir"]
+    elif case == "missing_field":
+        with open(os.path.join(data, "piqa", "validation.jsonl"), "a") as f:
+            f.write(json.dumps({"goal": "1 2", "sol1": "3", "label": 0}) + "\n")
+        expected = [f"{data}/piqa/validation.jsonl line 3: no field sol2"]
+    elif case == "not_json":
+        with open(os.path.join(data, "hellaswag", "validation.jsonl"), "a") as f:
+            f.write("{not json\n")
+        expected = [f"{data}/hellaswag/validation.jsonl line 3: not JSON"]
+    else:
+        args = args[:2]
+        expected = ["--data-path", "--tasks"]
+    code, out, err = evaluate(args)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
+    for text in expected:
+        assert text in lines[0], (text, lines[0])
+    assert out == ""
