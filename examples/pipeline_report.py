@@ -111,7 +111,7 @@ def build_report(run_dir: str, teacher: str) -> str:
                      f"{_fmt(row.get('concept_top1_acc'))} | {_fmt(row.get('concept_topk_acc'))} | "
                      f"{_fmt(step, 3)} | {_fmt(ratio, 2)} |")
     if unigram is not None:
-        lines.append(f"| unigram (training counts) | {_count(vocab_size)} | - | {math.exp(unigram):.2f} | - | - | - | - "
+        lines.append(f"| unigram (training counts) | - | - | {math.exp(unigram):.2f} | - | - | - | - "
                      f"| - | - |")
         lines.append(f"| uniform (untrained) | - | 0 | {vocab_size:.2f} | - | - | - | - | - | - |")
     concept_row = next((r for r in models if "concept_loss" in r), None)

@@ -166,6 +166,8 @@ def main(argv: Optional[List[str]] = None) -> int:
              if options.tasks is not None else None)
     documents = (lm.read_documents(options.data_path, options.split, options.eval_split, options.max_documents)
                  if options.data_path is not None else None)
+    if options.concept_labels:
+        concepts.check_eval_labels(options.concept_labels, documents)
     for kind, path in models:
         if kind == "checkpoint":
             lm.check_checkpoint(path, options.iteration)

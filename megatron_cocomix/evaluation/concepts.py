@@ -81,25 +81,35 @@ class OnlineLabeler:
                                   self.attribution, mask_invalid=self.masking == "ignore").cpu()
 
 
-def read_eval_labels(prefix: str, documents, windows: torch.Tensor) -> torch.Tensor:
-    """labels [n, s, K] of the windows from a file of tools/extract_concepts.py --eval-split, refused when it was
-    made for other documents or another window length."""
+def check_eval_labels(prefix: str, documents):
+    """The labels file of tools/extract_concepts.py --eval-split at `prefix`, refused (one line) when it was made
+    for other documents than `documents` (data, split, eval split, first document)."""
     import os
 
     from megatron_cocomix.data.concept_labels import ConceptLabelsDataset
 
     labels = ConceptLabelsDataset(prefix)
     fingerprint = labels.fingerprint
-    expected = {"eval_split": documents.eval_split, "split": documents.split, "seq_length": int(windows.shape[1]),
+    expected = {"eval_split": documents.eval_split, "split": documents.split,
                 "data_path": [os.path.abspath(documents.prefix)]}
     for key, want in expected.items():
         if fingerprint.get(key) != want:
             raise ValueError(f"--concept-labels {prefix}: made for {key} {fingerprint.get(key)!r}, this evaluation "
                              f"has {want!r} (tools/extract_concepts.py --eval-split with the same data flags)")
-    if fingerprint.get("document_range", [None])[0] != documents.begin or len(labels) < len(windows):
-        raise ValueError(f"--concept-labels {prefix}: holds {len(labels)} windows from document "
-                         f"{fingerprint.get('document_range')}, this evaluation needs {len(windows)} from document "
-                         f"{documents.begin} (check --max-documents)")
+    if (fingerprint.get("document_range") or [None])[0] != documents.begin:
+        raise ValueError(f"--concept-labels {prefix}: made for documents {fingerprint.get('document_range')}, this "
+                         f"evaluation starts at document {documents.begin}")
+    return labels
+
+
+def read_eval_labels(prefix: str, documents, windows: torch.Tensor) -> torch.Tensor:
+    """labels [n, s, K] of the windows from a file of tools/extract_concepts.py --eval-split (check_eval_labels),
+    refused when its windows are of another length or fewer."""
+    labels = check_eval_labels(prefix, documents)
+    if labels.seq_length != windows.shape[1] or len(labels) < len(windows):
+        raise ValueError(f"--concept-labels {prefix}: holds {len(labels)} windows of {labels.seq_length} tokens, "
+                         f"this evaluation needs {len(windows)} of {windows.shape[1]} (check --seq-length and "
+                         f"--max-documents)")
     return torch.stack([labels[i] for i in range(len(windows))]).long()
 
 
@@ -118,7 +128,7 @@ def label_windows(labeler: Callable[[torch.Tensor], torch.Tensor], windows: torc
 
 def score_concepts(concept_logits: ConceptLogits, topk: int, windows: torch.Tensor, labels: torch.Tensor,
                    batch_size: int = 8, name: str = "model", progress: bool = False) -> Dict[str, float]:
-    """{concept_loss, concept_top1_acc, concept_topk_acc, concept_labels, concept_tokens, concept_topk} of a
+    """{concept_loss, concept_top1_acc, concept_topk_acc, concept_label_count, concept_tokens, concept_topk} of a
     student's concept logits against labels [n, s, K] (module docstring)."""
     from tqdm import tqdm
 
@@ -148,7 +158,7 @@ def score_concepts(concept_logits: ConceptLogits, topk: int, windows: torch.Tens
     return {"concept_loss": ce_sum / labels_valid if labels_valid else math.nan,
             "concept_top1_acc": top1[0] / top1[1] if top1[1] else math.nan,
             "concept_topk_acc": topk_hits[0] / topk_hits[1] if topk_hits[1] else math.nan,
-            "concept_topk": topk, "concept_labels": labels_valid, "concept_tokens": int(windows.numel()),
+            "concept_topk": topk, "concept_label_count": labels_valid, "concept_tokens": int(windows.numel()),
             "concept_chance_top1": 1.0 / num_latents if num_latents else math.nan,
             "concept_chance_topk": topk / num_latents if num_latents else math.nan}
 
@@ -163,5 +173,5 @@ def markdown_table(rows: Sequence[dict]) -> str:
         lines.append(f"| {row['name']} | {row['concept_loss']:.4f} | {row['concept_top1_acc']:.4f} "
                      f"(chance {row['concept_chance_top1']:.4f}) | {row['concept_topk_acc']:.4f} "
                      f"(chance {row['concept_chance_topk']:.4f}) | {row['concept_topk']} | "
-                     f"{row['concept_labels']:,} |")
+                     f"{row['concept_label_count']:,} |")
     return "\n".join(lines) + "\n"

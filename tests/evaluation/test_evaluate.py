@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -21,22 +19,12 @@ import numpy
 import pytest
 import torch
 
-from tests.helpers.evaluation_data import CONTEXT, EOD, PADDED_EOD, write_documents
-
-
-def evaluate(args):
-    """tools/evaluate.main(args) in this process -> (exit status, stdout, stderr)."""
-    from tools import evaluate as tool
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = tool.main([*args, "--no-progress"])
-    return code, out.getvalue(), err.getvalue()
+from tests.helpers.evaluation_data import CONTEXT, EOD, PADDED_EOD, run_evaluate, write_documents
 
 
 def evaluate_json(args, tmp_path, name="out.json") -> dict:
     path = str(tmp_path / name)
-    code, out, err = evaluate([*args, "--output-json", path])
+    code, out, err = run_evaluate([*args, "--output-json", path])
     assert code == 0, err[-3000:]
     with open(path) as f:
         return json.load(f)
@@ -111,7 +99,7 @@ def test_checkpoint_and_export_agree(tiny_checkpoints, exports, token_data, tmp_
     prefix, _ = token_data
     md = str(tmp_path / "table.md")
     path = str(tmp_path / "pair.json")
-    code, out, err = evaluate(["--load", tiny_checkpoints["gpt2"], tiny_checkpoints["cocomix"],
+    code, out, err = run_evaluate(["--load", tiny_checkpoints["gpt2"], tiny_checkpoints["cocomix"],
                                "--hf-model", exports["gpt2"], exports["cocomix"],
                                "--name", "ntp", "cocomix", "ntp-hf", "cocomix-hf",
                                "--data-path", prefix, "--output-json", path, "--output-md", md])
@@ -215,7 +203,7 @@ def test_bad_inputs_one_error_line(case, token_data, exports, tmp_path):
             "hf_without_config": ["--hf-model", empty, "--data-path", prefix],
             "eval_split": ["--hf-model", exports["gpt2"], "--data-path", prefix, "--eval-split", "holdout"],
             "no_model": ["--data-path", prefix]}[case]
-    code, out, err = evaluate(args)
+    code, out, err = run_evaluate(args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
     assert out == ""

@@ -11,8 +11,6 @@
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import math
 import os
@@ -21,27 +19,17 @@ import numpy
 import pytest
 import torch
 
-from tests.helpers.evaluation_data import EOD
+from tests.helpers.evaluation_data import EOD, run_evaluate
 from tests.helpers.task_data import SPLITS, task_documents, write_task_data
 
 ALL_TASKS = "lambada_openai,hellaswag,piqa,social_iqa,arc_easy,winogrande"
-
-
-def evaluate(args):
-    """tools/evaluate.main(args) in this process -> (exit status, stdout, stderr)."""
-    from tools import evaluate as tool
-
-    out, err = io.StringIO(), io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        code = tool.main([*args, "--no-progress"])
-    return code, out.getvalue(), err.getvalue()
 
 
 def test_every_task_runs_on_an_export(exports, tmp_path, no_network):
     data = str(tmp_path / "tasks")
     write_task_data(data, num_docs=6)
     out_json, out_md = str(tmp_path / "zs.json"), str(tmp_path / "zs.md")
-    code, out, err = evaluate(["--hf-model", exports["cocomix"], "--name", "cocomix", "--tasks", ALL_TASKS,
+    code, out, err = run_evaluate(["--hf-model", exports["cocomix"], "--name", "cocomix", "--tasks", ALL_TASKS,
                                "--task-data-dir", data, "--limit", "5", "--output-json", out_json,
                                "--output-md", out_md])
     assert code == 0, err[-3000:]
@@ -119,7 +107,7 @@ def test_piqa_accuracy_equals_plain_torch(tiny_checkpoints, exports, token_data,
     data = str(tmp_path / "tasks")
     write_task_data(data, num_docs=2, overrides={"piqa": docs})
     out_json = str(tmp_path / "piqa.json")
-    code, out, err = evaluate(["--load", tiny_checkpoints["gpt2"], "--hf-model", exports["gpt2"],
+    code, out, err = run_evaluate(["--load", tiny_checkpoints["gpt2"], "--hf-model", exports["gpt2"],
                                "--name", "ckpt", "export", "--data-path", token_data[0], "--tasks", "piqa",
                                "--task-data-dir", data, "--output-json", out_json])
     assert code == 0, err[-3000:]
@@ -191,7 +179,7 @@ def test_bad_task_inputs_one_error_line(case, exports, tmp_path, monkeypatch):
     else:
         args = args[:2]
         expected = ["--data-path", "--tasks"]
-    code, out, err = evaluate(args)
+    code, out, err = run_evaluate(args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
     for text in expected:

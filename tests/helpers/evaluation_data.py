@@ -25,3 +25,16 @@ def write_documents(prefix: str, num_docs: int = 24, seed: int = 0, min_len: int
         docs.append(doc)
     builder.finalize(prefix + ".idx")
     return docs
+
+
+def run_evaluate(args) -> tuple:
+    """tools/evaluate.main(args + --no-progress) in this process -> (exit status, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from tools import evaluate as tool
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = tool.main([*args, "--no-progress"])
+    return code, out.getvalue(), err.getvalue()
