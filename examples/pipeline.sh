@@ -42,13 +42,13 @@ export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"  # keep the stage logs to the 
 
 # ---------------------------------------------------------------------------------------------------- sizes
 # Student: 4 layers x 128, sequence 128; the concept layer sits at the input of block 2. Tokens per student:
-# STUDENT_ITERS x 16 x 128 (default 400 steps: 819K tokens, about half an epoch of the training documents).
+# STUDENT_ITERS x 16 x 128 (default 300 steps: 614K tokens, about 0.4 epoch of the training documents).
 SEQ=128
 BATCH=16
 if [ "${SIZE}" = small ]; then
     TEACHER_ITERS=150; SAE_ITERS=150; STUDENT_ITERS=60; EVAL_DOCS=(--max-documents 12); SAE_EVAL_SEQS=16
 else
-    TEACHER_ITERS=600; SAE_ITERS=400; STUDENT_ITERS=400; EVAL_DOCS=(); SAE_EVAL_SEQS=64
+    TEACHER_ITERS=400; SAE_ITERS=300; STUDENT_ITERS=300; EVAL_DOCS=(); SAE_EVAL_SEQS=64
 fi
 if [ "${TEACHER}" = smollm2 ]; then
     # SmolLM2-135M: 30 layers of width 576, vocabulary 49152; the SAE reads hidden_states[6] (C = 8 x 576).
