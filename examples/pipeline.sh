@@ -212,8 +212,8 @@ evaluate() {
     "${PYTHON}" tools/evaluate.py "${models[@]}" "${names[@]}" \
         --data-path "${DATA}" --split "${SPLIT}" --eval-split test "${EVAL_DOCS[@]}" $(concept_args) \
         --output-json "${RUN_DIR}/results.json" --output-md "${RUN_DIR}/evaluate.md" --no-progress
-    "${PYTHON}" tools/plot_runs.py "${RUN_DIR}/students/cocomix" "${RUN_DIR}/students/ntp" \
-        "${RUN_DIR}/students/kd" --output "${RUN_DIR}/curves.png"
+    "${PYTHON}" tools/plot_runs.py "${RUN_DIR}"/students/{cocomix,ntp,kd}/tensorboard --name cocomix ntp kd \
+        --output "${RUN_DIR}/curves.png"
     "${PYTHON}" examples/pipeline_report.py --run-dir "${RUN_DIR}" --teacher "${TEACHER}" \
         --output "${RUN_DIR}/results.md"
 }

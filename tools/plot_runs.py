@@ -3,7 +3,7 @@
     python tools/plot_runs.py runs/cocomix runs/ntp runs/kd --output curves.png   # writes curves.png + curves.csv
 
 A RUN_DIR is a run's --tensorboard-dir or any folder above it: event files are found recursively, and each folder
-holding event files is one run, labelled by its path below RUN_DIR (or by RUN_DIR's name). Panels, against tokens
+holding event files is one run, labelled by its path below RUN_DIR (or by RUN_DIR's name, or its --name). Panels, against tokens
 seen (the 'tokens' scalar the trainer writes; without it, against iterations): training lm loss, validation
 perplexity ('lm loss validation ppl'), and the concept loss where a run has one (training and validation).
 Headless (matplotlib's Agg backend); nothing is downloaded.
@@ -29,16 +29,19 @@ PANELS = [  # (title, y label, [(tag, curve label)])
 TOKENS_TAG = "tokens"
 
 
-def find_runs(run_dirs: Sequence[str]) -> List[Tuple[str, str]]:
-    """[(label, folder holding event files)] for every RUN_DIR, in the given order, sub-runs sorted."""
+def find_runs(run_dirs: Sequence[str], names: Optional[Sequence[str]] = None) -> List[Tuple[str, str]]:
+    """[(label, folder holding event files)] for every RUN_DIR, in the given order, sub-runs sorted; a RUN_DIR's
+    label is its name in `names`, else its directory name."""
+    if names and len(names) != len(run_dirs):
+        raise ValueError(f"--name: {len(names)} names for {len(run_dirs)} run directories")
     runs = []
-    for root in run_dirs:
+    for index, root in enumerate(run_dirs):
         if not os.path.isdir(root):
             raise FileNotFoundError(f"{root}: no such directory")
         found = sorted({d for d, _, files in os.walk(root) if any(f.startswith("events.out.tfevents") for f in files)})
         if not found:
             raise ValueError(f"{root}: no tensorboard event files (events.out.tfevents.*) below it")
-        name = os.path.basename(os.path.normpath(root))
+        name = names[index] if names else os.path.basename(os.path.normpath(root))
         for folder in found:
             relative = os.path.relpath(folder, root)
             runs.append((name if relative == "." else f"{name}/{relative}", folder))
@@ -112,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Plot lm loss, validation perplexity and concept loss of several runs "
                                             "against tokens seen, from tensorboard event files.", allow_abbrev=False)
     p.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="A run's --tensorboard-dir or a folder above it.")
+    p.add_argument("--name", nargs="+", default=None,
+                   help="A label per RUN_DIR, in order (default: the directory's name).")
     p.add_argument("--output", default="curves.png", help="The figure (PNG).")
     p.add_argument("--csv", default=None, help="The numbers (default: the figure's path with .csv).")
     return p
@@ -123,7 +128,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"--output {args.output}: directory {out_dir} does not exist")
-    runs = [(label, curves(read_scalars(folder))) for label, folder in find_runs(args.run_dirs)]
+    runs = [(label, curves(read_scalars(folder))) for label, folder in find_runs(args.run_dirs, args.name)]
     if not any(data for _, (_, data) in runs):
         raise ValueError(f"{', '.join(args.run_dirs)}: no lm loss, validation or concept loss scalars to plot")
     csv_path = args.csv or os.path.splitext(args.output)[0] + ".csv"

@@ -40,6 +40,11 @@ def test_plot_runs_writes_curves_against_tokens(tmp_path, capsys):
     assert {r["metric"] for r in rows if r["run"] == "ntp"} == {"lm loss", "lm loss validation ppl"}
     assert len([r for r in rows if r["metric"] == "concept loss"]) == 6
 
+    # --name labels each RUN_DIR (a --tensorboard-dir holding the event files itself, here).
+    assert plot_runs.main([str(tmp_path / "cocomix" / "tb"), str(tmp_path / "ntp"), "--name", "CoCoMix", "NTP",
+                           "--output", str(output)]) == 0
+    assert {r["run"] for r in csv.DictReader(open(tmp_path / "curves.csv"))} == {"CoCoMix", "NTP"}
+
 
 def test_plot_runs_bad_input(tmp_path, capsys):
     assert plot_runs.main([str(tmp_path / "missing"), "--output", str(tmp_path / "c.png")]) == 2
@@ -47,3 +52,5 @@ def test_plot_runs_bad_input(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert plot_runs.main([str(tmp_path / "empty"), "--output", str(tmp_path / "c.png")]) == 2
     assert "no tensorboard event files" in capsys.readouterr().err
+    assert plot_runs.main([str(tmp_path / "empty"), "--name", "a", "b", "--output", str(tmp_path / "c.png")]) == 2
+    assert capsys.readouterr().err.strip() == "error: --name: 2 names for 1 run directories"
