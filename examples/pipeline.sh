@@ -14,7 +14,7 @@
 #   4 labels     concept labels for exactly the students' training samples (tools/extract_concepts.py)
 #   5-7 students CoCoMix, a parameter-matched NTP model and a KD model: same data, tokens and seed
 #   8 evaluate   held-out perplexity and concept accuracy (tools/evaluate.py), curves (tools/plot_runs.py),
-#                the results table (RUN_DIR/results.md)
+#   then         the results table (RUN_DIR/results.md, examples/pipeline_report.py)
 #
 # A stage whose output is complete is skipped, so a re-run resumes: a stage killed half-way restarts from its own
 # checkpoint (training, SAE) or finished chunks (labels). RUN_DIR/stages/<stage>.done marks a finished stage;
@@ -214,8 +214,6 @@ evaluate() {
         --output-json "${RUN_DIR}/results.json" --output-md "${RUN_DIR}/evaluate.md" --no-progress
     "${PYTHON}" tools/plot_runs.py "${RUN_DIR}"/students/{cocomix,ntp,kd}/tensorboard --name cocomix ntp kd \
         --output "${RUN_DIR}/curves.png"
-    "${PYTHON}" examples/pipeline_report.py --run-dir "${RUN_DIR}" --teacher "${TEACHER}" \
-        --output "${RUN_DIR}/results.md"
 }
 
 run_stage tokenise "tokenizer and .bin/.idx data" tokenise
@@ -227,6 +225,9 @@ run_stage ntp "NTP student (parameter-matched)" train_ntp
 run_stage kd "KD student (parameter-matched)" train_kd
 run_stage evaluate "held-out perplexity, concept accuracy, curves" evaluate
 
+# The table is rebuilt on every run (seconds): it lists every stage's time, the evaluation's included.
+"${PYTHON}" examples/pipeline_report.py --run-dir "${RUN_DIR}" --teacher "${TEACHER}" \
+    --output "${RUN_DIR}/results.md" >/dev/null
 echo
 cat "${RUN_DIR}/results.md"
 echo
