@@ -98,8 +98,8 @@ def build_report(run_dir: str, teacher: str) -> str:
     step_times = {name: mean_step_time(os.path.join(run_dir, "students", name, "tensorboard")) for name in STUDENTS}
     ntp_time = step_times.get("ntp")
 
-    lines = [f"### CoCoMix pipeline results (teacher: {teacher}; held-out: the {first['eval_split']} split, "
-             f"{first['documents']} documents, {first['tokens']:,} tokens)", "",
+    lines = [f"**CoCoMix pipeline results (teacher: {teacher}; held-out: the {first['eval_split']} split, "
+             f"{first['documents']} documents, {first['tokens']:,} tokens)**", "",
              "| model | parameters | tokens seen | held-out ppl | bits per byte | concept loss | concept top-1 acc "
              "| concept top-k acc | step time (s) | step time vs NTP |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]

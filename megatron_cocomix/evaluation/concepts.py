@@ -1,4 +1,4 @@
-"""Concept prediction on held-out data: the student's concept loss and accuracy against the teacher's labels.
+"""Concept prediction on held-out data (docs/design.md §18): a student's concept loss and accuracy against its labels.
 
 Windows. The held-out documents (evaluation/lm.py's `read_documents`: the same split and documents as the
 perplexity) are concatenated in order, each ending with its EOD, and cut into consecutive windows of s tokens
