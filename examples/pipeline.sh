@@ -47,18 +47,18 @@ export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"  # keep the stage logs to the 
 SEQ=128
 BATCH=16
 SAVE_INTERVAL=50
+EVAL_DOCS=(); SAE_EVAL_SEQS=64
 TEACHER_MODEL_ARGS=(--num-layers 4 --hidden-size 192 --num-attention-heads 6)
 if [ "${TEACHER}" = smollm2 ]; then
     # SmolLM2-135M: 30 layers of width 576, vocabulary 49152; the SAE reads hidden_states[6] (C = 8 x 576). Its
     # forward and backward cost ~100x the tiny teacher's per token, so the students see fewer tokens.
     TEACHER_LAYER=6; NUM_LATENTS=4608; SAE_K=32; CONCEPT_TOPK=32
-    SAE_ITERS=200; STUDENT_ITERS=100; BATCH=8
+    SAE_ITERS=200; STUDENT_ITERS=100; BATCH=8; EVAL_DOCS=(--max-documents 12)
 else
     # The tiny teacher: 4 layers of width 192 (SentencePiece vocabulary 4096); the SAE reads hidden_states[2].
     TEACHER_LAYER=2; NUM_LATENTS=1536; SAE_K=16; CONCEPT_TOPK=16
     TEACHER_ITERS=400; SAE_ITERS=300; STUDENT_ITERS=300
 fi
-EVAL_DOCS=(); SAE_EVAL_SEQS=64
 if [ "${SIZE}" = small ]; then
     # The test suite's run: shorter windows, a 2-layer teacher, a few dozen steps per stage.
     SEQ=64; SAVE_INTERVAL=20; TEACHER_ITERS=100; SAE_ITERS=80; STUDENT_ITERS=40; SAE_EVAL_SEQS=16
@@ -102,8 +102,15 @@ run_stage() {
     echo "[pipeline] ${STAGE_NUMBER}/8 ${name}: ${description} (log: ${log})"
     start=$(date +%s)
     echo "=== $(date -u '+%Y-%m-%d %H:%M:%S') ${name}" >>"${log}"
-    if ! "${function}" >>"${log}" 2>&1; then
-        echo "[pipeline] ${name} failed; the end of ${log}:" >&2
+    # A subshell with errexit of its own, not called as a condition (where bash ignores errexit): the stage stops
+    # at its first failing command.
+    local status
+    set +e
+    (set -e; "${function}") >>"${log}" 2>&1
+    status=$?
+    set -e
+    if [ "${status}" -ne 0 ]; then
+        echo "[pipeline] ${name} failed (exit status ${status}); the end of ${log}:" >&2
         tail -n 15 "${log}" >&2
         exit 1
     fi
