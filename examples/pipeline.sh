@@ -42,21 +42,31 @@ export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"  # keep the stage logs to the 
 
 # ---------------------------------------------------------------------------------------------------- sizes
 # Student: 4 layers x 128, sequence 128; the concept layer sits at the input of block 2. Tokens per student:
-# STUDENT_ITERS x 16 x 128 (default 300 steps: 614K tokens, about 0.4 epoch of the training documents).
+# STUDENT_ITERS x BATCH x SEQ (tiny teacher: 300 x 16 x 128 = 614K tokens, 0.4 epoch of the training documents;
+# SmolLM2: 100 x 8 x 128 = 102K tokens).
 SEQ=128
 BATCH=16
-if [ "${SIZE}" = small ]; then
-    TEACHER_ITERS=150; SAE_ITERS=150; STUDENT_ITERS=60; EVAL_DOCS=(--max-documents 12); SAE_EVAL_SEQS=16
-else
-    TEACHER_ITERS=400; SAE_ITERS=300; STUDENT_ITERS=300; EVAL_DOCS=(); SAE_EVAL_SEQS=64
-fi
+SAVE_INTERVAL=50
+TEACHER_MODEL_ARGS=(--num-layers 4 --hidden-size 192 --num-attention-heads 6)
 if [ "${TEACHER}" = smollm2 ]; then
-    # SmolLM2-135M: 30 layers of width 576, vocabulary 49152; the SAE reads hidden_states[6] (C = 8 x 576).
+    # SmolLM2-135M: 30 layers of width 576, vocabulary 49152; the SAE reads hidden_states[6] (C = 8 x 576). Its
+    # forward and backward cost ~100x the tiny teacher's per token, so the students see fewer tokens.
     TEACHER_LAYER=6; NUM_LATENTS=4608; SAE_K=32; CONCEPT_TOPK=32
-    [ "${SIZE}" = default ] && STUDENT_ITERS=200
+    SAE_ITERS=200; STUDENT_ITERS=100; BATCH=8
 else
     # The tiny teacher: 4 layers of width 192 (SentencePiece vocabulary 4096); the SAE reads hidden_states[2].
     TEACHER_LAYER=2; NUM_LATENTS=1536; SAE_K=16; CONCEPT_TOPK=16
+    TEACHER_ITERS=400; SAE_ITERS=300; STUDENT_ITERS=300
+fi
+EVAL_DOCS=(); SAE_EVAL_SEQS=64
+if [ "${SIZE}" = small ]; then
+    # The test suite's run: shorter windows, a 2-layer teacher, a few dozen steps per stage.
+    SEQ=64; SAVE_INTERVAL=20; TEACHER_ITERS=100; SAE_ITERS=80; STUDENT_ITERS=40; SAE_EVAL_SEQS=16
+    EVAL_DOCS=(--max-documents 8)
+    if [ "${TEACHER}" = tiny ]; then
+        TEACHER_MODEL_ARGS=(--num-layers 2 --hidden-size 128 --num-attention-heads 4)
+        TEACHER_LAYER=1; NUM_LATENTS=1024
+    fi
 fi
 
 DATA="${RUN_DIR}/data/shakespeare_text_document"
@@ -108,7 +118,7 @@ common_args() {
         --micro-batch-size "${BATCH}" --global-batch-size "${BATCH}" \
         --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-fraction 0.05 \
         --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --seed "${SEED}" \
-        --log-interval 20 --eval-iters 8 --save-interval 50
+        --log-interval 20 --eval-iters 8 --save-interval "${SAVE_INTERVAL}"
 }
 
 tokenise() {
@@ -129,7 +139,7 @@ train_teacher() {
         return
     fi
     # shellcheck disable=SC2046
-    "${PYTHON}" pretrain_cocomix.py --num-layers 4 --hidden-size 192 --num-attention-heads 6 $(common_args) \
+    "${PYTHON}" pretrain_cocomix.py "${TEACHER_MODEL_ARGS[@]}" $(common_args) \
         --train-iters "${TEACHER_ITERS}" --eval-interval "${TEACHER_ITERS}" \
         --save "${RUN_DIR}/teacher/checkpoints" --load "${RUN_DIR}/teacher/checkpoints" \
         --tensorboard-dir "${RUN_DIR}/teacher/tensorboard"
@@ -140,7 +150,7 @@ train_sae() {
     "${PYTHON}" tools/train_sae.py --teacher-model "${TEACHER_MODEL}" --teacher-layer "${TEACHER_LAYER}" \
         --data-path "${DATA}" --seq-length "${SEQ}" --num-latents "${NUM_LATENTS}" --k "${SAE_K}" \
         --train-iters "${SAE_ITERS}" --sequences-per-step 16 --seed "${SEED}" --save "${SAE_DIR}" \
-        --save-interval 50 --eval-sequences "${SAE_EVAL_SEQS}" --tensorboard-dir "${RUN_DIR}/sae/tensorboard" \
+        --save-interval "${SAVE_INTERVAL}" --eval-sequences "${SAE_EVAL_SEQS}" --tensorboard-dir "${RUN_DIR}/sae/tensorboard" \
         --no-progress
     ln -sfn "$(basename "$(ls -d "${SAE_DIR}"/iter_* | tail -n 1)")" "${SAE_DIR}/final"
     # The last windows of the data are the SAE's held-out windows (train_sae leaves them out).
