@@ -15,6 +15,13 @@ export); see megatron_cocomix/evaluation/zero_shot.py. With --tasks the table is
 CoCoMix concept prediction (with --data-path and the teacher flags or --concept-labels): concept loss, top-1 and
 top-k accuracy of the models with a concept layer against the teacher's labels, on --seq-length windows of the
 same held-out documents; see megatron_cocomix/evaluation/concepts.py.
+
+Under torchrun (torchrun --nproc_per_node N tools/evaluate.py --load CKPT ...) each checkpoint is split over the
+ranks at --tensor-model-parallel-size x --pipeline-model-parallel-size (default: its saved layout; any layout
+loads), data parallel over the rest of the world, and run through megatron-core's forward-only schedule; a
+Hugging Face model is loaded on every rank, each scoring a share of the windows. Rank 0 prints and writes the
+same table and JSON as one process (perplexity and concept metrics); zero-shot tasks (--tasks) run in one
+process only. See megatron_cocomix/evaluation/parallel.py.
 """
 
 from __future__ import annotations
@@ -44,7 +51,12 @@ class _Models(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], allow_abbrev=False,
+        epilog="Under torchrun (torchrun --nproc_per_node N tools/evaluate.py --load CKPT --data-path PREFIX ...) "
+               "each checkpoint is split over the ranks at --tensor-model-parallel-size x "
+               "--pipeline-model-parallel-size (default: its saved layout), data parallel over the rest; Hugging "
+               "Face models share the windows over every rank; rank 0 reports. --tasks runs in one process only.")
     parser.set_defaults(models=None)
     parser.add_argument("--load", nargs="+", action=_Models, help="Training checkpoint directory(ies).")
     parser.add_argument("--iteration", type=int, default=None, help="With --load: iteration (default latest).")
@@ -65,6 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
                              "batch size for --tasks.")
     parser.add_argument("--output-json", default=None, help="Write every number and its settings here.")
     parser.add_argument("--output-md", default=None, help="Write the markdown table here.")
+    parser.add_argument("--tensor-model-parallel-size", type=int, default=None,
+                        help="Under torchrun: split each --load checkpoint over this many ranks (default: its saved "
+                             "TP); one process evaluates at TP1 whatever the saved layout.")
+    parser.add_argument("--pipeline-model-parallel-size", type=int, default=None,
+                        help="Under torchrun: pipeline stages of each --load checkpoint (default: its saved PP); "
+                             "the world / (TP x PP) data-parallel replicas share the windows.")
     parser.add_argument("--no-progress", action="store_true",
                         help="No tqdm progress bars of this tool and of datasets (lm-eval keeps its own).")
     from megatron_cocomix.evaluation import zero_shot
@@ -120,7 +138,8 @@ class ConceptEvaluation:
             self.cached = (seq_length, windows, labels)
         _, windows, labels = self.cached
         return concepts.score_concepts(scorer.concept_logits, scorer.concept_topk, windows, labels,
-                                       options.batch_size, scorer.name, not options.no_progress)
+                                       options.batch_size, scorer.name, not options.no_progress,
+                                       scorer.data_parallel, scorer.all_reduce)
 
 
 def _check_concept_flags(options) -> bool:
@@ -146,8 +165,46 @@ def _check_concept_flags(options) -> bool:
 
 @cli_main
 def main(argv: Optional[List[str]] = None) -> int:
+    from megatron_cocomix.errors import BAD_INPUT, EXIT_BAD_INPUT
+    from megatron_cocomix.evaluation import parallel
+
+    try:
+        return _main(argv)
+    except BAD_INPUT:
+        if parallel.launched() and parallel.rank() != 0:
+            return EXIT_BAD_INPUT  # every rank checks the same inputs: rank 0 says it once
+        raise
+
+
+def _check_launch(options, tasks) -> bool:
+    """Whether this is one rank of a launch; one error line for what a launch does not do."""
+    from megatron_cocomix.evaluation import parallel
+
+    layout = {"--tensor-model-parallel-size": options.tensor_model_parallel_size,
+              "--pipeline-model-parallel-size": options.pipeline_model_parallel_size}
+    if not parallel.launched():
+        for flag, value in layout.items():
+            if value not in (None, 1):
+                raise ValueError(f"{flag} {value}: one process evaluates at TP1 / PP1; launch with torchrun "
+                                 f"--nproc_per_node N tools/evaluate.py ... to split a model over ranks")
+        return False
+    if tasks is not None:
+        raise ValueError("zero-shot tasks (--tasks) run in one process: run tools/evaluate.py without torchrun "
+                         "for them")
+    world = int(os.environ["WORLD_SIZE"])
+    for flag, value in layout.items():
+        if value is not None and value <= 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    if world % ((options.tensor_model_parallel_size or 1) * (options.pipeline_model_parallel_size or 1)):
+        raise ValueError(f"world size {world} is not divisible by --tensor-model-parallel-size "
+                         f"{options.tensor_model_parallel_size or 1} x --pipeline-model-parallel-size "
+                         f"{options.pipeline_model_parallel_size or 1}")
+    return True
+
+
+def _main(argv: Optional[List[str]]) -> int:
     options = build_parser().parse_args(argv)
-    from megatron_cocomix.evaluation import concepts, lm, zero_shot
+    from megatron_cocomix.evaluation import concepts, lm, parallel, zero_shot
 
     models = options.models or []
     if not models:
@@ -173,6 +230,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             lm.check_checkpoint(path, options.iteration)
         else:
             lm.check_hf_dir(path)
+    launched = _check_launch(options, tasks)
+    if launched:
+        parallel.init_world()
 
     rows = []
     concept_scores = ConceptEvaluation(options, documents) if concept_eval else None
@@ -192,6 +252,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     table = zero_shot.markdown_table(rows, tasks) if tasks is not None else lm.markdown_table(rows)
     if any("concept_loss" in row for row in rows):
         table += "\n" + concepts.markdown_table(rows)
+    if launched and parallel.rank() != 0:
+        return 0  # every rank holds the numbers; rank 0 reports them
     print(table, end="", flush=True)
     if options.output_md:
         with open(options.output_md, "w") as f:
@@ -199,6 +261,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if options.output_json:
         settings = {k: getattr(options, k) for k in ("data_path", "split", "eval_split", "seq_length", "stride",
                                                       "max_documents", "batch_size", "iteration")}
+        if launched:
+            settings["world_size"] = int(os.environ["WORLD_SIZE"])
         if concept_eval:
             settings["concepts"] = {k: getattr(options, k) for k in CONCEPT_SETTINGS}
         if tasks is not None:
@@ -212,10 +276,16 @@ def main(argv: Optional[List[str]] = None) -> int:
 def held_out_row(options, documents, kind: str, path: str, name: Optional[str],
                  concept_scores: Optional[ConceptEvaluation] = None) -> dict:
     """Held-out loss, perplexity and bits per byte of one model (and its concept prediction), with settings."""
-    from megatron_cocomix.evaluation import lm
+    from megatron_cocomix.evaluation import lm, parallel
 
-    scorer = (lm.checkpoint_scorer(path, options.iteration, name) if kind == "checkpoint"
-              else lm.hf_scorer(path, name))
+    if not parallel.launched():
+        scorer = (lm.checkpoint_scorer(path, options.iteration, name) if kind == "checkpoint"
+                  else lm.hf_scorer(path, name))
+    elif kind == "checkpoint":
+        scorer = parallel.checkpoint_scorer(path, options.iteration, name, options.tensor_model_parallel_size,
+                                            options.pipeline_model_parallel_size, options.batch_size)
+    else:
+        scorer = parallel.hf_scorer(path, name)
     context, stride = lm.resolve_context(scorer, options.seq_length, options.stride)
     numbers = lm.score(scorer, documents.docs, context, stride, options.batch_size, progress=not options.no_progress)
     if concept_scores is not None:
@@ -231,4 +301,8 @@ def held_out_row(options, documents, kind: str, path: str, name: Optional[str],
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    from megatron_cocomix.distributed import destroy_distributed
+
+    destroy_distributed()
+    sys.exit(code)

@@ -1,4 +1,5 @@
-"""A training checkpoint as one TP1 / PP1 model in this process, on CPU, whatever layout it was saved at.
+"""A training checkpoint as one TP1 / PP1 model in this process, on CPU, whatever layout it was saved at (or, under
+a launcher, as this rank's part of the model at a TP / PP layout of the caller's choice: `load_checkpoint_parallel`).
 
 The model is rebuilt from the flags saved in the checkpoint's common state (`export.args`, written by
 training/checkpointing.py) with the parallel sizes set to 1, and its weights are read through megatron-core's
@@ -107,8 +108,9 @@ def _init_single_process(args) -> None:
     initialize_distributed(args)
 
 
-def build_model(args) -> torch.nn.Module:
-    """The whole model (first and last stage) as pretrain_cocomix.model_provider builds it, at TP1 / PP1."""
+def build_model(args, pre_process: bool = True, post_process: bool = True) -> torch.nn.Module:
+    """This rank's pipeline stage of the model as pretrain_cocomix.model_provider builds it (the whole model by
+    default: first and last stage, at TP1 / PP1)."""
     from megatron_cocomix import metrics
     from megatron_cocomix.global_vars import set_args
     from megatron_cocomix.model.concept_mixing import CONCEPT_METRICS, concept_layer_spec_for
@@ -120,15 +122,13 @@ def build_model(args) -> torch.nn.Module:
         metrics.declare(*CONCEPT_METRICS)  # the concept layer records its metrics on every forward
     spec_for = concept_layer_spec_for(args, gpt_layer_spec(args)) if (args.cocomix or args.pause_tokens) else None
     block_spec = gpt_block_spec(args, config, None, spec_for)
-    return build_gpt_model(args, config, pre_process=True, post_process=True, block_spec=block_spec)
+    return build_gpt_model(args, config, pre_process=pre_process, post_process=post_process, block_spec=block_spec)
 
 
 def load_checkpoint_tp1(root: str, iteration: Optional[int] = None, train_argv: Optional[List[str]] = None,
                         check_args: Optional[Callable] = None) -> LoadedCheckpoint:
     """Read `root` (latest, or `iteration`) into one TP1 / PP1 model in this process. `check_args(args)` may
     refuse the run's flags before any weight is read."""
-    from megatron.core import dist_checkpointing
-
     path = find_checkpoint(root, iteration)
     common = read_common(path)
     export = common.get("export") or {}
@@ -139,13 +139,89 @@ def load_checkpoint_tp1(root: str, iteration: Optional[int] = None, train_argv: 
         check_args(args)
     _init_single_process(args)
     model = build_model(args)
+    _load_weights(model, path, common, args)
+    return LoadedCheckpoint(path=path, iteration=int(common["iteration"]), args=args, model=model.eval(),
+                            tokenizer=export.get("tokenizer"))
+
+
+def _load_weights(model: torch.nn.Module, path: str, common: dict, args) -> None:
+    """This rank's tensors of the checkpoint into `model`, through dist_checkpointing (any saved layout); the
+    vocabulary tensors are re-padded when this layout pads the vocabulary otherwise, as training's load does."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_cocomix.training.checkpointing import _repad, _request_whole_vocab_tensors
+
     sharded = {"model": model.sharded_state_dict()}
+    saved_padded = common["model_args"]["padded_vocab_size"]
+    requests = {}
+    if saved_padded != args.padded_vocab_size:
+        requests = _request_whole_vocab_tensors(sharded, saved_padded, args.padded_vocab_size)
     try:
         loaded = dist_checkpointing.load(sharded, path)
     except Exception as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{path}: {first[:300]}") from e
+    _repad(loaded, requests, args.true_vocab_size or common["model_args"].get("true_vocab_size"))
     model.load_state_dict(loaded["model"], strict=True)
+
+
+def check_layout(args, world_size: int, tensor: int, pipeline: int, path: str) -> None:
+    """One error line for a layout this world or this model cannot take (the rules of arguments.validate_args)."""
+    for flag, value in (("--tensor-model-parallel-size", tensor), ("--pipeline-model-parallel-size", pipeline)):
+        if value <= 0:
+            raise ValueError(f"{flag} must be positive, got {value}")
+    if world_size % (tensor * pipeline) != 0:
+        raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tensor} x "
+                         f"--pipeline-model-parallel-size {pipeline}")
+    if args.num_attention_heads % tensor or (args.num_query_groups or args.num_attention_heads) % tensor:
+        raise ValueError(f"--tensor-model-parallel-size {tensor}: {path} has {args.num_attention_heads} attention "
+                         f"heads and {args.num_query_groups} query groups, which it must divide")
+    if args.num_layers % pipeline:
+        raise ValueError(f"--pipeline-model-parallel-size {pipeline}: {path} has {args.num_layers} layers, which it "
+                         f"must divide")
+
+
+def load_checkpoint_parallel(root: str, iteration: Optional[int], tensor: Optional[int],
+                             pipeline: Optional[int]) -> LoadedCheckpoint:
+    """Under a launcher (the process group up, or its environment set): this rank's stage and tensor-parallel
+    shard of `root` at TP `tensor` x PP `pipeline` (default: the saved layout), data-parallel over the rest of the
+    world, on this rank's device, in eval mode. megatron's parallel state is (re)built for this layout, as
+    training builds it (distributed.initialize_distributed), so several checkpoints load one after the other."""
+    from megatron.core import parallel_state
+
+    from megatron_cocomix import compat
+    from megatron_cocomix.data.tokenizer import vocab_size_with_padding
+    from megatron_cocomix.distributed import initialize_distributed
+
+    path = find_checkpoint(root, iteration)
+    common = read_common(path)
+    export = common.get("export") or {}
+    layout = common.get("layout") or {"tensor": 1, "pipeline": 1}
+    tensor = tensor or int(layout["tensor"])
+    pipeline = pipeline or int(layout["pipeline"])
+    args = _rebuild_args(export.get("args"), None, path)
+    world_size = (torch.distributed.get_world_size() if torch.distributed.is_initialized()
+                  else int(os.environ.get("WORLD_SIZE", "1")))
+    check_layout(args, world_size, tensor, pipeline, path)
+    args.tensor_model_parallel_size, args.pipeline_model_parallel_size = tensor, pipeline
+    args.world_size, args.data_parallel_size = world_size, world_size // (tensor * pipeline)
+    args.distributed_backend = None  # NCCL with GPUs, gloo without (as training)
+    # Stages after an interleaving layer carry 2s positions: they exchange shapes first (arguments.py's rule).
+    doubles = args.pause_tokens or (args.cocomix and args.concept_mixing == "interleave")
+    args.variable_seq_lengths = bool(doubles) and pipeline > 1
+    saved_padded = common["model_args"]["padded_vocab_size"]
+    args.padded_vocab_size = saved_padded
+    if saved_padded % tensor:
+        args.padded_vocab_size = vocab_size_with_padding(args.true_vocab_size, args.make_vocab_size_divisible_by,
+                                                         tensor)
+    compat.install()
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    initialize_distributed(args)
+    model = build_model(args, pre_process=parallel_state.is_pipeline_first_stage(),
+                        post_process=parallel_state.is_pipeline_last_stage())
+    _load_weights(model, path, common, args)
+    model.to(compat.device())
     return LoadedCheckpoint(path=path, iteration=int(common["iteration"]), args=args, model=model.eval(),
                             tokenizer=export.get("tokenizer"))
 

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy
 import torch
@@ -127,34 +127,52 @@ def label_windows(labeler: Callable[[torch.Tensor], torch.Tensor], windows: torc
 
 
 def score_concepts(concept_logits: ConceptLogits, topk: int, windows: torch.Tensor, labels: torch.Tensor,
-                   batch_size: int = 8, name: str = "model", progress: bool = False) -> Dict[str, float]:
+                   batch_size: int = 8, name: str = "model", progress: bool = False,
+                   data_parallel: Tuple[int, int] = (0, 1),
+                   all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None) -> Dict[str, float]:
     """{concept_loss, concept_top1_acc, concept_topk_acc, concept_label_count, concept_tokens, concept_topk} of a
-    student's concept logits against labels [n, s, K] (module docstring)."""
+    student's concept logits against labels [n, s, K] (module docstring).
+
+    Under a launcher (evaluation/parallel.py) this rank scores every `size`-th batch (`data_parallel` = (rank,
+    size); the same number of calls on every rank), `concept_logits` returns None on ranks that hold no concept
+    logits, and `all_reduce` sums the counts over the world."""
     from tqdm import tqdm
 
     if labels.shape[:2] != windows.shape:
         raise ValueError(f"labels of shape {tuple(labels.shape)} do not cover the windows {tuple(windows.shape)}")
-    ce_sum, labels_valid = 0.0, 0
-    hits = {"concept top1 acc": [0.0, 0.0], "concept topk acc": [0.0, 0.0]}
-    num_latents = None
-    for begin in tqdm(range(0, len(windows), batch_size), desc=f"concepts {name}", unit="batch",
-                      disable=not progress):
+    # loss sum, valid labels, top-1 hits / total, top-k hits / total, concepts C (a max, kept as a sum of one)
+    sums = torch.zeros(7, dtype=torch.float64)
+    rank, size = data_parallel
+    begins = list(range(0, len(windows), batch_size))
+    mine = begins[rank::size]
+    mine += [len(windows)] * (-(-len(begins) // size) - len(mine))  # empty batches: same number of calls
+    for begin in tqdm(mine, desc=f"concepts {name}", unit="batch", disable=not progress):
         tokens, y = windows[begin:begin + batch_size], labels[begin:begin + batch_size]
         with torch.no_grad():
-            z = concept_logits(tokens).float().cpu()  # [b, s, C]
+            z = concept_logits(tokens)
+        if z is None or len(tokens) == 0:
+            continue
+        z = z.float().cpu()  # [b, s, C]
         num_latents = z.shape[-1]
         if int(y.max()) >= num_latents:
             raise ValueError(f"label {int(y.max())} is outside {name}'s {num_latents} concepts: the labels come "
                              f"from another SAE than the one the student was trained with")
         valid = y >= 0
         target = torch.gather(z, -1, y.clamp(min=0))
-        ce_sum += float(((torch.logsumexp(z, dim=-1, keepdim=True) - target) * valid).double().sum())
-        labels_valid += int(valid.sum())
+        sums[0] += float(((torch.logsumexp(z, dim=-1, keepdim=True) - target) * valid).double().sum())
+        sums[1] += int(valid.sum())
         top_ids = z.topk(topk, dim=-1).indices
-        for metric, (hit, total) in concept_accuracy(top_ids, y).items():
-            hits[metric][0] += float(hit)
-            hits[metric][1] += float(total)
-    top1, topk_hits = hits["concept top1 acc"], hits["concept topk acc"]
+        accuracy = concept_accuracy(top_ids, y)
+        sums[2:6] += torch.tensor([float(v) for v in (*accuracy["concept top1 acc"], *accuracy["concept topk acc"])],
+                                  dtype=torch.float64)
+        sums[6] = num_latents
+    if all_reduce is not None:
+        # one replica's scoring rank holds C, the others 0: the sum is C times the replicas that scored anything
+        scored = all_reduce(torch.tensor([float(sums[6] > 0)], dtype=torch.float64))
+        sums = all_reduce(sums)
+        sums[6] = sums[6] / scored[0] if scored[0] > 0 else 0
+    ce_sum, labels_valid = float(sums[0]), int(sums[1])
+    top1, topk_hits, num_latents = (float(sums[2]), float(sums[3])), (float(sums[4]), float(sums[5])), int(sums[6])
     return {"concept_loss": ce_sum / labels_valid if labels_valid else math.nan,
             "concept_top1_acc": top1[0] / top1[1] if top1[1] else math.nan,
             "concept_topk_acc": topk_hits[0] / topk_hits[1] if topk_hits[1] else math.nan,

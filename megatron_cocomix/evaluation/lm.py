@@ -139,7 +139,12 @@ def windows(n: int, context: int, stride: int) -> List[Tuple[int, int, int]]:
 # ------------------------------------------------------------------------------------------------------ models
 @dataclass
 class Scorer:
-    """A model ready to score: logits(tokens [b, s], mask [b, s]) -> [b, s, >= vocab_size] (any float dtype)."""
+    """A model ready to score: logits(tokens [b, s], mask [b, s]) -> [b, s, >= vocab_size] (any float dtype).
+
+    Under a launcher (evaluation/parallel.py) a model may be split over ranks: `target_log_probs(tokens, mask,
+    targets)` then replaces `logits` and returns log p(targets) [b, s] on the one rank of each model replica that
+    holds them (None on the others); every rank calls it with the same batches in lockstep. `data_parallel`
+    (rank, size) says which share of the batches this replica scores, `all_reduce` sums tensors over the world."""
 
     name: str
     kind: str                # "checkpoint" or "hf"
@@ -155,6 +160,30 @@ class Scorer:
     # A CoCoMix model's concept layer: tokens [b, s] -> concept logits [b, s, C], and the k of its top-k.
     concept_logits: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
     concept_topk: Optional[int] = None
+    target_log_probs: Optional[Callable[[torch.Tensor, torch.Tensor, torch.Tensor], Optional[torch.Tensor]]] = None
+    data_parallel: Tuple[int, int] = (0, 1)
+    all_reduce: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
+
+    def log_probs(self, tokens: torch.Tensor, mask: torch.Tensor, targets: torch.Tensor) -> Optional[torch.Tensor]:
+        if self.target_log_probs is not None:
+            return self.target_log_probs(tokens, mask, targets)
+        return log_probs_of_targets(self.logits(tokens, mask), targets, self.vocab_size)
+
+    def my_batches(self, batches: List) -> List:
+        """This replica's share of `batches` (every `size`-th), padded with empty batches to the same count on
+        every replica, so all ranks call the model equally often."""
+        rank, size = self.data_parallel
+        if size == 1:
+            return batches
+        count = -(-len(batches) // size)
+        mine = batches[rank::size]
+        return mine + [[]] * (count - len(mine))
+
+
+def log_probs_of_targets(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
+    """log softmax over the ids [0, vocab_size) (padding rows of the table dropped) at the targets: [b, s]."""
+    logits = logits[..., :vocab_size].float()
+    return torch.log_softmax(logits, dim=-1).gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
 
 
 def _hf_tokenizer(directory: str):
@@ -198,10 +227,25 @@ def check_hf_dir(path: str) -> None:
 def checkpoint_scorer(root: str, iteration: Optional[int] = None, name: Optional[str] = None) -> Scorer:
     """The checkpoint's own megatron model (TP1, this process) and its saved tokenizer."""
     from megatron_cocomix.conversion.checkpoint import load_checkpoint_tp1, megatron_logits
-    from megatron_cocomix.conversion.tokenizer_files import write_tokenizer
 
     check_checkpoint(root, iteration)
     loaded = load_checkpoint_tp1(root, iteration)
+    # fp32 whatever the training dtype (bf16 / fp16 weights upcast exactly), as an export is loaded here: the
+    # megatron model in bf16 on CPU also trips on mixed-dtype norms.
+    model = loaded.model.float()
+    concept_logits = _megatron_concept_logits(model)
+    scorer = loaded_checkpoint_scorer(loaded, root, name, logits=lambda tokens, mask: megatron_logits(model, tokens))
+    scorer.parameters = _parameters_without_padding(model, loaded.args.padded_vocab_size, scorer.vocab_size)
+    scorer.concept_logits = concept_logits
+    scorer.concept_topk = loaded.args.concept_topk if concept_logits else None
+    return scorer
+
+
+def loaded_checkpoint_scorer(loaded, root: str, name: Optional[str], **fields) -> Scorer:
+    """The Scorer of a loaded checkpoint (conversion/checkpoint.LoadedCheckpoint): its saved tokenizer, contexts
+    and vocabulary; `fields` give the model's callables (and override anything else)."""
+    from megatron_cocomix.conversion.tokenizer_files import write_tokenizer
+
     args, state = loaded.args, loaded.tokenizer
     # The rows an export keeps (conversion/export.build_hf_model): an imported model may have more than its
     # tokenizer, the rest is padding.
@@ -211,18 +255,12 @@ def checkpoint_scorer(root: str, iteration: Optional[int] = None, name: Optional
         tokenizer = _hf_tokenizer(directory)
     learned = getattr(args, "position_embedding_type", "learned_absolute") == "learned_absolute"
     max_context = (args.max_position_embeddings or args.seq_length) if learned else 10 ** 9
-    # fp32 whatever the training dtype (bf16 / fp16 weights upcast exactly), as an export is loaded here: the
-    # megatron model in bf16 on CPU also trips on mixed-dtype norms.
-    model = loaded.model.float()
-    concept_logits = _megatron_concept_logits(model)
-    return Scorer(name=name or os.path.basename(os.path.normpath(root)), kind="checkpoint", path=loaded.path,
-                  parameters=_parameters_without_padding(model, args.padded_vocab_size, vocab_size),
-                  max_context=max_context, default_context=args.seq_length, eod=int(state["eod"]), vocab_size=vocab_size,
-                  # causal attention: the right padding is never seen by a real position, no mask needed
-                  logits=lambda tokens, mask: megatron_logits(model, tokens),
-                  decode=_decoder(tokenizer),
-                  extra={"iteration": loaded.iteration, "tokens_seen": tokens_seen(loaded.path)},
-                  concept_logits=concept_logits, concept_topk=args.concept_topk if concept_logits else None)
+    values = dict(name=name or os.path.basename(os.path.normpath(root)), kind="checkpoint", path=loaded.path,
+                  parameters=0, max_context=max_context, default_context=args.seq_length, eod=int(state["eod"]),
+                  vocab_size=vocab_size, logits=None, decode=_decoder(tokenizer),
+                  extra={"iteration": loaded.iteration, "tokens_seen": tokens_seen(loaded.path)})
+    values.update(fields)
+    return Scorer(**values)
 
 
 def _megatron_concept_logits(model: torch.nn.Module) -> Optional[Callable[[torch.Tensor], torch.Tensor]]:
@@ -326,7 +364,9 @@ def score(scorer: Scorer, docs: Sequence[numpy.ndarray], context: int, stride: i
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=sum(len(d) for d in docs), desc=f"evaluate {scorer.name}", unit="tok")
+        # a replica scores a share of the windows: its bar counts them, against no total
+        total = sum(len(d) for d in docs) if scorer.data_parallel[1] == 1 else None
+        bar = tqdm(total=total, desc=f"evaluate {scorer.name}", unit="tok")
     # Documents are windowed a chunk at a time (memory); the chunk size is fixed, so the batches, and the
     # per-document sums, do not depend on anything but batch_size.
     for chunk in range(0, len(docs), _DOCUMENTS_PER_CHUNK):
@@ -334,6 +374,8 @@ def score(scorer: Scorer, docs: Sequence[numpy.ndarray], context: int, stride: i
                      batch_size, nll, bar)
     if bar is not None:
         bar.close()
+    if scorer.all_reduce is not None:  # each document's windows were scored on one replica, zeros elsewhere
+        nll = scorer.all_reduce(torch.tensor(nll, dtype=torch.float64)).tolist()
     total_nll = math.fsum(nll)
     tokens_scored = sum(len(d) for d in docs)
     num_bytes = sum(len(scorer.decode(d[:-1]).encode("utf-8")) for d in docs)
@@ -360,9 +402,9 @@ def _score_chunk(scorer: Scorer, docs: Sequence[numpy.ndarray], indices: range, 
         for begin, end, first in windows(len(doc), context, stride):
             rows.append((i, inputs[begin:end], doc[begin:end], first - begin))
     rows.sort(key=lambda r: -len(r[1]))  # longest first: little padding, the biggest batch first (memory)
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start:start + batch_size]
-        width = len(batch[0][1])
+    batches = [rows[start:start + batch_size] for start in range(0, len(rows), batch_size)]
+    for batch in scorer.my_batches(batches):
+        width = len(batch[0][1]) if batch else 1
         tokens = torch.full((len(batch), width), scorer.eod, dtype=torch.long)
         targets = torch.zeros((len(batch), width), dtype=torch.long)
         mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -372,13 +414,14 @@ def _score_chunk(scorer: Scorer, docs: Sequence[numpy.ndarray], indices: range, 
             targets[r, :len(y)] = torch.from_numpy(y)
             mask[r, :len(x)] = 1
             scored[r, first:len(x)] = True
-        logits = scorer.logits(tokens, mask)[..., :scorer.vocab_size].float()
-        logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.to(logits.device).unsqueeze(-1)).squeeze(-1)
+        logp = scorer.log_probs(tokens, mask, targets)
+        if bar is not None:
+            bar.update(int(scored.sum()))
+        if logp is None:  # a rank of a split model that holds no output
+            continue
         token_nll = ((-logp).double().cpu() * scored).sum(-1)
         for r, (i, _, _, _) in enumerate(batch):
             nll[i] += float(token_nll[r])
-        if bar is not None:
-            bar.update(int(scored.sum()))
 
 
 # ------------------------------------------------------------------------------------------------------ report

@@ -11,4 +11,5 @@ Worker scripts (run by file path under a launcher, never collected by pytest):
 pretrain_worker       one pretrain_cocomix run; writes its summary (launch.run_pretrain)
 multi_run_worker      several trainings / label extractions in one launch; writes {name: summary}
 concept_ops_worker    the tensor-parallel CoCoMix operation checks of tests/model/test_concept_ops.py
+evaluate_worker       several tools/evaluate.py runs in one launch; writes each exit status and each rank's stderr
 """

@@ -16,6 +16,7 @@ HELPERS = os.path.dirname(os.path.abspath(__file__))
 PRETRAIN_WORKER = os.path.join(HELPERS, "pretrain_worker.py")  # one run -> summary JSON (run_pretrain)
 MULTI_RUN_WORKER = os.path.join(HELPERS, "multi_run_worker.py")  # several runs in one launch -> {name: summary}
 CONCEPT_OPS_WORKER = os.path.join(HELPERS, "concept_ops_worker.py")  # tensor-parallel concept op checks
+EVALUATE_WORKER = os.path.join(HELPERS, "evaluate_worker.py")  # tools/evaluate.py runs under one launch
 
 # A tiny GPT: 4 layers so that PP2 x virtual-PP2 has one layer per virtual stage. Vocabulary 255 + EOD = 256
 # needs no padding at TP1 or TP2, so the output softmax is the same at every layout. Dropout off: losses are
