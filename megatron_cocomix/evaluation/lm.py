@@ -426,10 +426,14 @@ def _score_chunk(scorer: Scorer, docs: Sequence[numpy.ndarray], indices: range, 
 
 # ------------------------------------------------------------------------------------------------------ report
 def markdown_table(rows: Sequence[dict]) -> str:
-    """One row per model: name, parameters, held-out ppl, bits per byte, tokens."""
-    lines = ["| model | parameters | held-out ppl | bits per byte | tokens |", "|---|---:|---:|---:|---:|"]
+    """One row per model: name, parameters, tokens seen in training (checkpoints), held-out ppl, bits per byte,
+    tokens scored."""
+    lines = ["| model | parameters | tokens seen | held-out ppl | bits per byte | tokens scored |",
+             "|---|---:|---:|---:|---:|---:|"]
     for row in rows:
-        lines.append(f"| {row['name']} | {format_count(row['parameters'])} | {row['ppl']:.4f} | "
+        seen = row.get("tokens_seen")
+        lines.append(f"| {row['name']} | {format_count(row['parameters'])} | "
+                     f"{format_count(seen) if seen is not None else '-'} | {row['ppl']:.4f} | "
                      f"{row['bits_per_byte']:.4f} | {row['tokens']:,} |")
     return "\n".join(lines) + "\n"
 
