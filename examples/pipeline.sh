@@ -61,8 +61,8 @@ else
 fi
 if [ "${SIZE}" = small ]; then
     # The test suite's run: shorter windows, a 2-layer teacher, a few dozen steps per stage.
-    SEQ=64; SAVE_INTERVAL=20; TEACHER_ITERS=100; SAE_ITERS=80; STUDENT_ITERS=40; SAE_EVAL_SEQS=16
-    EVAL_DOCS=(--max-documents 8)
+    SEQ=64; SAVE_INTERVAL=20; TEACHER_ITERS=80; SAE_ITERS=50; STUDENT_ITERS=40; SAE_EVAL_SEQS=8
+    EVAL_DOCS=(--max-documents 6)
     if [ "${TEACHER}" = tiny ]; then
         TEACHER_MODEL_ARGS=(--num-layers 2 --hidden-size 128 --num-attention-heads 4)
         TEACHER_LAYER=1; NUM_LATENTS=1024
