@@ -80,12 +80,9 @@ def _fmt(value, digits: int = 4) -> str:
 
 
 def _count(n) -> str:
-    if n is None:
-        return "-"
-    for unit, size in (("B", 10 ** 9), ("M", 10 ** 6), ("K", 10 ** 3)):
-        if n >= size:
-            return f"{n / size:.2f}{unit}"
-    return str(n)
+    from megatron_cocomix.evaluation.lm import format_count
+
+    return "-" if n is None else format_count(n)
 
 
 def build_report(run_dir: str, teacher: str) -> str:
