@@ -16,6 +16,9 @@ With no arguments at all it runs the tiny CPU quickstart (examples/quickstart_ar
 
 from __future__ import annotations
 
+import megatron_cocomix  # noqa: F401  (first: its import keeps megatron.core from importing wandb at start-up)
+
+# isort: split
 import os
 import sys
 from functools import partial

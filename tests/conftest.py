@@ -37,3 +37,11 @@ def single_process():
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def smollm2_directory(tmp_path_factory):
+    """The shipped SmolLM2-135M .gguf, dequantised once per session into a Hugging Face directory."""
+    from tests.helpers.smollm2 import save_dequantised, smollm2_gguf
+
+    return save_dequantised(smollm2_gguf(), str(tmp_path_factory.mktemp("smollm2") / "hf"))

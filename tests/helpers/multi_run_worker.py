@@ -8,6 +8,9 @@ cached online teacher are rebuilt for each run, so each run starts as a fresh la
 initialize_distributed). The last rank (which holds the losses on every layout) writes {name: summary}.
 """
 
+import megatron_cocomix  # noqa: F401  (first, as in pretrain_cocomix.py: start-up time)
+
+# isort: split
 import json
 import sys
 

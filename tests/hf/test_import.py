@@ -128,13 +128,14 @@ def test_import_bad_input(tmp_path, single_process):
 
 
 @pytest.mark.slow
-def test_smollm2_gguf_imports(tmp_path, single_process):
+def test_smollm2_gguf_imports(tmp_path, single_process, smollm2_directory):
     """The shipped SmolLM2-135M-Instruct .gguf (dequantised) imports; the checkpoint's logits in this stack equal
-    transformers' on the same dequantised weights."""
-    from megatron_cocomix.concepts.teacher import load_hf_model
+    transformers' on the same dequantised weights (read by transformers' gguf reader into a HF directory)."""
+    from transformers import AutoModelForCausalLM
+
     from megatron_cocomix.conversion.checkpoint import load_checkpoint_tp1, megatron_logits
     from megatron_cocomix.conversion.export import compare_logits
-    from tests.concepts.test_smollm2_integration import smollm2_gguf
+    from tests.helpers.smollm2 import smollm2_gguf
 
     gguf = smollm2_gguf()
     code, out, err = import_hf(["--hf-model", gguf, "--output", str(tmp_path / "ckpt"), "--seq-length", "256"])
@@ -143,7 +144,7 @@ def test_smollm2_gguf_imports(tmp_path, single_process):
     tokens = torch.randint(0, 49152, (1, 24), generator=torch.Generator().manual_seed(0))
     ours = megatron_logits(load_checkpoint_tp1(str(tmp_path / "ckpt")).model, tokens)
     with torch.no_grad():
-        theirs = load_hf_model(gguf, torch.float32).eval()(input_ids=tokens).logits
+        theirs = AutoModelForCausalLM.from_pretrained(smollm2_directory).eval()(input_ids=tokens).logits
     numbers = compare_logits(ours[..., :theirs.shape[-1]], theirs)
     print(f"\nSmolLM2-135M gguf import: {numbers}")
     assert numbers["max_abs_logit_diff"] <= 1e-3 and numbers["mean_kl"] <= 1e-4

