@@ -131,9 +131,9 @@ class ConceptEvaluation:
             if options.concept_labels:
                 labels = concepts.read_eval_labels(options.concept_labels, self.documents, windows)
             else:
-                labeler = concepts.OnlineLabeler(options.teacher_model, options.teacher_layer, options.sae,
-                                                 options.concept_num_labels, options.concept_attribution,
-                                                 options.concept_label_masking, options.teacher_dtype)
+                labeler = concepts.online_labeler(options.teacher_model, options.teacher_layer, options.sae,
+                                                  options.concept_num_labels, options.concept_attribution,
+                                                  options.concept_label_masking, options.teacher_dtype)
                 labels = concepts.label_windows(labeler, windows, options.batch_size, not options.no_progress)
             self.cached = (seq_length, windows, labels)
         _, windows, labels = self.cached

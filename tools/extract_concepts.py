@@ -141,48 +141,37 @@ def extract(args: argparse.Namespace) -> dict:
 def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.device) -> dict:
     from tqdm import tqdm
 
-    from megatron_cocomix.concepts import (
-        attribution_labels,
-        check_sae_compatible,
-        check_teacher_sae,
-        check_teacher_tokenizer,
-        load_sae,
-        load_teacher,
-        sae_fingerprint,
-    )
+    from megatron_cocomix.concepts import check_sae_compatible, check_teacher_tokenizer, sae_fingerprint
+    from megatron_cocomix.concepts.labeling import AttributionLabeler
     from megatron_cocomix.data.concept_labels import ConceptLabelsWriter, expected_fingerprint, write_fingerprint
     from megatron_cocomix.data.datasets import build_train_valid_test_datasets
     from megatron_cocomix.data.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(args)
-    teacher = load_teacher(args.teacher_model, args.teacher_layer, dtype=args.teacher_dtype, device=device)
-    sae = load_sae(args.sae, device=device).freeze()
-    check_teacher_sae(teacher, sae)
+    labeler = AttributionLabeler(args.teacher_model, args.teacher_layer, args.sae, args.concept_num_labels,
+                                 args.concept_attribution, args.concept_label_masking, args.teacher_dtype, device)
+    teacher, sae = labeler.teacher, labeler.sae
     check_sae_compatible(sae, num_latents=args.concept_dim, where="--concept-dim")
-    mask_invalid = args.concept_label_masking == "ignore"
-    if args.concept_num_labels > sae.k and mask_invalid and args.concept_attribution != "preact":
-        raise ValueError(f"--concept-num-labels {args.concept_num_labels} exceeds the SAE's k {sae.k} active latents")
     if tokenizer.vocab_size > teacher.vocab_size:
         raise ValueError(f"the data tokenizer has {tokenizer.vocab_size} ids but teacher {args.teacher_model} only "
                          f"{teacher.vocab_size}: the teacher must share the student's tokenizer")
     if not args.no_tokenizer_check and args.tokenizer_type != "NullTokenizer":
         check_teacher_tokenizer(args.teacher_model, tokenizer)
 
+    held_out = {}
     if args.eval_split:
         windows, held_out = _held_out_windows(args)
         num_samples = len(windows)
-        fingerprint = expected_fingerprint(args, tokenizer, num_samples, sae_fingerprint(args.sae))
-        fingerprint.update(held_out)
 
         def sample_tokens(i: int) -> torch.Tensor:
             return windows[i]
     else:
         num_samples = args.train_iters * args.global_batch_size
         train_ds, _, _ = build_train_valid_test_datasets(args, tokenizer, [num_samples, 0, 0])
-        fingerprint = expected_fingerprint(args, tokenizer, num_samples, sae_fingerprint(args.sae))
 
         def sample_tokens(i: int) -> torch.Tensor:
             return torch.as_tensor(train_ds[i]["tokens"])
+    fingerprint = {**expected_fingerprint(args, tokenizer, num_samples, sae_fingerprint(args.sae)), **held_out}
     if os.path.exists(args.output_prefix + ".json"):
         from megatron_cocomix.data.concept_labels import ConceptLabelsDataset
 
@@ -211,8 +200,7 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
         for begin in range(first, last, args.extract_batch_size):
             ids = range(begin, min(begin + args.extract_batch_size, last))
             tokens = torch.stack([sample_tokens(i) for i in ids])
-            labels = attribution_labels(teacher, sae, tokens, args.concept_num_labels, args.concept_attribution,
-                                        mask_invalid=mask_invalid)
+            labels = labeler(tokens)
             writer.add(labels)
             tokens_done += tokens.numel()
             bar.update(len(ids))

@@ -107,21 +107,16 @@ def teacher_labels(token_ids: torch.Tensor, tokenizer, teacher_model: str, teach
 
     `tokenizer` is the student's (Hugging Face) tokenizer; `check_tokenizer=False` compares vocabulary sizes only
     (extract_concepts' --no-tokenizer-check)."""
-    from megatron_cocomix.concepts.attribution import attribution_labels, check_teacher_sae
-    from megatron_cocomix.concepts.labeling import check_teacher_reads_student_ids
-    from megatron_cocomix.concepts.sae import check_sae_compatible, load_sae
-    from megatron_cocomix.concepts.teacher import load_teacher
+    from megatron_cocomix.concepts.labeling import AttributionLabeler, check_teacher_reads_student_ids
+    from megatron_cocomix.concepts.sae import check_sae_compatible
 
     for flag, path in (("--teacher-model", teacher_model), ("--sae", sae_path)):
         if not os.path.exists(path):
             raise FileNotFoundError(f"{flag} {path}: no such file or directory")
-    teacher = load_teacher(teacher_model, teacher_layer, dtype=teacher_dtype)
-    sae = load_sae(sae_path, device=teacher.device).freeze()
-    check_teacher_sae(teacher, sae)
-    check_sae_compatible(sae, num_latents=num_concepts, where="the student's concept head")
-    mask_invalid = masking == "ignore"
-    if num_labels > sae.k and mask_invalid and attribution != "preact":
-        raise ValueError(f"--concept-num-labels {num_labels} exceeds the SAE's k {sae.k} active latents")
+    labeler = AttributionLabeler(teacher_model, teacher_layer, sae_path, num_labels, attribution, masking,
+                                 teacher_dtype)
+    teacher = labeler.teacher
+    check_sae_compatible(labeler.sae, num_latents=num_concepts, where="the student's concept head")
     by_size_only = not check_tokenizer or tokenizer_ids_are_text(tokenizer)
     run = SimpleNamespace(teacher_model=teacher_model,
                           tokenizer_type="NullTokenizer" if by_size_only else "HuggingFaceTokenizer")
@@ -141,9 +136,7 @@ def teacher_labels(token_ids: torch.Tensor, tokenizer, teacher_model: str, teach
         raise ValueError(f"--text has {t} token(s): teacher labels need at least 2 (a next-token loss)")
     if positions is not None and t > positions:
         raise ValueError(f"--text has {t} tokens but teacher {teacher_model} takes at most {positions}")
-    labels = attribution_labels(teacher, sae, token_ids.reshape(1, t).to(teacher.device), num_labels, attribution,
-                                mask_invalid=mask_invalid)
-    return labels[0].cpu()
+    return labeler(token_ids.reshape(1, t))[0].cpu()
 
 
 # ------------------------------------------------------------------------------------------- descriptions

@@ -6,6 +6,9 @@ Online: the frozen teacher + SAE run on the stage that holds the concept layer (
 not divisible by tp, TP rank 0 labels the whole micro-batch and broadcasts. Labels of a sequence do not depend on
 its batch mates (attribution uses per-sequence losses), so the split gives the same labels as one pass.
 
+Outside the training step (tools/extract_concepts.py, held-out evaluation, inspection), `AttributionLabeler` loads
+the same teacher and SAE once, with training's checks, and labels whole batches in one process.
+
 Precomputed: `ConceptLabeledDataset` adds the labels of training sample i (from tools/extract_concepts.py's
 indexed dataset) to sample i of the token dataset; the fingerprint must match the training configuration.
 """
@@ -59,6 +62,31 @@ def check_teacher_reads_student_ids(args: argparse.Namespace, student_tokenizer,
                          f"only {teacher_vocab_size}: the teacher must share the student's tokenizer")
     if args.tokenizer_type != "NullTokenizer":
         check_teacher_tokenizer(args.teacher_model, student_tokenizer)
+
+
+class AttributionLabeler:
+    """The frozen teacher and SAE of training's --teacher-model / --teacher-layer / --sae, loaded once and checked
+    as training checks them; called on tokens [b, s] (the student's ids), returns labels [b, s, num_labels]
+    (int64, -1 = none) on the teacher's device, with training's --concept-attribution and --concept-label-masking."""
+
+    def __init__(self, teacher_model: str, teacher_layer: int, sae_path: str, num_labels: int = 4,
+                 attribution: str = "act", masking: str = "ignore", teacher_dtype: Optional[str] = None,
+                 device: Optional[torch.device] = None):
+        self.teacher_model, self.num_labels, self.attribution = teacher_model, num_labels, attribution
+        self.teacher = load_teacher(teacher_model, teacher_layer, dtype=teacher_dtype, device=device)
+        self.sae = load_sae(sae_path, device=self.teacher.device).freeze()
+        check_teacher_sae(self.teacher, self.sae)
+        self.mask_invalid = masking == "ignore"
+        # Refused before any labelling (labels_from_scores would refuse the first batch): preact scores every latent.
+        if num_labels > self.sae.k and self.mask_invalid and attribution != "preact":
+            raise ValueError(f"--concept-num-labels {num_labels} exceeds the SAE's k {self.sae.k} active latents")
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        if int(tokens.max()) >= self.teacher.vocab_size:
+            raise ValueError(f"token id {int(tokens.max())} is outside teacher {self.teacher_model}'s vocabulary "
+                             f"of {self.teacher.vocab_size}: the teacher must share the students' tokenizer")
+        return attribution_labels(self.teacher, self.sae, tokens.to(self.teacher.device), self.num_labels,
+                                  self.attribution, mask_invalid=self.mask_invalid)
 
 
 class OnlineTeacher:

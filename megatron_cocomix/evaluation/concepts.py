@@ -20,7 +20,6 @@ Chance levels, for a student that knows nothing: 1 / C for top-1 and k / C for t
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import numpy
@@ -46,39 +45,16 @@ def concept_windows(docs: Sequence[numpy.ndarray], seq_length: int, max_windows:
     return torch.from_numpy(stream[:n * seq_length].reshape(n, seq_length).copy())
 
 
-@dataclass
-class OnlineLabeler:
-    """The teacher and SAE of training, loaded once: labels [b, s, K] for windows [b, s]."""
+def online_labeler(teacher_model: str, teacher_layer: int, sae_path: str, num_labels: int = 4,
+                   attribution: str = "act", masking: str = "ignore",
+                   teacher_dtype: str = "fp32") -> Callable[[torch.Tensor], torch.Tensor]:
+    """Training's teacher and SAE, loaded once (concepts.labeling.AttributionLabeler): labels [b, s, K] on the CPU
+    for windows [b, s]."""
+    from megatron_cocomix.concepts.labeling import AttributionLabeler
 
-    teacher_model: str
-    teacher_layer: int
-    sae_path: str
-    num_labels: int = 4
-    attribution: str = "act"
-    masking: str = "ignore"
-    teacher_dtype: str = "fp32"
-
-    def __post_init__(self):
-        from megatron_cocomix.concepts import check_teacher_sae, load_sae, load_teacher
-
-        self.teacher = load_teacher(self.teacher_model, self.teacher_layer, dtype=self.teacher_dtype)
-        self.sae = load_sae(self.sae_path, device=self.teacher.device).freeze()
-        check_teacher_sae(self.teacher, self.sae)
-        if self.num_labels > self.sae.k and self.masking == "ignore" and self.attribution != "preact":
-            raise ValueError(f"--concept-num-labels {self.num_labels} exceeds the SAE's k {self.sae.k}")
-
-    @property
-    def num_latents(self) -> int:
-        return self.sae.num_latents
-
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
-        from megatron_cocomix.concepts import attribution_labels
-
-        if int(tokens.max()) >= self.teacher.vocab_size:
-            raise ValueError(f"token id {int(tokens.max())} is outside teacher {self.teacher_model}'s vocabulary "
-                             f"of {self.teacher.vocab_size}: the teacher must share the students' tokenizer")
-        return attribution_labels(self.teacher, self.sae, tokens.to(self.teacher.device), self.num_labels,
-                                  self.attribution, mask_invalid=self.masking == "ignore").cpu()
+    labeler = AttributionLabeler(teacher_model, teacher_layer, sae_path, num_labels, attribution, masking,
+                                 teacher_dtype)
+    return lambda tokens: labeler(tokens).cpu()
 
 
 def check_eval_labels(prefix: str, documents):

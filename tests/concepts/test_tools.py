@@ -106,12 +106,12 @@ def test_two_processes_give_identical_labels(assets, one_process_labels):
 
 
 def test_resume_after_interruption(assets, one_process_labels, monkeypatch):
-    import megatron_cocomix.concepts as concepts
+    import megatron_cocomix.concepts.labeling as labeling  # where the tool's labeler calls attribution_labels
     from tools import extract_concepts as tool
 
     out = assets / "labels_resume"
     calls = {"n": 0}
-    real = concepts.attribution_labels
+    real = labeling.attribution_labels
 
     def failing(*a, **k):
         calls["n"] += 1
@@ -119,7 +119,7 @@ def test_resume_after_interruption(assets, one_process_labels, monkeypatch):
             raise ValueError("simulated crash")
         return real(*a, **k)
 
-    monkeypatch.setattr(concepts, "attribution_labels", failing)
+    monkeypatch.setattr(labeling, "attribution_labels", failing)
     assert tool.main(extract_flags(assets, out, **{"--extract-batch-size": 2})) == 2  # crashes in chunk 2
     done = sorted(f for f in os.listdir(str(out) + ".parts") if f.endswith(".done"))
     assert done == ["chunk_000000.done"]
