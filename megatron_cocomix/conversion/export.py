@@ -5,7 +5,8 @@
                      index above --max-shard-size), generation_config.json, tokenizer files; into a fresh
                      directory next to the target, renamed into place only when complete
     compare_logits   max |logit difference| and mean KL(checkpoint || export) on fixed prompts
-    hf_model_from_checkpoint  a checkpoint as the transformers model and tokenizer it exports to, in memory
+    checkpoint_to_hf          a checkpoint as the transformers model it exports to, in memory
+    hf_model_from_checkpoint  the same with its tokenizer
 """
 
 from __future__ import annotations
@@ -57,30 +58,37 @@ def build_hf_model(model: torch.nn.Module, args, architecture: str, tokenizer: d
     return hf.to(dtype).eval()
 
 
-def hf_model_from_checkpoint(root: str, iteration: Optional[int], directory: str, check_args=None):
-    """(model, tokenizer) of the checkpoint under `root` (latest, or `iteration`), converted in memory as
-    tools/convert_to_hf.py would write it; the tokenizer files go to `directory`. `check_args(args)` may refuse the
-    run's flags before any weight is read (its architecture is always checked)."""
-    from transformers import AutoTokenizer
-
+def checkpoint_to_hf(root: str, iteration: Optional[int], check_args=None, dtype: torch.dtype = torch.float32):
+    """(transformers model, LoadedCheckpoint) of the checkpoint under `root` (latest, or `iteration`), converted in
+    memory as tools/convert_to_hf.py converts it. `check_args(args)` may refuse the run's flags before any weight
+    is read (its architecture is always checked); a checkpoint that records no tokenizer is refused."""
     from megatron_cocomix.conversion.checkpoint import find_checkpoint, load_checkpoint_tp1, read_common
-    from megatron_cocomix.conversion.tokenizer_files import write_tokenizer
     from megatron_cocomix.conversion.weights import choose_architecture
 
     path = find_checkpoint(root, iteration)
-    tokenizer = (read_common(path).get("export") or {}).get("tokenizer")
-    if tokenizer is None:
+    if (read_common(path).get("export") or {}).get("tokenizer") is None:
         raise ValueError(f"{path} records no tokenizer: export it with tools/convert_to_hf.py and its tokenizer "
                          f"flags, then use --hf-model")
+    architectures = []
 
     def check(args) -> None:
         if check_args is not None:
             check_args(args)
-        choose_architecture(args)
+        architectures.append(choose_architecture(args))
 
     loaded = load_checkpoint_tp1(root, iteration, check_args=check)
-    model = build_hf_model(loaded.model, loaded.args, choose_architecture(loaded.args), tokenizer)
-    write_tokenizer(tokenizer, directory, loaded.args.seq_length)
+    return build_hf_model(loaded.model, loaded.args, architectures[0], loaded.tokenizer, dtype), loaded
+
+
+def hf_model_from_checkpoint(root: str, iteration: Optional[int], directory: str, check_args=None):
+    """(model, tokenizer) of the checkpoint under `root` (checkpoint_to_hf); the tokenizer files go to
+    `directory`."""
+    from transformers import AutoTokenizer
+
+    from megatron_cocomix.conversion.tokenizer_files import write_tokenizer
+
+    model, loaded = checkpoint_to_hf(root, iteration, check_args)
+    write_tokenizer(loaded.tokenizer, directory, loaded.args.seq_length)
     return model, AutoTokenizer.from_pretrained(directory)
 
 

@@ -200,15 +200,11 @@ def load_model(kind: str, path: str, iteration: Optional[int] = None, name: Opti
     if kind == "hf":
         model, tokenizer, _ = lm.load_hf(path)
         return _loaded(name or default_name, "hf", os.path.abspath(path), None, None, model, tokenizer)
-    from megatron_cocomix.conversion.checkpoint import load_checkpoint_tp1
-    from megatron_cocomix.conversion.export import build_hf_model, write_export
-    from megatron_cocomix.conversion.weights import choose_architecture
+    from megatron_cocomix.conversion.export import checkpoint_to_hf, write_export
 
     lm.check_checkpoint(path, iteration)
-    architectures = []
-    loaded = load_checkpoint_tp1(path, iteration, check_args=lambda a: architectures.append(choose_architecture(a)))
+    hf, loaded = checkpoint_to_hf(path, iteration)
     checkpoint, step, state, seq_length = loaded.path, loaded.iteration, loaded.tokenizer, loaded.args.seq_length
-    hf = build_hf_model(loaded.model, loaded.args, architectures[0], state, torch.float32)
     with tempfile.TemporaryDirectory(prefix="zero-shot-export-") as tmp:
         directory = os.path.join(tmp, "export")
         # Saving imports DeepSpeed (transformers looks for it), whose logger writes to stdout: the table's.
