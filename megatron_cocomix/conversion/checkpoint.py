@@ -22,6 +22,7 @@ from megatron_cocomix.training.checkpointing import (
     CheckpointError,
     checkpoint_dir,
     complete_checkpoints,
+    load_sharded,
     read_tracker,
     verify_checkpoint_files,
 )
@@ -147,21 +148,9 @@ def load_checkpoint_tp1(root: str, iteration: Optional[int] = None, train_argv: 
 def _load_weights(model: torch.nn.Module, path: str, common: dict, args) -> None:
     """This rank's tensors of the checkpoint into `model`, through dist_checkpointing (any saved layout); the
     vocabulary tensors are re-padded when this layout pads the vocabulary otherwise, as training's load does."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_cocomix.training.checkpointing import _repad, _request_whole_vocab_tensors
-
-    sharded = {"model": model.sharded_state_dict()}
-    saved_padded = common["model_args"]["padded_vocab_size"]
-    requests = {}
-    if saved_padded != args.padded_vocab_size:
-        requests = _request_whole_vocab_tensors(sharded, saved_padded, args.padded_vocab_size)
-    try:
-        loaded = dist_checkpointing.load(sharded, path)
-    except Exception as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: {first[:300]}") from e
-    _repad(loaded, requests, args.true_vocab_size or common["model_args"].get("true_vocab_size"))
+    loaded = load_sharded({"model": model.sharded_state_dict()}, path, common["model_args"]["padded_vocab_size"],
+                          args.padded_vocab_size,
+                          args.true_vocab_size or common["model_args"].get("true_vocab_size"))
     model.load_state_dict(loaded["model"], strict=True)
 
 

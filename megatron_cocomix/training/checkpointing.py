@@ -391,6 +391,22 @@ def _repad(loaded: dict, requests: Dict[tuple, ShardedTensor], true_vocab_size: 
         container[path[-1]] = local
 
 
+def load_sharded(sharded: dict, path: str, saved_padded_vocab: int, padded_vocab: int, true_vocab_size: int) -> dict:
+    """dist_checkpointing.load of `sharded` from `path` (any saved layout). When this layout pads the vocabulary to
+    `padded_vocab` rows but the checkpoint was saved with `saved_padded_vocab`, the vocabulary tensors are read
+    whole and this rank's slice of its own padding is cut out (padded rows zero). Errors: one-line CheckpointError."""
+    requests = {}
+    if saved_padded_vocab != padded_vocab:
+        requests = _request_whole_vocab_tensors(sharded, saved_padded_vocab, padded_vocab)
+    try:
+        loaded = dist_checkpointing.load(sharded, path)
+    except Exception as e:  # megatron's messages list every key: keep the first line
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: {first[:300]}") from e
+    _repad(loaded, requests, true_vocab_size)
+    return loaded
+
+
 def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], backend: OptimizerBackend) -> dict:
     """Load `--load` into the model (and optimizer, scheduler, RNG unless told not to). Called on every rank.
 
@@ -426,16 +442,9 @@ def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], back
             sharded.update(backend.optimizer_sharded_state(dict(sharded), common=common))
         if load_rng:
             sharded["rng_state"] = _rng_sharded_object(None)
-        saved_padded = common["model_args"].get("padded_vocab_size")
-        requests = {}
-        if saved_padded != args.padded_vocab_size:  # saved at a TP that pads the vocabulary otherwise
-            requests = _request_whole_vocab_tensors(sharded, saved_padded, args.padded_vocab_size)
-        try:
-            loaded = dist_checkpointing.load(sharded, path)
-        except Exception as e:  # megatron's messages list every key: keep the first line
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{path}: {first[:300]}") from e
-        _repad(loaded, requests, args.true_vocab_size)
+        # A checkpoint saved at a TP that pads the vocabulary otherwise is re-padded.
+        loaded = load_sharded(sharded, path, common["model_args"].get("padded_vocab_size"), args.padded_vocab_size,
+                              args.true_vocab_size)
 
         for key, chunk in zip(_model_keys(model), model):
             _unwrap(chunk).load_state_dict(loaded[key], strict=True)
