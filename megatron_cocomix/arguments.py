@@ -297,6 +297,16 @@ def _positive(args: argparse.Namespace, *names: str) -> None:
             raise ArgumentError(f"--{name.replace('_', '-')} must be positive, got {value}")
 
 
+def check_parallel_sizes(world_size: int, tensor: int, pipeline: int) -> None:
+    """Positive tensor- and pipeline-parallel sizes whose product divides the world (one ArgumentError line)."""
+    for flag, value in (("--tensor-model-parallel-size", tensor), ("--pipeline-model-parallel-size", pipeline)):
+        if value <= 0:
+            raise ArgumentError(f"{flag} must be positive, got {value}")
+    if world_size % (tensor * pipeline) != 0:
+        raise ArgumentError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tensor} x "
+                            f"--pipeline-model-parallel-size {pipeline}")
+
+
 def validate_args(args: argparse.Namespace, world_size: int) -> None:
     """Fill derived defaults (Megatron's rules) and refuse inconsistent combinations.
 
@@ -314,9 +324,7 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
               "log_interval", "eval_interval", "save_interval", "ffn_hidden_size", "exit_duration_in_mins")
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    if world_size % (tp * pp) != 0:
-        raise ArgumentError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp} x "
-                            f"--pipeline-model-parallel-size {pp}")
+    check_parallel_sizes(world_size, tp, pp)
     args.world_size = world_size
     args.data_parallel_size = world_size // (tp * pp)
 

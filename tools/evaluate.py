@@ -191,14 +191,11 @@ def _check_launch(options, tasks) -> bool:
     if tasks is not None:
         raise ValueError("zero-shot tasks (--tasks) run in one process: run tools/evaluate.py without torchrun "
                          "for them")
-    world = int(os.environ["WORLD_SIZE"])
-    for flag, value in layout.items():
-        if value is not None and value <= 0:
-            raise ValueError(f"{flag} must be positive, got {value}")
-    if world % ((options.tensor_model_parallel_size or 1) * (options.pipeline_model_parallel_size or 1)):
-        raise ValueError(f"world size {world} is not divisible by --tensor-model-parallel-size "
-                         f"{options.tensor_model_parallel_size or 1} x --pipeline-model-parallel-size "
-                         f"{options.pipeline_model_parallel_size or 1}")
+    from megatron_cocomix.arguments import check_parallel_sizes
+
+    # A checkpoint's saved layout (the default) is checked when it loads; explicit sizes before any model loads.
+    tensor, pipeline = (1 if value is None else value for value in layout.values())
+    check_parallel_sizes(int(os.environ["WORLD_SIZE"]), tensor, pipeline)
     return True
 
 

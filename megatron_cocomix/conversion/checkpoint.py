@@ -156,12 +156,9 @@ def _load_weights(model: torch.nn.Module, path: str, common: dict, args) -> None
 
 def check_layout(args, world_size: int, tensor: int, pipeline: int, path: str) -> None:
     """One error line for a layout this world or this model cannot take (the rules of arguments.validate_args)."""
-    for flag, value in (("--tensor-model-parallel-size", tensor), ("--pipeline-model-parallel-size", pipeline)):
-        if value <= 0:
-            raise ValueError(f"{flag} must be positive, got {value}")
-    if world_size % (tensor * pipeline) != 0:
-        raise ValueError(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tensor} x "
-                         f"--pipeline-model-parallel-size {pipeline}")
+    from megatron_cocomix.arguments import check_parallel_sizes
+
+    check_parallel_sizes(world_size, tensor, pipeline)
     if args.num_attention_heads % tensor or (args.num_query_groups or args.num_attention_heads) % tensor:
         raise ValueError(f"--tensor-model-parallel-size {tensor}: {path} has {args.num_attention_heads} attention "
                          f"heads and {args.num_query_groups} query groups, which it must divide")
