@@ -25,6 +25,7 @@ from typing import Callable, Dict, Optional, Sequence, Tuple
 import numpy
 import torch
 
+from megatron_cocomix.evaluation.lm import replica_share
 from megatron_cocomix.model.losses import concept_accuracy
 
 # tokens [b, s] -> concept logits [b, s, C]
@@ -118,10 +119,8 @@ def score_concepts(concept_logits: ConceptLogits, topk: int, windows: torch.Tens
         raise ValueError(f"labels of shape {tuple(labels.shape)} do not cover the windows {tuple(windows.shape)}")
     # loss sum, valid labels, top-1 hits / total, top-k hits / total, concepts C (a max, kept as a sum of one)
     sums = torch.zeros(7, dtype=torch.float64)
-    rank, size = data_parallel
-    begins = list(range(0, len(windows), batch_size))
-    mine = begins[rank::size]
-    mine += [len(windows)] * (-(-len(begins) // size) - len(mine))  # empty batches: same number of calls
+    # A begin of len(windows) is an empty batch.
+    mine = replica_share(list(range(0, len(windows), batch_size)), data_parallel, len(windows))
     for begin in tqdm(mine, desc=f"concepts {name}", unit="batch", disable=not progress):
         tokens, y = windows[begin:begin + batch_size], labels[begin:begin + batch_size]
         with torch.no_grad():

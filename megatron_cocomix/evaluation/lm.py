@@ -170,14 +170,18 @@ class Scorer:
         return log_probs_of_targets(self.logits(tokens, mask), targets, self.vocab_size)
 
     def my_batches(self, batches: List) -> List:
-        """This replica's share of `batches` (every `size`-th), padded with empty batches to the same count on
-        every replica, so all ranks call the model equally often."""
-        rank, size = self.data_parallel
-        if size == 1:
-            return batches
-        count = -(-len(batches) // size)
-        mine = batches[rank::size]
-        return mine + [[]] * (count - len(mine))
+        """This replica's share of `batches` (replica_share), padded with empty batches."""
+        return replica_share(batches, self.data_parallel, [])
+
+
+def replica_share(items: List, data_parallel: Tuple[int, int], empty) -> List:
+    """Replica `rank` of `size`'s share of `items` (every `size`-th), padded with `empty` to the same count on every
+    replica, so all ranks call the model equally often."""
+    rank, size = data_parallel
+    if size == 1:
+        return items
+    mine = items[rank::size]
+    return mine + [empty] * (-(-len(items) // size) - len(mine))
 
 
 def log_probs_of_targets(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int) -> torch.Tensor:
