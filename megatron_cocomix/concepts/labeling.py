@@ -108,8 +108,10 @@ class OnlineTeacher:
     @property
     def teacher(self):
         if self._teacher is None:
+            # The ids were checked once, at start-up (check_teacher_reads_student_ids): a per-step range check
+            # would read them back from the device.
             self._teacher = load_teacher(self.args.teacher_model, self.args.teacher_layer,
-                                         dtype=self.args.teacher_dtype, device=self.device)
+                                         dtype=self.args.teacher_dtype, device=self.device, check_ids=False)
         return self._teacher
 
     @property

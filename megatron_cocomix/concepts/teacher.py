@@ -102,27 +102,50 @@ def _find_blocks(model: nn.Module, num_layers: int, path: str) -> nn.ModuleList:
     return found[0][1]
 
 
+_CAUSAL_SDPA = "cocomix_causal_sdpa"
+
+
+def _use_maskless_causal_attention(model: nn.Module) -> None:
+    """A teacher only ever reads whole, unpadded causal sequences: its SDPA attention gets no mask and
+    `is_causal`. transformers' own "sdpa" builds a mask in every forward and inspects the position ids on the host
+    for packed sequences, which makes each teacher call wait for the device. The same SDPA function and the same
+    numbers; an attention other than SDPA is left as loaded."""
+    if getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    AttentionInterface.register(_CAUSAL_SDPA, sdpa_attention_forward)
+    model.set_attn_implementation(_CAUSAL_SDPA)
+
+
 class Teacher(nn.Module):
     """A frozen causal LM with a hook at `hidden_states[layer]`; see the module docstring."""
 
-    def __init__(self, model: nn.Module, layer: int, path: str = "<in memory>") -> None:
+    def __init__(self, model: nn.Module, layer: Optional[int], path: str = "<in memory>",
+                 check_ids: bool = True) -> None:
+        """`layer=None`: no hook (next-token distributions only, as KD needs). `check_ids=False`: token ids are not
+        range-checked per call (reading them would make the call wait for the device), for a caller that checked
+        the student's tokenizer against the teacher's once (training)."""
         super().__init__()
+        self.check_ids = check_ids
         config = model.config
         num_layers = config.num_hidden_layers
-        if not 1 <= layer < num_layers:
+        if layer is not None and not 1 <= layer < num_layers:
             raise ValueError(f"--teacher-layer {layer} is out of range for teacher {path}: it has {num_layers} "
                              f"blocks, so the hook hidden_states[layer] needs 1 <= layer <= {num_layers - 1}")
         self.model = model.eval().requires_grad_(False)
+        _use_maskless_causal_attention(model)
         self.path = path
         self.layer = layer
         self.num_layers = num_layers
         self.d_model = config.hidden_size
         self.vocab_size = model.get_input_embeddings().weight.shape[0]
-        self._block = _find_blocks(model, num_layers, path)[layer - 1]
         self._mode: Optional[str] = None
         self._replace: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self._captured: Optional[torch.Tensor] = None
-        self._block.register_forward_hook(self._hook)
+        if layer is not None:
+            _find_blocks(model, num_layers, path)[layer - 1].register_forward_hook(self._hook)
 
     @property
     def device(self) -> torch.device:
@@ -155,7 +178,7 @@ class Teacher(nn.Module):
         if tokens.dim() != 2 or tokens.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"teacher {self.path}: tokens must be an integer tensor [b, t], got "
                              f"{tuple(tokens.shape)} {tokens.dtype}")
-        if tokens.numel() and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
+        if self.check_ids and tokens.numel() and (int(tokens.max()) >= self.vocab_size or int(tokens.min()) < 0):
             raise ValueError(f"teacher {self.path}: token id {int(tokens.max())} is outside its vocabulary of "
                              f"{self.vocab_size} (the student data uses another tokenizer?)")
         return tokens.to(self.device, torch.long)
@@ -221,8 +244,8 @@ def sequence_losses(logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
     return ce.view(b, t)[:, :-1].mean(dim=1)
 
 
-def load_teacher(path: str, layer: int, dtype: Optional[torch.dtype | str] = None,
-                 device: Optional[torch.device | str] = None) -> Teacher:
+def load_teacher(path: str, layer: Optional[int], dtype: Optional[torch.dtype | str] = None,
+                 device: Optional[torch.device | str] = None, check_ids: bool = True) -> Teacher:
     """Load a frozen teacher from a local HF directory (GPT-2, Llama family, ...) or a .gguf file (dequantised).
 
     Defaults: the CUDA device when available, fp32. `dtype` may be a torch dtype or a --teacher-dtype name.
@@ -241,7 +264,7 @@ def load_teacher(path: str, layer: int, dtype: Optional[torch.dtype | str] = Non
         dtype = TEACHER_DTYPES[dtype]
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     model = load_hf_model(path, dtype)
-    return Teacher(model.to(device), layer, path)
+    return Teacher(model.to(device), layer, path, check_ids=check_ids)
 
 
 def _student_encode(tokenizer, text: str) -> list[int]:
