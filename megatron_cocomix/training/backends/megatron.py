@@ -256,8 +256,9 @@ class MegatronOptimizerBackend(OptimizerBackend):
     def _unshare_adam_steps(self) -> None:
         """megatron's distributed optimizer restores torch Adam's step count as ONE tensor shared by every
         parameter's state; Adam increments each parameter's step in place, so the shared count would advance once
-        per parameter per iteration (wrong bias correction from the first resumed step on). Give each its own."""
+        per parameter per iteration (wrong bias correction from the first resumed step on). Give each its own,
+        as fused Adam keeps it: float32, on the parameter's device."""
         for sub in self._distributed_optimizers():
-            for state in sub.optimizer.state.values():
+            for param, state in sub.optimizer.state.items():
                 if torch.is_tensor(state.get("step")):
-                    state["step"] = state["step"].clone()
+                    state["step"] = state["step"].to(param.device, torch.float32, copy=True)
