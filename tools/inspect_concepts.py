@@ -123,6 +123,15 @@ def _load_checkpoint(root: str, iteration: Optional[int], directory: str):
     return hf_model_from_checkpoint(root, iteration, directory, check_args=needs_concepts)
 
 
+def load_concept_model(hf_model: Optional[str], load: Optional[str], iteration: Optional[int]):
+    """(CoCoMix model, tokenizer) of an export (--hf-model) or a checkpoint (--load, converted in memory); a model
+    without a concept head is refused in one line. Shared with tools/steer.py."""
+    with tempfile.TemporaryDirectory() as directory:
+        if hf_model:
+            return _load_hf(hf_model)
+        return _load_checkpoint(load, iteration, directory)
+
+
 @cli_main
 def main(argv: Optional[List[str]] = None) -> int:
     options = build_parser().parse_args(argv)
@@ -137,11 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     descriptions = None
     if options.latent_descriptions:  # read before any model, so a bad file fails at once
         descriptions = inspection.load_latent_descriptions(options.latent_descriptions)
-    with tempfile.TemporaryDirectory() as directory:
-        if options.hf_model:
-            model, tokenizer = _load_hf(options.hf_model)
-        else:
-            model, tokenizer = _load_checkpoint(options.load, options.iteration, directory)
+    model, tokenizer = load_concept_model(options.hf_model, options.load, options.iteration)
     config = model.config
     if options.top > config.concept_dim:
         raise ValueError(f"--top {options.top}: the model has {config.concept_dim} concepts")
