@@ -11,22 +11,22 @@ import html
 from typing import List, Sequence
 
 _COLOUR = "255, 127, 14"
-_STYLE = f"""
-body {{ font-family: sans-serif; margin: 2em; color: #222; max-width: 72em; }}
-.meta {{ color: #555; font-size: 13px; margin: 0.2em 0; }}
-.index {{ columns: 16em; font-size: 12px; margin: 1em 0; }}
-.index a {{ display: block; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }}
-.card {{ border: 1px solid #ddd; border-radius: 4px; padding: 0.6em 1em; margin: 1em 0; }}
-.card h2 {{ font-size: 16px; margin: 0.2em 0; }}
-.stats {{ color: #555; font-size: 13px; margin: 0.3em 0; }}
-.chip {{ display: inline-block; border: 1px solid #ccc; border-radius: 3px; padding: 0 4px; margin: 0 4px 4px 0;
-  font-family: monospace; font-size: 13px; }}
-.chip small, .ctx .v {{ color: #777; }}
-.ctx {{ font-family: monospace; font-size: 13px; line-height: 1.9; white-space: pre; overflow-x: auto; }}
-.ctx .v {{ display: inline-block; width: 5em; }}
-.a {{ border-radius: 2px; }}
-.max {{ outline: 2px solid #c0392b; font-weight: bold; }}
-.dead {{ font-size: 12px; color: #555; }}
+_STYLE = """
+body { font-family: sans-serif; margin: 2em; color: #222; max-width: 72em; }
+.meta { color: #555; font-size: 13px; margin: 0.2em 0; }
+.index { columns: 16em; font-size: 12px; margin: 1em 0; }
+.index a { display: block; white-space: nowrap; overflow: hidden; text-overflow: ellipsis; }
+.card { border: 1px solid #ddd; border-radius: 4px; padding: 0.6em 1em; margin: 1em 0; }
+.card h2 { font-size: 16px; margin: 0.2em 0; }
+.stats { color: #555; font-size: 13px; margin: 0.3em 0; }
+.chip { display: inline-block; border: 1px solid #ccc; border-radius: 3px; padding: 0 4px; margin: 0 4px 4px 0;
+  font-family: monospace; font-size: 13px; }
+.chip small, .ctx .v { color: #777; }
+.ctx { font-family: monospace; font-size: 13px; line-height: 1.9; white-space: pre; overflow-x: auto; }
+.ctx .v { display: inline-block; width: 5em; }
+.a { border-radius: 2px; }
+.max { outline: 2px solid #c0392b; font-weight: bold; }
+.dead { font-size: 12px; color: #555; }
 """
 
 
@@ -65,8 +65,8 @@ def _card(record: dict) -> str:
         f'{record["tokens"]:,}); mean activation {record["mean_activation"]:.3f}, max '
         f'{record["max_activation"]:.3f}</p>',
         f'<p class="stats">top tokens (count): {tokens}</p>',
-        f'<p class="stats">top contexts (activation, then the text; shading: activation / max, outlined: the '
-        f'max-activating token; hover a token for its activation)</p>',
+        '<p class="stats">top contexts (activation, then the text; shading: activation / max, outlined: the '
+        'max-activating token; hover a token for its activation)</p>',
         contexts,
         "</section>",
     ])
