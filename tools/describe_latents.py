@@ -175,7 +175,8 @@ def describe(args: argparse.Namespace) -> Optional[dict]:
                  f"hidden_states[{args.teacher_layer}]", data_note,
                  f"{stats.tokens:,} tokens scored (the first {args.skip_positions} of each window left out); "
                  f"top {args.top_contexts} contexts of ±{args.context_tokens} tokens per latent"]
-        page = render_latent_page(records, f"Latents of {os.path.basename(os.path.normpath(args.sae))}", notes)
+        name = os.path.join(*os.path.normpath(args.sae).split(os.sep)[-2:])
+        page = render_latent_page(records, f"Latents of the SAE {name}", notes)
         with open(args.html, "w", encoding="utf-8") as f:
             f.write(page)
     print(json.dumps(summary))
