@@ -180,7 +180,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("\n".join(notes))
     print(inspection.format_table(rows, descriptions, options.concept_attribution if with_teacher else None), end="")
     if options.html:
-        title = f"Concepts of {os.path.basename(os.path.normpath(source))}"
+        title = f"Concepts of {os.path.join(*os.path.normpath(source).split(os.sep)[-2:])}"
         page = inspection.render_html(rows, descriptions, title=title, notes=notes + [f"text: {options.text}"])
         with open(options.html, "w", encoding="utf-8") as f:
             f.write(page)
