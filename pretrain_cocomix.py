@@ -17,6 +17,9 @@ With no arguments at all it runs the tiny CPU quickstart (examples/quickstart_ar
 from __future__ import annotations
 
 import megatron_cocomix  # noqa: F401  (first: its import keeps megatron.core from importing wandb at start-up)
+from megatron_cocomix.quiet import quiet_third_party
+
+quiet_third_party()  # before megatron-core is imported
 
 # isort: split
 import os

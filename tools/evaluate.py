@@ -30,16 +30,16 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from typing import List, Optional
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_cocomix.errors import cli_main  # noqa: E402
+from megatron_cocomix.quiet import quiet_third_party  # noqa: E402
 
-# megatron-core announces on import that it runs without Transformer Engine / Apex: noise for an evaluation.
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+quiet_third_party()  # before megatron-core and transformers are imported
+
+from megatron_cocomix.errors import cli_main  # noqa: E402
 
 
 class _Models(argparse.Action):

@@ -29,6 +29,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_cocomix.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before megatron-core and transformers are imported
+
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 

@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 from megatron_cocomix import compat
 from megatron_cocomix.concepts.attribution import attribution_labels, check_teacher_sae
 from megatron_cocomix.concepts.sae import load_sae
-from megatron_cocomix.concepts.teacher import check_teacher_tokenizer, load_teacher
+from megatron_cocomix.concepts.teacher import check_teacher_tokenizer, load_teacher, tokenizer_vocab_size
 
 
 def _split_over_tp(fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
@@ -56,9 +56,11 @@ def _split_over_tp(fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Ten
 
 def check_teacher_reads_student_ids(args: argparse.Namespace, student_tokenizer, teacher_vocab_size: int) -> None:
     """The teacher must read the student's token ids: a vocabulary at least as large, and the same encodings
-    (a synthetic-id tokenizer, NullTokenizer, has no text to compare, only its size)."""
-    if student_tokenizer.vocab_size > teacher_vocab_size:
-        raise ValueError(f"the data tokenizer has {student_tokenizer.vocab_size} ids but teacher {args.teacher_model} "
+    (a synthetic-id tokenizer, NullTokenizer, has no text to compare, only its size). `student_tokenizer`: a
+    megatron-style tokenizer (training) or a Hugging Face one (a model's export)."""
+    student_size = tokenizer_vocab_size(student_tokenizer)
+    if student_size > teacher_vocab_size:
+        raise ValueError(f"the data tokenizer has {student_size} ids but teacher {args.teacher_model} "
                          f"only {teacher_vocab_size}: the teacher must share the student's tokenizer")
     if args.tokenizer_type != "NullTokenizer":
         check_teacher_tokenizer(args.teacher_model, student_tokenizer)

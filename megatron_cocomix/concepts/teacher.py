@@ -273,7 +273,9 @@ def _student_encode(tokenizer, text: str) -> list[int]:
     return list(tokenizer.encode(text, add_special_tokens=False))
 
 
-def _vocab_size(tokenizer) -> int:
+def tokenizer_vocab_size(tokenizer) -> int:
+    """Ids a tokenizer can produce: len() of a Hugging Face tokenizer (added tokens included), else the
+    megatron-style tokenizer's vocab_size."""
     return int(tokenizer.vocab_size) if not hasattr(tokenizer, "__len__") else len(tokenizer)
 
 
@@ -283,7 +285,7 @@ def check_teacher_tokenizer(teacher_path: str, student_tokenizer, texts: Sequenc
     `student_tokenizer`: a megatron-style tokenizer (`tokenize`, `vocab_size`) or a HF tokenizer.
     """
     teacher_tok = load_teacher_tokenizer(teacher_path)
-    teacher_size, student_size = len(teacher_tok), _vocab_size(student_tokenizer)
+    teacher_size, student_size = len(teacher_tok), tokenizer_vocab_size(student_tokenizer)
     if teacher_size != student_size:
         raise ValueError(f"teacher {teacher_path} has a vocabulary of {teacher_size} tokens but the student "
                          f"tokenizer has {student_size}: the teacher must share the student's tokenizer")

@@ -106,6 +106,8 @@ def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
         deallocate_pipeline_outputs=compat.can_deallocate_pipeline_outputs(),
         overlap_p2p_comm=args.overlap_p2p_comm,
         batch_p2p_comm=not args.overlap_p2p_comm,
+        # No CUDA graphs; megatron-core 0.16's default scope "full" is deprecated (and warns) for the empty list.
+        cuda_graph_scope=[],
     )
 
 
