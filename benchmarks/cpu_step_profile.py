@@ -38,9 +38,9 @@ def _load_counter():
 
 
 def profile(name: str, argv: list, counter_cls) -> dict:
-    import pretrain_cocomix
     from megatron.core import parallel_state
 
+    import pretrain_cocomix
     from megatron_cocomix.training import loop
 
     counters, original = [], loop.train_step
