@@ -56,7 +56,7 @@ stage "2. tests: python -m pytest tests -m '${TESTS}'"
 TEST_RESULT="not run (TESTS is empty)"
 if [ -n "${TESTS}" ]; then
     if "${PYTHON}" -c "import pytest" 2>/dev/null; then
-        "${PYTHON}" -m pytest tests -m "${TESTS}" -q -rfEs -p no:cacheprovider > "${OUT}/tests.log" 2>&1
+        "${PYTHON}" -m pytest tests -m "${TESTS}" -q -rfEs > "${OUT}/tests.log" 2>&1
         tail -n 40 "${OUT}/tests.log"
         TEST_RESULT="$(tail -n 1 "${OUT}/tests.log")"
     else

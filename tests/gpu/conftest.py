@@ -67,9 +67,12 @@ def bf16_runs(quickstart, tiny_assets, tmp_path_factory) -> dict:
     tmp = tmp_path_factory.mktemp("bf16")
     student = tiny_student(quickstart, BF16_ITERS, bf16=True)
     labels, cpu_labels = str(tmp / "labels"), str(tmp / "cpu_labels")
-    extract = student + teacher_flags(tiny_assets) + ["--no-progress", "--output-prefix"]
+    # The teacher pinned to fp32 (whatever the default precision) for the comparison with the CPU.
+    fp32_teacher = teacher_flags(tiny_assets) + ["--teacher-dtype", "fp32"]
+    extract = student + fp32_teacher + ["--no-progress", "--output-prefix"]
     with ThreadPoolExecutor(2) as pool:
-        done = [pool.submit(run_script, os.path.join(TOOLS, "extract_concepts.py"), extract + [labels]),
+        done = [pool.submit(run_script, os.path.join(TOOLS, "extract_concepts.py"), extract + [labels],
+                            env={"NVIDIA_TF32_OVERRIDE": "0"}),
                 pool.submit(run_script, os.path.join(TOOLS, "extract_concepts.py"), extract + [cpu_labels],
                             env={"CUDA_VISIBLE_DEVICES": ""})]
         for future in done:
@@ -83,8 +86,8 @@ def bf16_runs(quickstart, tiny_assets, tmp_path_factory) -> dict:
         ["ntp", "pretrain", student],
         ["ntp_distopt", "pretrain", student + ["--use-distributed-optimizer"]],
         ["cocomix_online", "pretrain", student + online],
-        # With the teacher's flags training checks the labels' fingerprint against them.
-        ["cocomix_precomputed", "pretrain", student + tiny_cocomix(labels=labels) + teacher_flags(tiny_assets)],
+        # With the teacher's flags, training checks the labels' fingerprint against them.
+        ["cocomix_precomputed", "pretrain", student + tiny_cocomix(labels=labels) + fp32_teacher],
         ["kd", "pretrain", student + ["--kd", "--teacher-model", os.path.join(tiny_assets, "teacher"),
                                       "--teacher-layer", "2"]],
     ]
