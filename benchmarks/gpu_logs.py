@@ -9,8 +9,9 @@ params=..M  <ms> ms/step  <n> tok/s  student-MFU=..%  NTP-equiv-MFU=..%  mem=..G
 A project run's figures are the median over its logging intervals after the first (warm-up): ms per iteration,
 tokens/s, MFU (training/flops.py's model FLOPs: the teacher's forward and partial backward included); peak memory
 is the last log line's max allocated (the process's peak resident set on CPU), beside the start-up estimate. Each
-project run is compared with its yardstick variant (YARDSTICK_MATCH) by tokens/s, and with the project's NTP by
-step time and by FLOPs per iteration. The yardstick's MFU counts its student's FLOPs only (no teacher).
+project run is compared with its yardstick variant (RUNS) by tokens/s and peak memory, and with the project's NTP
+by step time and by FLOPs per iteration. The yardstick's MFU counts its student's FLOPs only (no teacher), so the
+two MFUs of a CoCoMix row are not comparable; tokens/s are (the same tokens per step).
 """
 
 from __future__ import annotations
@@ -109,8 +110,8 @@ def table(runs: Dict[str, Optional[Dict[str, float]]], anchor: Dict[str, Dict[st
     """The markdown table of one size: the project's runs (by RUNS name; None = failed), then the yardstick's."""
     ntp = runs.get("ntp")
     lines = [f"Size {size}.", "",
-             "| run | ms/iter | tokens/s | MFU % | peak memory MB | estimate MB | tokens/s vs yardstick | step / NTP | "
-             "FLOPs / NTP |", "|---|---|---|---|---|---|---|---|---|"]
+             "| run | ms/iter | tokens/s | MFU % | peak memory MB | estimate MB | vs yardstick: tokens/s, memory | "
+             "step / NTP | FLOPs / NTP |", "|---|---|---|---|---|---|---|---|---|"]
     for name, label, variant in RUNS:
         if name not in runs:
             continue
@@ -123,10 +124,14 @@ def table(runs: Dict[str, Optional[Dict[str, float]]], anchor: Dict[str, Dict[st
         if math.isfinite(v["estimate"]) and math.isfinite(v["memory"]) and v["memory"] > 0:
             estimate += f" ({100 * (v['estimate'] - v['memory']) / v['memory']:+.0f}%)"
         yard = anchor.get(variant)
-        versus = f"{v['tokens'] / yard['tokens']:.2f}x {variant}" if yard else "-"
+        versus = "-"
+        if yard:
+            memory = v["memory"] / yard["memory"] if yard["memory"] > 0 else math.nan
+            versus = f"{v['tokens'] / yard['tokens']:.2f}x, {_num(memory, '.2f')}{'x' * math.isfinite(memory)} {variant}"
+        iterations = f"{v['first']}-{v['last']}" if v["last"] > v["first"] else f"{v['first']}"
         step = v["ms"] / ntp["ms"] if ntp else math.nan
         flops = v["flops"] / ntp["flops"] if ntp else math.nan
-        lines.append(f"| {label} (iterations {v['first']}-{v['last']}) | {_num(v['ms'], '.1f')} | "
+        lines.append(f"| {label} (iterations {iterations}) | {_num(v['ms'], '.1f')} | "
                      f"{_tokens(v['tokens'])} | {_num(v['mfu'], '.1f')} | {_num(v['memory'], '.0f')} | {estimate} | "
                      f"{versus} | {_num(step, '.2f')} | {_num(flops, '.2f')} |")
     yard_ntp = anchor.get("ntp")

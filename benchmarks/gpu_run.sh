@@ -10,7 +10,7 @@
 #      against its yardstick variant, step time and FLOPs against NTP. Printed last, and kept in OUT/summary.md.
 #
 #   OUT=/some/dir bash benchmarks/gpu_run.sh        # on the GPU machine, about 7 minutes at SIZES=386m
-#   BENCH_SIZE=tiny bash benchmarks/gpu_run.sh       # the whole script tiny on CPU (checks it; about 10 minutes)
+#   BENCH_SIZE=tiny bash benchmarks/gpu_run.sh       # the whole script tiny on CPU (checks it; 15 min on 2 busy cores)
 # SIZES: "386m" (default); "69m 386m 1.38b" adds about 2 + 4 minutes. ITERS: project iterations per run (20;
 # the table takes the median of the logging intervals after the first). STEPS: the yardstick's timed steps (20).
 # ANCHOR: the yardstick script, which is not part of the repository (default benchmarks/results/anchor_gpu.py:
@@ -67,10 +67,10 @@ fi
 
 for size in ${SIZES}; do
     stage "3. ${size}: benchmarks/gpu_benchmark.sh, ITERS=${ITERS}"
+    rm -f "${BENCH_DIR}/${size}"_*.log  # a run that does not happen this time must not show an old log
     SIZE="${size}" ITERS="${ITERS}" OUT="${BENCH_DIR}" PYTHON="${PYTHON}" bash benchmarks/gpu_benchmark.sh \
         | tee "${BENCH_DIR}/${size}_benchmark.out"
     stage "3. ${size}: the yardstick (${ANCHOR}), STEPS=${STEPS}"
-    rm -f "${BENCH_DIR}/${size}_anchor.log"
     if [ -f "${ANCHOR}" ]; then
         read -r seq mbs < <(sed -n 's/^size .*: seq \([0-9]*\), micro-batch \([0-9]*\)$/\1 \2/p' "${BENCH_DIR}/${size}_benchmark.out")
         yardstick_size="$(case "${size}" in 1.38b) echo 1b ;; *) echo "${size}" ;; esac)"

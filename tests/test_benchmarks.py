@@ -4,6 +4,7 @@ Megatron log line and start-up report, the yardstick's result lines)."""
 from __future__ import annotations
 
 import importlib.util
+import math
 import os
 
 import pytest
@@ -99,10 +100,10 @@ def test_table_of_one_size(logs, capsys):
     rows = {line.split(" | ")[0].lstrip("| "): line for line in out.splitlines() if line.startswith("| ")}
     # NTP: 81.9k tokens/s against the yardstick's 102.4k (80 ms per 8192 tokens); its estimate 6.9% under the peak.
     assert rows["NTP (iterations 10-20)"] == ("| NTP (iterations 10-20) | 100.0 | 81.9k | 20.4 | 16199 | 15083 (-7%) | "
-                                             "0.80x ntp | 1.00 | 1.00 |")
-    assert "| 256.0 | 32.0k | 15.3 | 23652 | 21606 (-9%) | 1.21x ref | 2.56 | 1.93 |" in out
-    assert "| 200.0 | 41.0k | 19.7 | 22000 | 21606 (-2%) | 0.80x lean | 2.00 | 1.93 |" in out
-    assert "| 125.0 | 65.5k | 23.7 | 20000 | 20000 (+0%) | 1.04x pre | 1.25 | 1.48 |" in out
+                                             "0.80x, 1.02x ntp | 1.00 | 1.00 |")
+    assert "| 256.0 | 32.0k | 15.3 | 23652 | 21606 (-9%) | 1.21x, 0.77x ref | 2.56 | 1.93 |" in out
+    assert "| 200.0 | 41.0k | 19.7 | 22000 | 21606 (-2%) | 0.80x, 0.98x lean | 2.00 | 1.93 |" in out
+    assert "| 125.0 | 65.5k | 23.7 | 20000 | 20000 (+0%) | 1.04x, 1.15x pre | 1.25 | 1.48 |" in out
     assert "| yardstick lean: CoCoMix, bf16 teacher, sparse attribution | 160.0 | 51.2k | 13.5 | 22528 | | | 2.00 | |" in out
     assert "- NTP: 0.80x the yardstick's ntp (short of >= 1.0x)" in out
     assert "- CoCoMix precomputed labels: 1.04x the yardstick's pre (met >= 1.0x)" in out
@@ -119,9 +120,24 @@ def test_a_failed_run_and_a_missing_yardstick_are_named(logs, capsys):
     assert "| CoCoMix precomputed labels | failed (no logging interval after the first; see " \
            "386m_cocomix_precomputed.log) |" in out
     assert f"| yardstick pre: CoCoMix, precomputed labels | not run ({missing} missing) |" in out
-    assert "0.80x ntp" not in out and "| 1.00 | 1.00 |" in out  # no yardstick ratio, NTP ratios still there
+    assert "x ntp" not in out and "| 1.00 | 1.00 |" in out  # no yardstick ratio, NTP ratios still there
     # Another size's yardstick lines are not this size's.
     (logs / "tiny_anchor.log").write_text(ANCHOR_TINY)
     gpu_logs().main(["table", "--runs", str(logs), "--size", "386m", "--anchor", str(logs / "tiny_anchor.log")])
     assert "no 386m lines in" in capsys.readouterr().out
     assert gpu_logs().main(["table", "--runs", str(logs / "nothing"), "--size", "386m"]) == 1
+
+
+def test_cpu_runs_have_no_gpu_figures(tmp_path, capsys):
+    """BENCH_SIZE=tiny on CPU: the peak resident set stands for the memory, and neither side has an MFU or a GPU
+    memory to compare."""
+    flops, estimate, intervals = RUNS["ntp"]
+    cpu_line = [(ms, tokens, math.nan, peak) for ms, tokens, _, peak in intervals]
+    (tmp_path / "tiny_ntp.log").write_text(project_log(flops, estimate, cpu_line, memory_key="max RSS (MB)")
+                                           .replace(" MFU (%): nan |", ""))
+    (tmp_path / "tiny_anchor.log").write_text(ANCHOR_TINY)
+    gpu_logs().main(["table", "--runs", str(tmp_path), "--size", "tiny", "--anchor", str(tmp_path / "tiny_anchor.log")])
+    out = capsys.readouterr().out
+    # 8192 tokens in 100 ms against the yardstick's 130 tokens/s.
+    assert "| NTP (iterations 10-20) | 100.0 | 81.9k | - | 16199 | 15083 (-7%) | 630.15x, - ntp | 1.00 | 1.00 |" in out
+    assert "| yardstick ntp: NTP, SDPA, fused AdamW | 984.9 | 130 | 0.0 | 0 | | | 1.00 | |" in out
