@@ -14,6 +14,9 @@ from typing import Optional, Sequence
 
 from megatron_cocomix.deepspeed_config import check_deepspeed_config
 
+# --teacher-dtype names (megatron_cocomix.concepts.teacher.TEACHER_DTYPES maps them to storage dtypes).
+TEACHER_DTYPE_CHOICES = ("fp32", "tf32", "bf16", "fp16")
+
 
 class ArgumentError(ValueError):
     """A bad flag value; the message names the flag and the value."""
@@ -249,10 +252,19 @@ def _add_cocomix_args(parser: argparse.ArgumentParser) -> None:
                         "reference: the official code's labels, the top --concept-num-labels over all latents "
                         "whatever their score (zero-score ties in latent-id order; the official code leaves "
                         "their order undefined). Online and precomputed labels alike.")
-    g.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="Precision of the frozen teacher (labels, KD). Default fp32, as the official teacher: in "
-                        "bf16 only 80.6%% of tokens kept the same label set (93.7%% the same top-1) on SmolLM2-135M "
-                        "and the shipped corpus (benchmarks/teacher_dtype.md).")
+    g.add_argument("--teacher-dtype", choices=TEACHER_DTYPE_CHOICES, default="fp32",
+                   help="Precision of the frozen teacher and of its SAE (labels, KD). tf32: fp32 weights, CUDA "
+                        "matmuls on TF32 tensor cores inside the teacher's and the SAE's work only (CPU: as fp32). "
+                        "Default fp32, as the official teacher: in bf16 only 80.6%% of tokens kept the same label "
+                        "set (93.7%% the same top-1) on SmolLM2-135M and the shipped corpus, on CPU "
+                        "(benchmarks/teacher_dtype.md); the GPU measurement of tf32 and bf16 is "
+                        "benchmarks/teacher_dtype_agreement.py's (docs/performance.md).")
+    g.add_argument("--teacher-lm-head", choices=["chunked", "full"], default="chunked",
+                   help="How the teacher's next-token loss (whose gradient gives the attribution labels) reads its "
+                        "output layer: chunked, a linear cross-entropy over chunks of tokens and a vocabulary padded "
+                        "to a multiple of 64, never holding the [tokens x vocabulary] fp32 logits (GPT-2 and the "
+                        "Llama family; other architectures use their own head); full, the model's own logits. Same "
+                        "numbers to fp32 rounding.")
     g.add_argument("--teacher-model", default=None, help="Local Hugging Face model directory or .gguf file.")
     g.add_argument("--teacher-layer", type=int, default=None, help="SAE hook: the teacher's hidden_states[layer].")
     g.add_argument("--sae", default=None, help="TopK SAE: OpenAI .pt, SAELens folder or sparsify folder.")

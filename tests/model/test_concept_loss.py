@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from megatron_cocomix.model.losses import concept_cross_entropy
+from tests.helpers.allocations import LargeAllocations
 
 S, B, C, K = 6, 3, 512, 4
 
@@ -78,27 +77,6 @@ def test_logits_left_untouched():
     ce_sum, _ = concept_cross_entropy(z, labels)
     ce_sum.backward()
     assert torch.equal(z.detach(), logits)
-
-
-class LargeAllocations(TorchDispatchMode):
-    """Records the ops whose fp32 output of at least `nbytes` is a new storage (not a view of, nor written in
-    place into, one of the op's inputs)."""
-
-    def __init__(self, nbytes):
-        super().__init__()
-        self.nbytes, self.ops = nbytes, []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        out = func(*args, **kwargs)
-        inputs = [t for t in torch.utils._pytree.tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)]
-        input_storages = {t.untyped_storage().data_ptr() for t in inputs}
-        for tensor in torch.utils._pytree.tree_leaves(out):
-            if isinstance(tensor, torch.Tensor) and tensor.dtype == torch.float32:
-                storage = tensor.untyped_storage()
-                if storage.nbytes() >= self.nbytes and storage.data_ptr() not in input_storages:
-                    self.ops.append(str(func))
-        return out
 
 
 def fp32_copies(fn, dtype):
