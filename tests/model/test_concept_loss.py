@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from megatron_cocomix.model.losses import concept_cross_entropy
 from tests.helpers.allocations import LargeAllocations
 
