@@ -65,9 +65,38 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
                    help="Separate input embedding and output layer weights.")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="Pad the vocabulary to a multiple of this value times the tensor-parallel size.")
-    g.add_argument("--attention-backend", choices=["sdpa", "local"], default="sdpa",
-                   help="Core attention: torch scaled_dot_product_attention (flash / memory-efficient kernels on GPU) "
-                        "or megatron-core's local DotProductAttention (materialises [b, heads, s, s] scores).")
+    g.add_argument("--attention-backend", choices=["sdpa", "sdpa-cudnn", "local"], default="sdpa",
+                   help="Core attention: torch scaled_dot_product_attention (flash / memory-efficient kernels on GPU), "
+                        "the same with cuDNN's attention tried first (sdpa-cudnn; elsewhere SDPA's own order), or "
+                        "megatron-core's local DotProductAttention (materialises [b, heads, s, s] scores).")
+
+
+def _add_kernel_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("fusions and kernels (docs/performance.md)")
+    g.add_argument("--no-bias-gelu-fusion", action="store_false", dest="bias_gelu_fusion",
+                   help="CUDA: do not fuse bias + GELU. The fused kernel is GELU's tanh form, so it is used only "
+                        "with --openai-gelu and biases (exact GELU is never fused).")
+    g.add_argument("--no-bias-swiglu-fusion", action="store_false", dest="bias_swiglu_fusion",
+                   help="CUDA: do not fuse bias + SwiGLU (--swiglu).")
+    g.add_argument("--no-bias-dropout-fusion", action="store_false", dest="bias_dropout_fusion",
+                   help="CUDA: do not fuse bias + dropout + residual add.")
+    g.add_argument("--no-masked-softmax-fusion", action="store_false", dest="masked_softmax_fusion",
+                   help="CUDA, --attention-backend local: do not use the fused scaled masked softmax (used only "
+                        "where its compiled CUDA extensions import).")
+    g.add_argument("--no-persist-layer-norm", action="store_false", dest="persist_layer_norm",
+                   help="CUDA: do not use apex's persistent LayerNorm (used only where apex imports).")
+    g.add_argument("--no-gradient-accumulation-fusion", action="store_false", dest="gradient_accumulation_fusion",
+                   help="CUDA: do not accumulate weight gradients into main_grad inside the GEMM (used only where "
+                        "apex's fused_weight_gradient_mlp_cuda imports, and not with --deepspeed).")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="CUDA, --bf16: megatron-core's fused vocab-parallel cross-entropy for the LM loss (its "
+                        "backward returns bf16 logit gradients, hence --bf16 only).")
+    g.add_argument("--cross-entropy-fusion-impl", choices=["native"], default="native",
+                   help="Implementation of --cross-entropy-loss-fusion: native (torch.compile; Transformer "
+                        "Engine's is not available here).")
+    g.add_argument("--torch-compile-layers", action="store_true",
+                   help="torch.compile each transformer layer (regional compilation, compiled lazily at its first "
+                        "forward). Off by default: its gain is measured on a GPU (docs/performance.md).")
 
 
 def _add_regularization_args(parser: argparse.ArgumentParser) -> None:
@@ -281,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for add in (_add_network_size_args, _add_regularization_args, _add_training_args, _add_learning_rate_args,
-                _add_mixed_precision_args, _add_distributed_args, _add_logging_args, _add_validation_args,
-                _add_checkpointing_args, _add_data_args, _add_cocomix_args):
+                _add_mixed_precision_args, _add_kernel_args, _add_distributed_args, _add_logging_args,
+                _add_validation_args, _add_checkpointing_args, _add_data_args, _add_cocomix_args):
         add(parser)
     return parser
 
@@ -410,6 +439,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     # Precision.
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
+    if args.cross_entropy_loss_fusion and not args.bf16:
+        raise ArgumentError("--cross-entropy-loss-fusion needs --bf16: megatron-core's fused cross-entropy returns "
+                            "bf16 logit gradients, which would round fp32 / fp16 training's")
 
     # Recompute.
     if args.recompute_granularity == "full" and args.recompute_method is None:
