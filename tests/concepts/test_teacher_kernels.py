@@ -186,3 +186,23 @@ def test_kd_log_probs(assets):
     expected = torch.log_softmax(plain.logits(batch).float(), dim=-1)
     assert log_probs.shape == (B, T, VOCAB) and log_probs.dtype == torch.float32
     torch.testing.assert_close(log_probs, expected, rtol=0, atol=1e-6)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_chunked_head_on_cuda(assets, dtype):
+    """On CUDA (TF32 off): the chunked head's loss, gradient and labels against the model's own head."""
+    sae = load_sae(assets["sae"], device="cuda", dtype=torch.bfloat16 if dtype == "bf16" else torch.float32).freeze()
+    full = load_teacher(assets["gpt2"], LAYER, dtype=dtype, device="cuda", lm_head="full")
+    chunked = load_teacher(assets["gpt2"], LAYER, dtype=dtype, device="cuda")
+    batch = tokens(seed=6).cuda()
+    _, grad_full, loss_full = full.hidden_and_grad(batch)
+    _, grad, loss = chunked.hidden_and_grad(batch)
+    scale = grad_full.abs().max().item()
+    if dtype == "fp32":
+        torch.testing.assert_close(loss, loss_full, rtol=1e-6, atol=0)
+        torch.testing.assert_close(grad, grad_full, rtol=0, atol=1e-5 * scale)
+        assert torch.equal(attribution_labels(chunked, sae, batch), attribution_labels(full, sae, batch))
+    else:
+        torch.testing.assert_close(loss, loss_full, rtol=1e-3, atol=0)
+        torch.testing.assert_close(grad.float(), grad_full.float(), rtol=0, atol=2e-2 * scale)

@@ -125,3 +125,24 @@ def test_bf16_sae_scores_close_to_fp32(assets):
     assert same.float().mean() > 0.9
     scale = scores32.abs().max()
     torch.testing.assert_close(scores16[same], scores32[same], rtol=0, atol=0.05 * scale)
+
+
+@pytest.mark.gpu
+def test_tf32_is_scoped_on_cuda(assets):
+    """On CUDA, an fp32 matmul inside tf32_matmuls rounds like TF32 and outside like IEEE fp32; a tf32 teacher's
+    labels stay close to the fp32 teacher's."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    a, b = (torch.randn(1024, 1024, device="cuda", generator=g) for _ in range(2))
+    exact = (a.double() @ b.double()).float()
+    outside = a @ b
+    with tf32_matmuls():
+        inside = a @ b
+    after = a @ b
+    error = lambda x: ((x - exact).norm() / exact.norm()).item()  # noqa: E731
+    assert error(outside) < 1e-6 and error(after) < 1e-6 and error(inside) > 1e-5, (error(outside), error(inside))
+    model_path, sae_path = assets
+    sae = load_sae(sae_path, device="cuda").freeze()
+    batch = tokens(seed=4).cuda()
+    tf32 = attribution_labels(load_teacher(model_path, LAYER, dtype="tf32", device="cuda"), sae, batch)
+    fp32 = attribution_labels(load_teacher(model_path, LAYER, device="cuda"), sae, batch)
+    assert (tf32 == fp32).all(-1).float().mean() > 0.9

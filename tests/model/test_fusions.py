@@ -109,7 +109,8 @@ def mlp_output_and_grads(mlp, x):
     x = x.clone().requires_grad_(True)
     out, bias = mlp(x)
     out = out + bias if bias is not None else out
-    (out * torch.randn(out.shape, generator=torch.Generator().manual_seed(5))).sum().backward()
+    upstream = torch.randn(out.shape, generator=torch.Generator().manual_seed(5)).to(out.device, out.dtype)
+    (out * upstream).sum().backward()
     return out.detach(), x.grad, {name: p.grad for name, p in mlp.named_parameters()}
 
 
@@ -147,11 +148,11 @@ def test_fused_gelu_would_change_exact_gelu(tp1):
     assert (fused - plain).abs().max() > 1e-4
 
 
-def check_bias_dropout_add():
+def check_bias_dropout_add(device="cpu"):
     from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 
     g = torch.Generator().manual_seed(2)
-    x, bias, residual = torch.randn(S, B, H, generator=g), torch.randn(H, generator=g), torch.randn(S, B, H, generator=g)
+    x, bias, residual = (torch.randn(*shape, generator=g).to(device) for shape in ((S, B, H), (H,), (S, B, H)))
     for training, prob in ((True, 0.0), (False, 0.1)):
         fused = get_bias_dropout_add(training, True)((x.clone(), bias), residual, prob)
         plain = get_bias_dropout_add(training, False)((x.clone(), bias), residual, prob)
@@ -169,7 +170,7 @@ def test_fused_bias_dropout_add_equals_unfused():
         check_bias_dropout_add()
 
 
-def check_native_cross_entropy():
+def check_native_cross_entropy(device="cpu"):
     """megatron's native fused vocab-parallel cross-entropy == its unfused one, for bf16 logits (the case
     fusion_settings allows): losses and the bf16 logit gradients."""
     from megatron.core import parallel_state
@@ -177,10 +178,10 @@ def check_native_cross_entropy():
     from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
     g = torch.Generator().manual_seed(3)
-    logits = (torch.randn(S, B, 384, generator=g) * 3).to(torch.bfloat16)
+    logits = (torch.randn(S, B, 384, generator=g) * 3).to(device, torch.bfloat16)
     logits[..., 300:] = torch.finfo(torch.bfloat16).min  # padded vocabulary rows, as mask_padded_vocab sets them
-    target = torch.randint(0, 300, (S, B), generator=g)
-    upstream = torch.rand(S, B, generator=g)
+    target = torch.randint(0, 300, (S, B), generator=g).to(device)
+    upstream = torch.rand(S, B, generator=g).to(device)
     fused_in = logits.clone().requires_grad_(True)
     fused = fused_vocab_parallel_cross_entropy(fused_in, target, parallel_state.get_tensor_model_parallel_group())
     (fused * upstream).sum().backward()
@@ -204,3 +205,18 @@ def test_compiled_fusions_equal_unfused(tp1):
     assert_same_mlp(("--openai-gelu",))
     check_bias_dropout_add()
     check_native_cross_entropy()
+
+
+@pytest.mark.gpu
+def test_compiled_fusions_on_cuda(tp1):
+    """The picked fusions compiled by inductor for CUDA: fused MLP (bf16 and fp32), bias-dropout-add, native CE."""
+    torch._dynamo.reset()
+    args = args_of("--openai-gelu")
+    for dtype, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+        x = torch.randn(S, B, H, generator=torch.Generator().manual_seed(1)).to("cuda", dtype)
+        results = [mlp_output_and_grads(mlp_from(build_transformer_config(args, device_type=d)).to("cuda", dtype), x)
+                   for d in ("cuda", "cpu")]
+        torch.testing.assert_close(results[0][0], results[1][0], rtol=tol, atol=tol)
+        torch.testing.assert_close(results[0][1], results[1][1], rtol=tol, atol=tol)
+    check_bias_dropout_add("cuda")
+    check_native_cross_entropy("cuda")
