@@ -190,7 +190,8 @@ def check_native_cross_entropy(device="cpu"):
     (plain * upstream).sum().backward()
     torch.testing.assert_close(fused, plain, rtol=1e-6, atol=1e-6)
     assert fused_in.grad.dtype == plain_in.grad.dtype == torch.bfloat16
-    torch.testing.assert_close(fused_in.grad, plain_in.grad, rtol=0, atol=0)
+    # The same fp32 gradient rounded to bf16 (compiled, the fp32 sums may round the last bit apart: one bf16 step).
+    torch.testing.assert_close(fused_in.grad, plain_in.grad, rtol=2 ** -7, atol=1e-6)
 
 
 def test_fused_cross_entropy_equals_unfused(tp1):
