@@ -77,4 +77,5 @@ def test_smollm2_teacher_sae_and_labels(tmp_path, capsys, smollm2_directory):
     _, grad, loss = teacher.hidden_and_grad(tokens)
     _, grad_full, loss_full = full.hidden_and_grad(tokens)
     torch.testing.assert_close(loss, loss_full, rtol=2e-5, atol=0)  # fp32 sums over 49152 logits, other order
-    torch.testing.assert_close(grad, grad_full, rtol=0, atol=1e-5 * grad_full.abs().max().item())
+    # Through the 24 blocks above the hook: 3e-5 of the largest gradient measured here.
+    torch.testing.assert_close(grad, grad_full, rtol=0, atol=1e-4 * grad_full.abs().max().item())
