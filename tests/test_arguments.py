@@ -66,3 +66,15 @@ def test_every_flag_has_help():
     for action in build_parser()._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, f"{action.option_strings} has no --help text"
+
+
+def test_checkpoint_flags_saved_before_a_flag_existed():
+    """A checkpoint's recorded flags lack the flags added since: they take their defaults when it is loaded."""
+    from megatron_cocomix.conversion.checkpoint import _rebuild_args
+
+    saved = dict(vars(parse_args(BASE, world_size=1)))
+    for name in ("bias_gelu_fusion", "bias_dropout_fusion", "teacher_lm_head", "torch_compile_layers"):
+        del saved[name]
+    args = _rebuild_args(saved, None, "iter_0000010")
+    assert args.bias_gelu_fusion and args.bias_dropout_fusion and not args.torch_compile_layers
+    assert args.teacher_lm_head == "chunked" and args.num_layers == 4
