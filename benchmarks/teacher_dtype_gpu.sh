@@ -75,6 +75,6 @@ for name, c in r["compare"].items():
     print(f"{sys.argv[2]:8s} {r['device_name']:24s} {name}: set agreement {s['set_agreement']:.4f}, top-1 "
           f"{s['top1_agreement']:.4f} over {r['tokens_compared']} tokens; labelling {seconds[name]:.2f} s "
           f"(fp32 {seconds['fp32']:.2f} s)")
-print(f"{sys.argv[2]:8s} decision (fastest with >= 99% set agreement): {r['decision']}")
+print(f"{sys.argv[2]:8s} decision (fastest with >= 99% set agreement): {r['decision'] or 'none off CUDA'}")
 EOF
 done
