@@ -39,6 +39,7 @@ from megatron_cocomix.quiet import quiet_third_party  # noqa: E402
 
 quiet_third_party()  # before megatron-core and transformers are imported
 
+from megatron_cocomix.arguments import TEACHER_DTYPE_CHOICES  # noqa: E402
 from megatron_cocomix.errors import cli_main  # noqa: E402
 
 
@@ -96,7 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-model", default=None, help="The students' teacher: HF directory or .gguf file.")
     g.add_argument("--teacher-layer", type=int, default=None, help="Hook: the teacher's hidden_states[layer].")
     g.add_argument("--sae", default=None, help="The TopK SAE the students' labels came from.")
-    g.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="As training's flag.")
+    g.add_argument("--teacher-dtype", choices=TEACHER_DTYPE_CHOICES, default="fp32", help="As training's flag.")
     g.add_argument("--concept-num-labels", type=int, default=4, help="Labels per token (as training).")
     g.add_argument("--concept-attribution", choices=["act", "preact", "abs"], default="act",
                    help="Attribution score (as training).")

@@ -153,7 +153,8 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
 
     tokenizer = build_tokenizer(args)
     labeler = AttributionLabeler(args.teacher_model, args.teacher_layer, args.sae, args.concept_num_labels,
-                                 args.concept_attribution, args.concept_label_masking, args.teacher_dtype, device)
+                                 args.concept_attribution, args.concept_label_masking, args.teacher_dtype, device,
+                                 teacher_lm_head=args.teacher_lm_head)
     teacher, sae = labeler.teacher, labeler.sae
     check_sae_compatible(sae, num_latents=args.concept_dim, where="--concept-dim")
     if tokenizer.vocab_size > teacher.vocab_size:

@@ -69,14 +69,16 @@ def check_teacher_reads_student_ids(args: argparse.Namespace, student_tokenizer,
 class AttributionLabeler:
     """The frozen teacher and SAE of training's --teacher-model / --teacher-layer / --sae, loaded once and checked
     as training checks them; called on tokens [b, s] (the student's ids), returns labels [b, s, num_labels]
-    (int64, -1 = none) on the teacher's device, with training's --concept-attribution and --concept-label-masking."""
+    (int64, -1 = none) on the teacher's device, with training's --concept-attribution and --concept-label-masking.
+    The SAE runs in the teacher's precision (--teacher-dtype)."""
 
     def __init__(self, teacher_model: str, teacher_layer: int, sae_path: str, num_labels: int = 4,
                  attribution: str = "act", masking: str = "ignore", teacher_dtype: Optional[str] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, teacher_lm_head: str = "chunked"):
         self.teacher_model, self.num_labels, self.attribution = teacher_model, num_labels, attribution
-        self.teacher = load_teacher(teacher_model, teacher_layer, dtype=teacher_dtype, device=device)
-        self.sae = load_sae(sae_path, device=self.teacher.device).freeze()
+        self.teacher = load_teacher(teacher_model, teacher_layer, dtype=teacher_dtype, device=device,
+                                    lm_head=teacher_lm_head)
+        self.sae = load_sae(sae_path, device=self.teacher.device, dtype=self.teacher.dtype).freeze()
         check_teacher_sae(self.teacher, self.sae)
         self.mask_invalid = masking == "ignore"
         # Refused before any labelling (labels_from_scores would refuse the first batch): preact scores every latent.
@@ -93,7 +95,8 @@ class AttributionLabeler:
 
 class OnlineTeacher:
     """Loaded lazily, only on ranks that need it; weights frozen and never seen by the optimizer. Lives on
-    `device`, by default this rank's device at first use (known only once the process groups exist)."""
+    `device`, by default this rank's device at first use (known only once the process groups exist). The SAE
+    runs in the teacher's precision (--teacher-dtype: its storage dtype, and TF32 matmuls with tf32)."""
 
     def __init__(self, args: argparse.Namespace, device: Optional[torch.device] = None):
         self.args = args
@@ -113,13 +116,14 @@ class OnlineTeacher:
             # The ids were checked once, at start-up (check_teacher_reads_student_ids): a per-step range check
             # would read them back from the device.
             self._teacher = load_teacher(self.args.teacher_model, self.args.teacher_layer,
-                                         dtype=self.args.teacher_dtype, device=self.device, check_ids=False)
+                                         dtype=self.args.teacher_dtype, device=self.device, check_ids=False,
+                                         lm_head=self.args.teacher_lm_head)
         return self._teacher
 
     @property
     def sae(self):
         if self._sae is None:
-            self._sae = load_sae(self.args.sae, device=self.device).freeze()
+            self._sae = load_sae(self.args.sae, device=self.device, dtype=self.teacher.dtype).freeze()
             check_teacher_sae(self.teacher, self._sae)
         return self._sae
 
