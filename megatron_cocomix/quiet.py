@@ -17,6 +17,7 @@ warning is attributed to it, the warning module), so any other warning, a new on
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 
 # (message regex, category, module regex or "" for any module)
@@ -34,3 +35,8 @@ def quiet_third_party() -> None:
     for message, category, module in KNOWN_WARNINGS:
         warnings.filterwarnings("ignore", message=message, category=category, module=module)
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    if os.environ["HF_HUB_DISABLE_PROGRESS_BARS"] == "1" and "transformers" in sys.modules:
+        # Imported before this call (a program calling a tool's main()): transformers read the variable already.
+        from transformers.utils import logging as transformers_logging
+
+        transformers_logging.disable_progress_bar()
