@@ -5,6 +5,13 @@ kills it (Slurm `--signal=B:TERM@120`). The signal handler only sets a flag; aft
 contributes its flag to one all-reduce (MAX), so all ranks agree to stop after the same iteration, save one
 checkpoint and exit 0, and a resumed run continues exactly.
 
+Only the ranks act on the signal. Clusters deliver it to every process of the job (Slurm `--signal` without
+`B:`, `scancel --signal`, `pkill -f <script>`, torchrun forwarding it to each rank's process group), and the
+processes a rank forks (data-loader workers, asynchronous checkpoint writers) share its command line: one of them
+dying of it would fail the rank before it could save. `children_ignore_exit_signal` blocks the signal while such
+processes start, so they inherit it blocked (and never see it; a data-loader worker additionally sets it to
+SIG_IGN in `ignore_exit_signal`), while the rank receives it as soon as the block ends.
+
 Divergence (Megatron's `--check-for-nan-in-loss-and-grad`, on by default): a NaN or Inf loss (checked before the
 optimizer step, all ranks agree through one all-reduce) or gradient norm (checked by the optimizer back end
 between computing the norm and applying the update) raises `NonFiniteError`; the run stops with one line naming
@@ -13,10 +20,11 @@ the iteration, the rank and the quantity, and no checkpoint is written after it.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
-from typing import Dict, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 
@@ -50,8 +58,37 @@ def check_losses(losses: Dict[str, float]) -> None:
     raise NonFiniteError(quantity, value, rank)
 
 
+def exit_signal(args) -> Optional[int]:
+    """The signal number the ranks act on (--exit-signal with --exit-signal-handler), or None."""
+    return getattr(signal, args.exit_signal) if args.exit_signal_handler else None
+
+
+@contextlib.contextmanager
+def children_ignore_exit_signal(signum: Optional[int]) -> Iterator[None]:
+    """Processes forked or spawned inside the block start with `signum` blocked, a mask they inherit (across exec
+    too) and never lift, so a signal sent to them stays pending forever. This process receives a signal that
+    arrived meanwhile when the block ends. Nothing happens when `signum` is None."""
+    if signum is None:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def ignore_exit_signal(signum: Optional[int], worker_id: int = 0) -> None:
+    """A data-loader worker's `worker_init_fn`: ignore the exit signal (inherited blocked; a pending one is
+    discarded by SIG_IGN), so that only the rank acts on it."""
+    if signum is not None:
+        signal.signal(signum, signal.SIG_IGN)
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+
+
 class ExitConditions:
-    """The run's reasons to stop early, checked collectively after each iteration."""
+    """The run's reasons to stop early, checked collectively after each iteration. Built before any process is
+    forked, so that the signal handler is in place before the data loaders start."""
 
     REASONS = {1: "receiving {signal}", 2: "{minutes:g} minutes of wall time"}
 
@@ -61,8 +98,9 @@ class ExitConditions:
         self.signal_name = args.exit_signal
         self._received = False
         self.enabled = bool(args.exit_signal_handler or self.minutes)
-        if args.exit_signal_handler:
-            signal.signal(getattr(signal, args.exit_signal), self._on_signal)
+        self.signum = exit_signal(args)
+        if self.signum is not None:
+            signal.signal(self.signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         self._received = True
