@@ -493,7 +493,7 @@ def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], back
     load_optimizer = not args.finetune and not args.no_load_optim
     load_rng = not args.finetune and not args.no_load_rng
     if load_optimizer:
-        reason = backend.check_optimizer_loadable(common, saved_layout, current_layout())
+        reason = backend.check_optimizer_loadable(common, saved_layout, current_layout(), path)
         if reason:
             raise CheckpointError(f"{path}: {reason}: add --no-load-optim to load the weights only")
     if load_rng and not same_layout:

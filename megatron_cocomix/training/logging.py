@@ -114,8 +114,8 @@ class TrainingLogger:
                      grad_norm: Optional[float], loss_scale: Optional[float], skipped: bool,
                      iteration_time: float, consumed_samples: int) -> None:
         args = self.args
-        self.history.append({"iteration": iteration, **losses, "lr": learning_rate,
-                             "grad_norm": grad_norm, "time": iteration_time})
+        self.history.append({"iteration": iteration, **losses, "lr": learning_rate, "grad_norm": grad_norm,
+                             "loss_scale": loss_scale, "skipped": skipped, "time": iteration_time})
         got_nan = any(not math.isfinite(v) for v in losses.values())
         self._nan += int(got_nan)
         self._skipped += int(skipped)

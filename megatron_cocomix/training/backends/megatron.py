@@ -175,9 +175,9 @@ class MegatronOptimizerBackend(OptimizerBackend):
         # Checkpoints written before the form was recorded hold the bucket form.
         return common.get("distrib_optim_sharding_type") or DP_RESHARDABLE
 
-    def check_optimizer_loadable(self, common: dict, saved_layout: Dict[str, int],
-                                 layout: Dict[str, int]) -> Optional[str]:
-        reason = super().check_optimizer_loadable(common, saved_layout, layout)
+    def check_optimizer_loadable(self, common: dict, saved_layout: Dict[str, int], layout: Dict[str, int],
+                                 checkpoint_dir: str) -> Optional[str]:
+        reason = super().check_optimizer_loadable(common, saved_layout, layout, checkpoint_dir)
         if reason:
             return reason
         if bool(common.get("distributed_optimizer")) != self.distributed:
