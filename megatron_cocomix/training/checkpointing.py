@@ -32,15 +32,15 @@ queue through a spawn-context multiprocessing Manager (a fresh interpreter re-im
 seconds per process) and forks writer processes, even for a synchronous save. `InProcessTorchDistSave` writes
 the same format with torch.distributed.checkpoint's synchronous FileSystemWriter from the calling process.
 
-Asynchronous saves (--async-save) use exactly that machinery: megatron-core's torch_dist strategy prepares the
-write (common.pt and the DeepSpeed optimizer files are still written in the foreground), its AsyncCallsQueue
-forks a writer that snapshots the state (fork is copy-on-write) and writes the shards while training goes on,
-and `finalize_async_saves`, called after every iteration, finalizes a save once the writers of every rank are
-done (megatron's check is an all-reduce): megatron writes the index, then the publishing step above moves the
-directory into place and the tracker. A kill at any moment before that leaves the previous checkpoint as the
-one --load picks. At most one save is in flight: a new save (and the end of training) first waits for the last.
-The writers' result queue is created up front (`prepare_async_saves`) so that the first save does not start a
-second interpreter.
+Asynchronous saves (--async-save) use exactly that machinery. megatron-core's torch_dist strategy prepares the
+write (common.pt is still written in the foreground; so would DeepSpeed's own optimizer files be, which is why
+--async-save is refused with --deepspeed); its AsyncCallsQueue forks a writer that snapshots the state (fork is
+copy-on-write) and writes the shards while training goes on; `finalize_async_saves`, called after every
+iteration, finalizes a save once the writers of every rank are done (megatron's check is an all-reduce):
+megatron writes the index, then the publishing step above moves the directory into place and the tracker. A kill
+at any moment before that leaves the previous checkpoint as the one --load picks. At most one save is in flight:
+a new save (and the end of training) first waits for the last. The writers' result queue is created up front
+(`prepare_async_saves`) so that the first save does not start a second interpreter.
 """
 
 from __future__ import annotations

@@ -9,8 +9,9 @@ Only the ranks act on the signal. Clusters deliver it to every process of the jo
 `B:`, `scancel --signal`, `pkill -f <script>`, torchrun forwarding it to each rank's process group), and the
 processes a rank forks (data-loader workers, asynchronous checkpoint writers) share its command line: one of them
 dying of it would fail the rank before it could save. `children_ignore_exit_signal` blocks the signal while such
-processes start, so they inherit it blocked (and never see it; a data-loader worker additionally sets it to
-SIG_IGN in `ignore_exit_signal`), while the rank receives it as soon as the block ends.
+processes start, so they inherit it blocked (and never see it: a data-loader worker takes it in a thread of
+`ignore_exit_signal` and exits only when its rank sent it, as at the rank's exit), while the rank receives it as
+soon as the block ends.
 
 Divergence (Megatron's `--check-for-nan-in-loss-and-grad`, on by default): a NaN or Inf loss (checked before the
 optimizer step, all ranks agree through one all-reduce) or gradient norm (checked by the optimizer back end
@@ -22,7 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import signal
+import threading
 import time
 from typing import Dict, Iterator, Optional
 
@@ -79,11 +82,18 @@ def children_ignore_exit_signal(signum: Optional[int]) -> Iterator[None]:
 
 
 def ignore_exit_signal(signum: Optional[int], worker_id: int = 0) -> None:
-    """A data-loader worker's `worker_init_fn`: ignore the exit signal (inherited blocked; a pending one is
-    discarded by SIG_IGN), so that only the rank acts on it."""
-    if signum is not None:
-        signal.signal(signum, signal.SIG_IGN)
-        signal.pthread_sigmask(signal.SIG_UNBLOCK, {signum})
+    """A data-loader worker's `worker_init_fn`: ignore the exit signal from anyone but the worker's rank. The worker
+    inherited it blocked; a thread takes each one as it comes and ends the worker only when the rank itself sent
+    it (as multiprocessing's terminate() at the rank's exit does, and as torch's own worker handler does)."""
+    if signum is None:
+        return
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signum}).si_pid == os.getppid():
+                os._exit(0)
+
+    threading.Thread(target=wait, name="exit-signal", daemon=True).start()
 
 
 class ExitConditions:
