@@ -421,6 +421,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     # Optimizer choice.
     if args.deepspeed and args.use_distributed_optimizer:
         raise ArgumentError("--deepspeed and --use-distributed-optimizer are mutually exclusive")
+    if args.async_save and args.deepspeed:
+        raise ArgumentError("--async-save writes megatron's dist checkpoint in the background, but DeepSpeed writes its "
+                            "optimizer files itself, in the foreground: drop --async-save with --deepspeed")
     if args.deepspeed and args.deepspeed_config is None:
         raise ArgumentError("--deepspeed needs --deepspeed_config PATH")
     if args.deepspeed_config is not None:
@@ -437,9 +440,6 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     # Checkpointing.
     if args.save is not None and args.save_interval is None:
         args.save_interval = args.train_iters
-    if args.async_save and args.deepspeed:
-        raise ArgumentError("--async-save writes megatron's dist checkpoint in the background, but DeepSpeed writes its "
-                            "optimizer files itself, in the foreground: drop --async-save with --deepspeed")
     if args.dist_ckpt_optim_fully_reshardable and not args.use_distributed_optimizer:
         raise ArgumentError("--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer (the other "
                             "optimizers' state reshards anyway)")

@@ -138,7 +138,9 @@ def continued(runs, resumed: str, source: str, rtol: float = 1e-5) -> None:
 
 
 def error_lines(stderr: str) -> list:
-    return sorted({line for line in stderr.splitlines() if line.startswith("error: ")})
+    """The distinct `error:` lines of a launch (each rank prints its own; two ranks' lines may share a line of the
+    launch's stderr when they write at the same moment)."""
+    return sorted({"error: " + part for line in stderr.splitlines() for part in line.split("error: ")[1:]})
 
 
 def test_distributed_optimizer_shrinks_and_grows_data_parallel(runs):
