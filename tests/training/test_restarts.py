@@ -48,7 +48,6 @@ def test_torchrun_restarts_the_group_after_a_worker_is_killed(tmp_path, uninterr
             _kill_job(re.escape(str(ckpt)))
     log = stderr.read_text()
     assert proc.returncode == 0, log[-3000:]
-    assert "will restart worker group" in log, log[-3000:]
     stdout = before + after
     [loaded] = [int(i) for i in LOADED.findall(stdout)]
     first_attempt, second_attempt = stdout.split("loaded checkpoint", 1)
@@ -76,7 +75,7 @@ SLOW_RANK_1_WRITER = textwrap.dedent("""
         if rank == 1:
             time.sleep(3)
         real_write(transform_list, use_msc, rank, write_buckets, results_queue)
-        print(f"asynchronous writer of rank {rank} finished", flush=True)
+        print(f"asynchronous writer of rank {{rank}} finished", flush=True)
 
     FileSystemWriterAsync.write_preloaded_data_multiproc = staticmethod(write)
     sys.argv = [{script!r}] + sys.argv[1:]
