@@ -7,9 +7,9 @@ another order). The global batch stays 8 sequences: DP4 runs 1 micro-batch per r
 - megatron's distributed optimizer: DP4 -> DP2 and DP4 -> DP1, DP1 -> DP2 (its default, Megatron-LM's
   `dp_reshardable` form); TP2 x DP2 -> TP1 x DP2 and -> TP1 x DP1 (--dist-ckpt-optim-fully-reshardable); the
   bucket form refused at another TP in one line that names the flag.
-- --overlap-param-gather (with --overlap-grad-reduce): the same losses as without, and its checkpoint (saved
-  with no forward since the step, so the parameters outside each rank's shard must be gathered first) resumes
-  at DP2 with the same losses.
+- --overlap-param-gather (with --overlap-grad-reduce): the same losses as without; its checkpoint (saved with no
+  forward since the step, so the parameters outside each rank's shard must be gathered first) holds the same
+  weights as the plain run's (loaded alone, the same validation loss) and resumes at DP2 with the same losses.
 - DeepSpeed ZeRO-1 and ZeRO-2 resumed mid-run at DP2; then, converted once with tools/ds_to_universal.py, at
   DP1; without the conversion refused in one line naming the command.
 - --no-load-optim and --no-load-rng as Megatron-LM: the iteration and data position continue; without the
@@ -92,6 +92,8 @@ def runs(tmp_path_factory):
         ("dp1_to_dp2", "pretrain", TINY_GPT + DISTRIBUTED + ["--load", at2["dp1"]]),
         ("tp2dp2_to_tp1dp2", "pretrain", TINY_GPT + DISTRIBUTED + ["--load", at2["tp2dp2"]]),
         ("overlap_to_dp2", "pretrain", TINY_GPT + OVERLAP + ["--load", at2["overlap"]]),
+        ("overlap_weights", "pretrain", TINY_GPT + ["--load", at2["overlap"], "--finetune", "--skip-train"]),
+        ("dp4_weights", "pretrain", TINY_GPT + ["--load", at2["dp4"], "--finetune", "--skip-train"]),
         ("buckets_at_tp2", "pretrain_error", TINY_GPT + DISTRIBUTED + ["--tensor-model-parallel-size", "2",
                                                                           "--load", at2["dp4"]]),
         ("z1", "pretrain", TINY_GPT + z1 + save(ck["z1"])),
@@ -169,6 +171,10 @@ def test_overlap_param_gather_same_losses_and_checkpoint(runs):
     plain, overlap = runs["results"]["dp4"], runs["results"]["overlap"]
     assert history(overlap) == history(plain)
     assert overlap["valid"]["lm loss"] == plain["valid"]["lm loss"]
+    # The saved weights are the gathered ones: loaded alone they validate as the plain run's saved at the same
+    # iteration (the optimizer state would restore each rank's own shard even from stale weights).
+    weights, plain_weights = runs["results"]["overlap_weights"], runs["results"]["dp4_weights"]
+    assert weights["valid"]["lm loss"] == plain_weights["valid"]["lm loss"]
     continued(runs, "overlap_to_dp2", "dp4")
 
 
