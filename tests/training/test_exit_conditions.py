@@ -93,14 +93,15 @@ def preempted(tmp_path_factory):
                                     nproc=2, name="duration")
     runs["duration"]["ckpt"] = ckpt
     for run in runs.values():  # as the stopped runs left them (the resumed runs below save there too)
-        run["tracker"] = tracker(run["ckpt"])
-        run["checkpoints"] = sorted(d for d in os.listdir(run["ckpt"]) if d.startswith("iter_"))
+        saved = os.path.exists(run["ckpt"] / "latest_checkpointed_iteration.txt")
+        run["tracker"] = tracker(run["ckpt"]) if saved else None
+        run["checkpoints"] = sorted(d for d in os.listdir(run["ckpt"]) if d.startswith("iter_")) if saved else []
     spec = [[name, "pretrain", flags(**{"--load": str(run["ckpt"]), "--save": str(run["ckpt"]),
-                                        "--exit-interval": "20"})] for name, run in runs.items()]
+                                        "--exit-interval": "20"})] for name, run in runs.items() if run["tracker"]]
     (tmp / "resume.json").write_text(json.dumps(spec))
     run_script(MULTI_RUN_WORKER, [str(tmp / "resume.json"), str(tmp / "resumed.json")], nproc=2, timeout=600)
     resumed = json.loads((tmp / "resumed.json").read_text())
-    return {name: dict(run, resumed=resumed[name]) for name, run in runs.items()}
+    return {name: dict(run, resumed=resumed.get(name)) for name, run in runs.items()}
 
 
 def _check_resumed(run: dict, stopped_at: int, uninterrupted) -> None:
