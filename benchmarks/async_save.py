@@ -7,7 +7,8 @@ saving every --save-interval iterations, once with synchronous saves and once wi
 timestamps of Megatron's log lines: the wall time from one iteration's log line to the next is the iteration plus
 whatever ran between them (the save, for an iteration that saves). Prints one Markdown table row per mode: the
 median gap between iterations that do not save, the median gap across a save, the median time the foreground spent
-in the save (the trainer's own "[x s]" / "[x s in the foreground]"), and the checkpoint size.
+in the save (the trainer's own "[x s]" / "[x s in the foreground]"), the wall time from iteration 3 to the last,
+and the checkpoint size.
 """
 
 from __future__ import annotations
@@ -50,8 +51,10 @@ def run(mode: str, options, work: str) -> dict:
     last = max(int(n[5:]) for n in os.listdir(save) if n.startswith("iter_") and n[5:].isdigit())
     size = sum(os.path.getsize(os.path.join(dirpath, f)) for dirpath, _, files in
                os.walk(os.path.join(save, f"iter_{last:07d}")) for f in files)
+    first, end = 3, max(stamps)
     return {"plain": statistics.median(plain), "saving": statistics.median(saving),
-            "foreground": statistics.median(foreground), "size": size / 2 ** 20}
+            "foreground": statistics.median(foreground), "size": size / 2 ** 20,
+            "total": (stamps[end] - stamps[first]).total_seconds(), "span": f"{first}-{end}"}
 
 
 def main() -> None:
@@ -66,12 +69,12 @@ def main() -> None:
     work = tempfile.mkdtemp(prefix="async_save_")
     try:
         print("| mode | iteration without a save (s) | iteration + save (s) | save in the foreground (s) | "
-              "checkpoint (MiB) |")
-        print("|---|---:|---:|---:|---:|")
+              "iterations, wall time (s) | checkpoint (MiB) |")
+        print("|---|---:|---:|---:|---:|---:|")
         for mode in ("sync", "async"):
             r = run(mode, options, work)
-            print(f"| {mode} | {r['plain']:.2f} | {r['saving']:.2f} | {r['foreground']:.2f} | {r['size']:.0f} |",
-                  flush=True)
+            print(f"| {mode} | {r['plain']:.2f} | {r['saving']:.2f} | {r['foreground']:.2f} | {r['span']}: "
+                  f"{r['total']:.1f} | {r['size']:.0f} |", flush=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
