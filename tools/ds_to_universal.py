@@ -17,12 +17,16 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+import warnings
 from typing import List, Optional
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_cocomix.errors import cli_main  # noqa: E402
+
+# megatron-core announces on import that it runs without Transformer Engine / Apex: noise for a conversion.
+warnings.filterwarnings("ignore", message=".*(Transformer Engine and Apex|Apex) (are|is) not installed.*")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -43,7 +47,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         raise ValueError(f"--workers must be at least 1, got {options.workers}")
     if options.no_progress:
         os.environ["TQDM_DISABLE"] = "1"
-    from megatron_cocomix.conversion.checkpoint import find_checkpoint
+    from megatron_cocomix.conversion.checkpoint import find_checkpoint, read_common
     from megatron_cocomix.training.backends.deepspeed_universal import (
         OPTIMIZER_DIR,
         UNIVERSAL_TAG,
@@ -53,6 +57,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
 
     path = find_checkpoint(options.load, options.iteration)
+    backend = read_common(path).get("optimizer_backend")
+    if backend != "deepspeed":
+        raise ValueError(f"{path} holds {backend} optimizer state, not DeepSpeed's: it needs no conversion (see "
+                         f"docs/checkpoints.md for the layouts it loads at)")
     layout = read_layout(path)
     written = write_universal(path, workers=options.workers)
     for directory in stage_dirs(path):
