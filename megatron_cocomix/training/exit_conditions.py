@@ -10,7 +10,7 @@ Only the ranks act on the signal. Clusters deliver it to every process of the jo
 processes a rank forks (data-loader workers, asynchronous checkpoint writers) share its command line: one of them
 dying of it would fail the rank before it could save. `children_ignore_exit_signal` blocks the signal while such
 processes start, so they inherit it blocked (and never see it: a data-loader worker takes it in a thread of
-`ignore_exit_signal` and exits only when its rank sent it, as at the rank's exit), while the rank receives it as
+`leave_exit_signal_to_rank` and exits only when its rank sent it, as at the rank's exit), while the rank receives it as
 soon as the block ends.
 
 Divergence (Megatron's `--check-for-nan-in-loss-and-grad`, on by default): a NaN or Inf loss (checked before the
@@ -81,7 +81,7 @@ def children_ignore_exit_signal(signum: Optional[int]) -> Iterator[None]:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
-def ignore_exit_signal(signum: Optional[int], worker_id: int = 0) -> None:
+def leave_exit_signal_to_rank(signum: Optional[int], worker_id: int = 0) -> None:
     """A data-loader worker's `worker_init_fn`: ignore the exit signal from anyone but the worker's rank. The worker
     inherited it blocked; a thread takes each one as it comes and ends the worker only when the rank itself sent
     it (as multiprocessing's terminate() at the rank's exit does, and as torch's own worker handler does)."""

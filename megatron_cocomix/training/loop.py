@@ -37,7 +37,7 @@ from megatron_cocomix.training.exit_conditions import (
     NonFiniteError,
     check_losses,
     children_ignore_exit_signal,
-    ignore_exit_signal,
+    leave_exit_signal_to_rank,
 )
 from megatron_cocomix.training.logging import TrainingLogger
 
@@ -98,7 +98,7 @@ class DataIterators:
         loader = self._build_loader(dataset, consumed, self.args.micro_batch_size,
                                     parallel_state.get_data_parallel_rank(),
                                     parallel_state.get_data_parallel_world_size(), self.args.num_workers,
-                                    worker_init_fn=functools.partial(ignore_exit_signal, self.exit_signal))
+                                    worker_init_fn=functools.partial(leave_exit_signal_to_rank, self.exit_signal))
         # iter() draws the workers' base seed from torch's default generator, on the data-reading ranks only.
         # Where dropout draws from that generator too (CPU), the TP ranks' streams would part, their replicated
         # weights drift apart, and a resumed run (one copy per replicated tensor) would differ: leave it alone.
