@@ -10,6 +10,9 @@
 #                     deepspeed: run once, on the first host of HOSTFILE; the launcher starts the other nodes
 #                                over ssh (pdsh), so every node needs the same paths
 #   MASTER_ADDR     address of the first node (default localhost); MASTER_PORT (default 6000)
+#   MAX_RESTARTS    torchrun: restart the whole group this many times after a worker fails (default 2); each
+#                   restart resumes from the last complete checkpoint (--load is --save)
+#   NO_SSH=1        deepspeed with NNODES > 1: no ssh; run the launcher on every node with NODE_RANK (0 .. NNODES-1)
 #   ZERO_STAGE      1 | 2 | 3: optimizer through DeepSpeed ZeRO with examples/ds_config_zero${ZERO_STAGE}.json
 #                   (default 1 with LAUNCHER=deepspeed). Unset with torchrun: megatron-core's distributed
 #                   optimizer (--use-distributed-optimizer). ZeRO-2/3 need --pipeline-model-parallel-size 1.
@@ -118,7 +121,7 @@ launch() {
 
     case "${launcher}" in
         torchrun)
-            cmd=(torchrun --nproc_per_node "${gpus_per_node}" --nnodes "${nnodes}")
+            cmd=(torchrun --nproc_per_node "${gpus_per_node}" --nnodes "${nnodes}" --max-restarts "${MAX_RESTARTS:-2}")
             if [ "${nnodes}" -eq 1 ]; then
                 cmd+=(--master_addr "${master_addr}" --master_port "${master_port}")
             elif [ "${RDZV_BACKEND:-c10d}" = static ]; then
@@ -135,6 +138,10 @@ launch() {
                 require_var HOSTFILE "a DeepSpeed hostfile (one 'hostname slots=N' line per node), see examples/multinode/hostfile.example"
                 [ -f "${HOSTFILE}" ] || die "HOSTFILE=${HOSTFILE}: no such file"
                 cmd+=(--hostfile "${HOSTFILE}" --num_nodes "${nnodes}" --master_addr "${master_addr}")
+                if [ -n "${NO_SSH:-}" ]; then
+                    require_var NODE_RANK "this node's rank, 0 .. NNODES-1, in the order of HOSTFILE (NO_SSH=1)"
+                    cmd+=(--no_ssh --node_rank "${NODE_RANK}")
+                fi
             fi
             ;;
         *)

@@ -144,6 +144,9 @@ def _add_training_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="megatron-core DistributedOptimizer (optimizer state sharded over data-parallel ranks).")
     g.add_argument("--overlap-grad-reduce", action="store_true", help="Overlap DP gradient reduce with backward.")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="With --use-distributed-optimizer and --overlap-grad-reduce: all-gather the updated parameters "
+                        "bucket by bucket during the next forward instead of right after the optimizer step.")
     g.add_argument("--deepspeed", action="store_true", help="Use DeepSpeed ZeRO as the optimizer (see --deepspeed_config).")
     g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
                    help="DeepSpeed JSON config; its batch sizes must agree with the batch flags.")
@@ -230,6 +233,14 @@ def _add_checkpointing_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--finetune", action="store_true", help="Load weights only and reset iteration to 0.")
     g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist",
                    help="megatron-core dist_checkpointing format (loads at any TP/PP layout).")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="Save the distributed optimizer's state per parameter (gathered over data-parallel ranks), "
+                        "so that it reloads at any TP / PP / DP; by default it is saved in its data-parallel "
+                        "buckets, which reload at any DP but only at the same TP and PP (as Megatron-LM).")
+    g.add_argument("--async-save", action="store_true",
+                   help="Write checkpoints in background processes (megatron-core's asynchronous "
+                        "dist_checkpointing) while training continues; the tracker moves once every rank's files "
+                        "are written.")
 
 
 def _add_data_args(parser: argparse.ArgumentParser) -> None:
@@ -454,6 +465,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     # Optimizer choice.
     if args.deepspeed and args.use_distributed_optimizer:
         raise ArgumentError("--deepspeed and --use-distributed-optimizer are mutually exclusive")
+    if args.async_save and args.deepspeed:
+        raise ArgumentError("--async-save writes megatron's dist checkpoint in the background, but DeepSpeed writes its "
+                            "optimizer files itself, in the foreground: drop --async-save with --deepspeed")
     if args.deepspeed and args.deepspeed_config is None:
         raise ArgumentError("--deepspeed needs --deepspeed_config PATH")
     if args.deepspeed_config is not None:
@@ -464,9 +478,15 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
         except ValueError as e:
             raise ArgumentError(str(e)) from None
 
+    if args.overlap_param_gather and not (args.use_distributed_optimizer and args.overlap_grad_reduce):
+        raise ArgumentError("--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce")
+
     # Checkpointing.
     if args.save is not None and args.save_interval is None:
         args.save_interval = args.train_iters
+    if args.dist_ckpt_optim_fully_reshardable and not args.use_distributed_optimizer:
+        raise ArgumentError("--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer (the other "
+                            "optimizers' state reshards anyway)")
 
     # Weights & Biases: the import is checked here, before anything is built; runs without the flag never import it.
     if args.wandb_project:

@@ -44,6 +44,20 @@ def _skip_deepspeed_shm_build() -> None:
         ds_torch.build_shm_op = lambda: None
 
 
+def _attempt_store(timeout: datetime.timedelta):
+    """Under torchrun, the store this attempt's process groups register in: torchrun's own (its agent hosts it),
+    under a prefix naming the restart. torchrun (torch 2.13) keeps that store across the restarts of
+    --max-restarts, and the keys process groups register their ranks' addresses under do not name the attempt: a
+    restarted group would read the dead ranks' addresses (gloo: connection refused, or a hang). None under other
+    launchers, which start every process group afresh."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    agent_store = torch.distributed.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]),
+                                             int(os.environ["WORLD_SIZE"]), is_master=False, timeout=timeout)
+    return torch.distributed.PrefixStore(f"megatron_cocomix/attempt_{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                                         agent_store)
+
+
 def initialize_distributed(args: argparse.Namespace) -> None:
     """Process groups and seeds for a run. On a machine without CUDA the caller must have activated
     `compat.install()` first (entry points do), since megatron-core's state below assumes a GPU."""
@@ -54,13 +68,17 @@ def initialize_distributed(args: argparse.Namespace) -> None:
         torch.cuda.set_device(local_rank)
     timeout = datetime.timedelta(minutes=args.distributed_timeout_minutes)
     if not torch.distributed.is_initialized():
+        store = _attempt_store(timeout)
+        if store is not None:
+            torch.distributed.init_process_group(backend=backend, timeout=timeout, store=store,
+                                                 rank=int(os.environ["RANK"]), world_size=int(os.environ["WORLD_SIZE"]))
         if args.deepspeed:
             import deepspeed
 
             if not compat.cuda_available():
                 _skip_deepspeed_shm_build()
-            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)
-        else:
+            deepspeed.init_distributed(dist_backend=backend, timeout=timeout)  # adopts a group made above
+        elif store is None:
             torch.distributed.init_process_group(backend=backend, timeout=timeout)
     world_size = torch.distributed.get_world_size()
     if world_size != args.world_size:

@@ -39,6 +39,11 @@ def test_megatron_defaults():
     (["--recompute-method", "block"], 1, "--recompute-method needs --recompute-granularity full"),
     (["--wandb-project", "p"], 1, "--wandb-project needs --wandb-exp-name"),
     (["--wandb-project", "p", "--wandb-exp-name", "e"], 1, "--wandb-project needs --wandb-save-dir (or --save"),
+    (["--use-distributed-optimizer", "--overlap-param-gather"], 2,
+     "--overlap-param-gather needs --use-distributed-optimizer and --overlap-grad-reduce"),
+    (["--dist-ckpt-optim-fully-reshardable"], 1, "--dist-ckpt-optim-fully-reshardable needs --use-distributed-optimizer"),
+    (["--deepspeed", "--deepspeed_config", "examples/ds_config_zero1.json", "--async-save"], 1,
+     "--async-save writes megatron's dist checkpoint in the background, but DeepSpeed"),
 ])
 def test_bad_flags_give_one_line(extra, world_size, message):
     with pytest.raises(ArgumentError) as error:

@@ -303,6 +303,13 @@ def test_multinode_deepspeed(inputs):
     assert _world_size(ns) == 32 and args.deepspeed and args.data_parallel_size == 16
     _check_paper_schedule(args, "1.38b")
     assert args.cocomix and args.hidden_size == 2048
+    assert not ns.no_ssh
+    # Without ssh: every node runs the launcher with its rank (tests/test_multinode.py runs this for real).
+    ns, _, _ = _dry_run("multinode/launch_deepspeed.sh", dict(inputs, HOSTFILE=hostfile, NO_SSH="1", NODE_RANK="2"))
+    assert (ns.no_ssh, ns.node_rank, ns.num_nodes) == (True, 2, 4)
+    missing = _run("multinode/launch_deepspeed.sh", dict(inputs, HOSTFILE=hostfile, NO_SSH="1", DRY_RUN="1"),
+                   check=False)
+    assert missing.returncode == 2 and "NODE_RANK is not set" in missing.stderr
 
 
 def test_multinode_torchrun(inputs):
@@ -310,6 +317,8 @@ def test_multinode_torchrun(inputs):
     ns, args, _ = _dry_run("multinode/launch_torchrun.sh", dict(env, SIZE="386m"))
     assert (ns.rdzv_backend, ns.rdzv_endpoint, ns.nnodes, ns.rdzv_id) == ("c10d", "node-001:6000", "2",
                                                                           "cocomix-386m")
+    assert ns.max_restarts == 2  # a failed rank restarts the group, which resumes from the last checkpoint
+    assert _dry_run("multinode/launch_torchrun.sh", dict(env, SIZE="386m", MAX_RESTARTS="0"))[0].max_restarts == 0
     assert args.data_parallel_size == 16 and args.hidden_size == 1024
     ns, _, _ = _dry_run("multinode/launch_torchrun.sh", dict(env, RDZV_BACKEND="static", NODE_RANK="1"))
     assert (ns.node_rank, ns.master_addr) == (1, "node-001")

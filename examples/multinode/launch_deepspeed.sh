@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Multi-node training with the DeepSpeed launcher: run ONCE, on the first host of the hostfile.
+# Multi-node training with the DeepSpeed launcher: run ONCE, on the first host of the hostfile (the launcher
+# starts the other nodes over ssh, with pdsh), or, with NO_SSH=1, on EVERY node with its NODE_RANK.
 #
 #   HOSTFILE=examples/multinode/hostfile.example NNODES=4 \
 #   SIZE=1.38b METHOD=cocomix DATA_PATH=... TEACHER=... SAE=... CHECKPOINT_DIR=... \
@@ -7,6 +8,8 @@
 #
 #   HOSTFILE        DeepSpeed hostfile (`hostname slots=N` per line); see hostfile.example
 #   NNODES          nodes to use from it (default: the number of host lines)
+#   NO_SSH=1        no ssh: each node runs this script itself with NODE_RANK (0 .. NNODES-1, the hostfile's order)
+#                   and MASTER_ADDR set to the first node's address (DeepSpeed's --no_ssh --node_rank)
 #   GPUS_PER_NODE   default 8
 #   SIZE, METHOD    the paper run of examples/pretrain_paper.sh (default 1.38b, cocomix)
 #   MASTER_ADDR     default: the first host of the hostfile; MASTER_PORT default 6000

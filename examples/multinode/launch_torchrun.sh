@@ -12,6 +12,8 @@
 #                   node ranks (any node may start first; give RDZV_ID a value unique to this run);
 #                   static: fixed ranks, then NODE_RANK (0 .. NNODES-1, 0 on MASTER_ADDR) is required
 #   GPUS_PER_NODE   default 8
+#   MAX_RESTARTS    default 2: when a rank fails, torchrun restarts the whole group (every node) up to this many
+#                   times, and it resumes from the last complete checkpoint (--load is --save)
 #   SIZE, METHOD    the paper run of examples/pretrain_paper.sh (default 1.38b, cocomix)
 #   ZERO_STAGE      unset (default): megatron-core's distributed optimizer; 1/2/3: DeepSpeed ZeRO under torchrun
 # Everything else (DATA_PATH, TEACHER, SAE, CHECKPOINT_DIR, TP, PP, MICRO_BATCH_SIZE, ...) is read by

@@ -223,9 +223,10 @@ def build_train_valid_test_datasets(args: argparse.Namespace, tokenizer,
 
 
 def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_size: int, data_parallel_rank: int,
-                                  data_parallel_size: int, num_workers: int):
+                                  data_parallel_size: int, num_workers: int, worker_init_fn=None):
     """A DataLoader yielding this rank's micro-batches (dicts of [micro_batch_size, ...] tensors), from
-    `consumed_samples` on; None when `dataset` is None (a split without data)."""
+    `consumed_samples` on; None when `dataset` is None (a split without data). `worker_init_fn(worker_id)` runs
+    first in each worker process (the trainer's makes workers ignore its exit signal)."""
     import torch
 
     if dataset is None:
@@ -236,4 +237,5 @@ def build_pretraining_data_loader(dataset, consumed_samples: int, micro_batch_si
                                  micro_batch_size=micro_batch_size, data_parallel_rank=data_parallel_rank,
                                  data_parallel_size=data_parallel_size)
     return torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=num_workers,
-                                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+                                       pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                                       worker_init_fn=worker_init_fn if num_workers > 0 else None)

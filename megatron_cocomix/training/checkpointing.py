@@ -31,6 +31,16 @@ Save cost. dist_checkpointing's default torch_dist writer prepares an asynchrono
 queue through a spawn-context multiprocessing Manager (a fresh interpreter re-importing torch and megatron,
 seconds per process) and forks writer processes, even for a synchronous save. `InProcessTorchDistSave` writes
 the same format with torch.distributed.checkpoint's synchronous FileSystemWriter from the calling process.
+
+Asynchronous saves (--async-save) use exactly that machinery. megatron-core's torch_dist strategy prepares the
+write (common.pt is still written in the foreground; so would DeepSpeed's own optimizer files be, which is why
+--async-save is refused with --deepspeed); its AsyncCallsQueue forks a writer that snapshots the state (fork is
+copy-on-write) and writes the shards while training goes on; `finalize_async_saves`, called after every
+iteration, finalizes a save once the writers of every rank are done (megatron's check is an all-reduce):
+megatron writes the index, then the publishing step above moves the directory into place and the tracker. A kill
+at any moment before that leaves the previous checkpoint as the one --load picks. At most one save is in flight:
+a new save (and the end of training) first waits for the last. The writers' result queue is created up front
+(`prepare_async_saves`) so that the first save does not start a second interpreter.
 """
 
 from __future__ import annotations
@@ -57,6 +67,7 @@ from megatron.core.utils import unwrap_model
 from megatron_cocomix.distributed import current_layout, layout_string
 from megatron_cocomix.files import fsync_dir, fsync_tree, replace_dir
 from megatron_cocomix.training.backends import OptimizerBackend
+from megatron_cocomix.training.exit_conditions import children_ignore_exit_signal, exit_signal
 
 TRACKER = "latest_checkpointed_iteration.txt"
 CHECKPOINT_VERSION = 1
@@ -226,7 +237,9 @@ def export_state(args: argparse.Namespace) -> dict:
 
 def save_checkpoint(args: argparse.Namespace, iteration: int, model: List[torch.nn.Module],
                     backend: OptimizerBackend, state: dict) -> None:
-    """Write <args.save>/iter_<iteration> atomically and point the tracker at it. Called on every rank."""
+    """Write <args.save>/iter_<iteration> atomically and point the tracker at it. Called on every rank. With
+    --async-save the shards are written in the background and published by a later `finalize_async_saves`."""
+    finalize_async_saves(blocking=True)  # one save in flight at most; its temporary directory is not stale
     rng = get_rng_state()  # before anything below could draw random numbers
     root = args.save
     rank = torch.distributed.get_rank()
@@ -244,14 +257,64 @@ def save_checkpoint(args: argparse.Namespace, iteration: int, model: List[torch.
         os.makedirs(tmp)
     torch.distributed.barrier()
 
-    with backend.full_parameters():
-        _save_model_and_state(args, iteration, model, backend, state, rng, tmp)
+    def publish() -> None:
+        torch.distributed.barrier()  # every rank's files are on disk
+        _publish(root, iteration, final, tmp, token, rank, start)
+
+    # Processes started while saving (asynchronous writers and their result queue) leave the exit signal to
+    # the ranks.
+    with backend.full_parameters(), children_ignore_exit_signal(exit_signal(args)):
+        request = _save_model_and_state(args, iteration, model, backend, state, rng, tmp)
+        if request is not None:
+            request.add_finalize_fn(publish)  # after megatron's own (the index, metadata.json)
+            _async_queue().schedule_async_request(request)  # forks the writer: a snapshot of the state
     backend.save_optimizer_files(tmp)
-    torch.distributed.barrier()  # every rank's files are on disk
-    _publish(root, iteration, final, tmp, token, rank, start)
+    if request is None:
+        publish()
+    elif rank == 0:
+        print(f"  checkpoint at iteration {iteration:7d} is being written in the background "
+              f"[{time.time() - start:.2f} s in the foreground]", flush=True)
 
 
-def _save_model_and_state(args, iteration, model, backend: OptimizerBackend, state, rng, tmp) -> None:
+# ----------------------------------------------------------------------------------------------------------
+# Asynchronous saves: megatron-core's queue, one in flight at most
+
+
+_queue = None
+
+
+def _async_queue():
+    global _queue
+    if _queue is None:
+        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+        _queue = AsyncCallsQueue()
+    return _queue
+
+
+def prepare_async_saves(args: argparse.Namespace) -> None:
+    """Give megatron's asynchronous writer its result queue before the first save. megatron creates it through a
+    spawn-context multiprocessing Manager, a second interpreter that re-imports the training script (seconds to
+    tens of seconds, in the foreground of the first save), because its persistent writer is spawned. The writer
+    used here is forked after the queue exists, so a fork-context queue serves the same purpose."""
+    if not (args.async_save and args.save):
+        return
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if filesystem_async._results_queue is None:
+        filesystem_async._results_queue = torch.multiprocessing.get_context("fork").Queue()
+
+
+def finalize_async_saves(blocking: bool = False) -> None:
+    """Collective: publish the asynchronous save in flight once every rank's writer is done (at once with
+    blocking=True). A no-op when nothing is in flight."""
+    if _queue is not None and _queue.get_num_unfinalized_calls():
+        _queue.maybe_finalize_async_calls(blocking=blocking)
+
+
+def _save_model_and_state(args, iteration, model, backend: OptimizerBackend, state, rng, tmp):
+    """dist_checkpointing.save of the model, optimizer and run state into tmp; with --async-save the shards'
+    write is returned as megatron's AsyncRequest (common.pt is written already), otherwise None."""
     sharded = _model_sharded_state_dict(model)
     sharded["rng_state"] = _rng_sharded_object(rng)
     sharded.update(
@@ -266,7 +329,11 @@ def _save_model_and_state(args, iteration, model, backend: OptimizerBackend, sta
     )
     model_state = {k: v for k, v in sharded.items() if k.startswith("model")}
     sharded.update(backend.optimizer_sharded_state(model_state))
+    if args.async_save:
+        return dist_checkpointing.save(sharded, tmp, sharded_strategy=TorchDistSaveShardedStrategy("torch_dist", 1),
+                                       async_sharded_save=True)
     dist_checkpointing.save(sharded, tmp, sharded_strategy=InProcessTorchDistSave())
+    return None
 
 
 def _publish(root, iteration, final, tmp, token, rank, start) -> None:
@@ -426,7 +493,7 @@ def load_checkpoint(args: argparse.Namespace, model: List[torch.nn.Module], back
     load_optimizer = not args.finetune and not args.no_load_optim
     load_rng = not args.finetune and not args.no_load_rng
     if load_optimizer:
-        reason = backend.check_optimizer_loadable(common, saved_layout, current_layout())
+        reason = backend.check_optimizer_loadable(common, saved_layout, current_layout(), path)
         if reason:
             raise CheckpointError(f"{path}: {reason}: add --no-load-optim to load the weights only")
     if load_rng and not same_layout:

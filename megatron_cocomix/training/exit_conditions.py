@@ -6,6 +6,14 @@ contributes its flag to one all-reduce (MAX) on a gloo group, so all ranks agree
 iteration, save one checkpoint and exit 0, and a resumed run continues exactly. The agreement is a host-side
 collective: it never waits for the GPU.
 
+Only the ranks act on the signal. Clusters deliver it to every process of the job (Slurm `--signal` without
+`B:`, `scancel --signal`, `pkill -f <script>`, torchrun forwarding it to each rank's process group), and the
+processes a rank forks (data-loader workers, asynchronous checkpoint writers) share its command line: one of them
+dying of it would fail the rank before it could save. `children_ignore_exit_signal` blocks the signal while such
+processes start, so they inherit it blocked (and never see it: a data-loader worker takes it in a thread of
+`leave_exit_signal_to_rank` and exits only when its rank sent it, as at the rank's exit), while the rank receives it as
+soon as the block ends.
+
 Divergence (Megatron's `--check-for-nan-in-loss-and-grad`, on by default): a NaN or Inf loss or gradient norm
 never reaches the weights. `DivergenceGuard` turns each step's losses and gradient norm into a flag on the device;
 the optimizer back end skips the update on the device when it is set (megatron's optimizer: torch's fused Adam
@@ -17,10 +25,13 @@ no checkpoint is written after it.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import os
 import signal
+import threading
 import time
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, Iterator, List, Optional, Tuple
 
 import torch
 
@@ -119,8 +130,44 @@ class DivergenceGuard:
         raise NonFiniteError(quantity, value, first_rank, iteration)
 
 
+def exit_signal(args) -> Optional[int]:
+    """The signal number the ranks act on (--exit-signal with --exit-signal-handler), or None."""
+    return getattr(signal, args.exit_signal) if args.exit_signal_handler else None
+
+
+@contextlib.contextmanager
+def children_ignore_exit_signal(signum: Optional[int]) -> Iterator[None]:
+    """Processes forked or spawned inside the block start with `signum` blocked, a mask they inherit (across exec
+    too) and never lift, so a signal sent to them stays pending forever. This process receives a signal that
+    arrived meanwhile when the block ends. Nothing happens when `signum` is None."""
+    if signum is None:
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signum})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def leave_exit_signal_to_rank(signum: Optional[int], worker_id: int = 0) -> None:
+    """A data-loader worker's `worker_init_fn`: ignore the exit signal from anyone but the worker's rank. The worker
+    inherited it blocked; a thread takes each one as it comes and ends the worker only when the rank itself sent
+    it (as multiprocessing's terminate() at the rank's exit does, and as torch's own worker handler does)."""
+    if signum is None:
+        return
+
+    def wait() -> None:
+        while True:
+            if signal.sigwaitinfo({signum}).si_pid == os.getppid():
+                os._exit(0)
+
+    threading.Thread(target=wait, name="exit-signal", daemon=True).start()
+
+
 class ExitConditions:
-    """The run's reasons to stop early, checked collectively after each iteration (on the host)."""
+    """The run's reasons to stop early, checked collectively after each iteration (on the host). Built before
+    any process is forked, so that the signal handler is in place before the data loaders start."""
 
     REASONS = {1: "receiving {signal}", 2: "{minutes:g} minutes of wall time"}
 
@@ -132,8 +179,9 @@ class ExitConditions:
         self.group = group
         self._received = False
         self.enabled = bool(args.exit_signal_handler or self.minutes)
-        if args.exit_signal_handler:
-            signal.signal(getattr(signal, args.exit_signal), self._on_signal)
+        self.signum = exit_signal(args)
+        if self.signum is not None:
+            signal.signal(self.signum, self._on_signal)
 
     def _on_signal(self, signum, frame) -> None:
         self._received = True

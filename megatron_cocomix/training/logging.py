@@ -132,10 +132,12 @@ class TrainingLogger:
         time, so the log line's time per iteration is the device's, not the time it took to queue the work."""
         if not self._pending:
             return
-        start = time.time()
         tensors = [value for entry in self._pending for value in _entry_values(entry) if torch.is_tensor(value)]
-        host = iter(torch.cat([t.detach().double().reshape(-1) for t in tensors]).tolist() if tensors else [])
-        wait = time.time() - start
+        host, wait = iter([]), 0.0
+        if tensors:  # plain numbers have nothing to wait for
+            start = time.time()
+            host = iter(torch.cat([t.detach().double().reshape(-1) for t in tensors]).tolist())
+            wait = time.time() - start
         for i, entry in enumerate(self._pending):
             iteration, losses, lr, grad_norm, loss_scale, skipped, iteration_time, consumed = _read_entry(entry, host)
             if i == len(self._pending) - 1:
@@ -146,8 +148,8 @@ class TrainingLogger:
     def _account(self, iteration: int, losses: Dict[str, float], learning_rate: float, grad_norm: Optional[float],
                  loss_scale: Optional[float], skipped: bool, iteration_time: float, consumed_samples: int) -> None:
         args = self.args
-        self.history.append({"iteration": iteration, **losses, "lr": learning_rate,
-                             "grad_norm": grad_norm, "time": iteration_time})
+        self.history.append({"iteration": iteration, **losses, "lr": learning_rate, "grad_norm": grad_norm,
+                             "loss_scale": loss_scale, "skipped": skipped, "time": iteration_time})
         got_nan = any(not math.isfinite(v) for v in losses.values())
         self._nan += int(got_nan)
         self._skipped += int(skipped)

@@ -13,6 +13,7 @@ Nothing here is CoCoMix-specific: extra losses reach the log through the loss di
 from __future__ import annotations
 
 import argparse
+import functools
 import sys
 import time
 from typing import Callable, Dict, Iterator, List, Optional, Sequence
@@ -31,7 +32,13 @@ from megatron_cocomix.global_vars import reset_global_vars, set_args, set_tokeni
 from megatron_cocomix.model.gpt import initialize_weights
 from megatron_cocomix.training import checkpointing
 from megatron_cocomix.training.backends import OptimizerBackend, build_optimizer_backend
-from megatron_cocomix.training.exit_conditions import DivergenceGuard, ExitConditions, NonFiniteError
+from megatron_cocomix.training.exit_conditions import (
+    DivergenceGuard,
+    ExitConditions,
+    NonFiniteError,
+    children_ignore_exit_signal,
+    leave_exit_signal_to_rank,
+)
 from megatron_cocomix.training.logging import TrainingLogger
 
 
@@ -71,13 +78,15 @@ def _needs_data() -> bool:
 
 
 class DataIterators:
-    """Train/valid/test datasets and the loaders over them, positioned by consumed samples."""
+    """Train/valid/test datasets and the loaders over them, positioned by consumed samples. Loader workers
+    ignore `exit_signal` (a signal number or None): only the ranks act on it."""
 
-    def __init__(self, args: argparse.Namespace, datasets_provider: Callable):
+    def __init__(self, args: argparse.Namespace, datasets_provider: Callable, exit_signal: Optional[int] = None):
         from megatron_cocomix.data.datasets import build_pretraining_data_loader
 
         self._build_loader = build_pretraining_data_loader
         self.args = args
+        self.exit_signal = exit_signal
         gbs = args.global_batch_size
         evals = args.train_iters // args.eval_interval + 1 if args.eval_iters > 0 else 0
         num_samples = [args.train_iters * gbs, evals * args.eval_iters * gbs, args.eval_iters * gbs]
@@ -88,11 +97,13 @@ class DataIterators:
             return None
         loader = self._build_loader(dataset, consumed, self.args.micro_batch_size,
                                     parallel_state.get_data_parallel_rank(),
-                                    parallel_state.get_data_parallel_world_size(), self.args.num_workers)
+                                    parallel_state.get_data_parallel_world_size(), self.args.num_workers,
+                                    worker_init_fn=functools.partial(leave_exit_signal_to_rank, self.exit_signal))
         # iter() draws the workers' base seed from torch's default generator, on the data-reading ranks only.
         # Where dropout draws from that generator too (CPU), the TP ranks' streams would part, their replicated
         # weights drift apart, and a resumed run (one copy per replicated tensor) would differ: leave it alone.
-        with torch.random.fork_rng(devices=[]):
+        # iter() also starts the (persistent) workers: they inherit the exit signal blocked.
+        with torch.random.fork_rng(devices=[]), children_ignore_exit_signal(self.exit_signal):
             return iter(loader)
 
     def _per_chunk(self, dataset, consumed: int):
@@ -169,7 +180,7 @@ def evaluate(forward_step_func, data_iterator, model, args, num_iters: int) -> D
 
 
 def train(forward_step_func, model, backend: OptimizerBackend, data: DataIterators, args, state: dict,
-          logger: TrainingLogger) -> Optional[str]:
+          logger: TrainingLogger, exit_conditions: ExitConditions) -> Optional[str]:
     """Iterations up to --train-iters with periodic log / validation / save. Returns why it stopped early
     (preemption signal, wall time, --exit-interval), or None. `state["valid"]` holds the last validation and
     `state["valid_iteration"]` the iteration it ran at.
@@ -184,7 +195,6 @@ def train(forward_step_func, model, backend: OptimizerBackend, data: DataIterato
         checkpointing.set_rng_state(rng_state)
     for chunk in model:
         chunk.train()
-    exit_conditions = ExitConditions(args, group=host_group())
     guard = DivergenceGuard() if args.check_for_nan_in_loss_and_grad else None
 
     def sync_point() -> None:
@@ -214,6 +224,8 @@ def train(forward_step_func, model, backend: OptimizerBackend, data: DataIterato
                 state["valid_iteration"] = iteration
                 logger.validation_log(iteration, state["valid"])
             saved = False
+            if args.async_save:
+                checkpointing.finalize_async_saves()  # publishes a background save once every rank wrote it
             if args.save and args.save_interval and iteration % args.save_interval == 0:
                 sync_point()
                 checkpointing.save_checkpoint(args, iteration, model, backend, state)
@@ -225,6 +237,7 @@ def train(forward_step_func, model, backend: OptimizerBackend, data: DataIterato
                 sync_point()
                 if args.save and not saved:
                     checkpointing.save_checkpoint(args, iteration, model, backend, state)
+                checkpointing.finalize_async_saves(blocking=True)
                 print_rank_0(f"exiting program at iteration {iteration} after {reason}")
                 return reason
         sync_point()
@@ -233,6 +246,7 @@ def train(forward_step_func, model, backend: OptimizerBackend, data: DataIterato
     if args.save and iteration > start_iteration and not saved:
         # Megatron saves the end of training too when it does not fall on --save-interval.
         checkpointing.save_checkpoint(args, iteration, model, backend, state)
+    checkpointing.finalize_async_saves(blocking=True)
     return None
 
 
@@ -278,13 +292,16 @@ def pretrain(train_valid_test_datasets_provider: Callable, model_provider: Calla
         if args.load:
             # Its `rng_state` entry is applied by train(), once nothing else will draw from the generators.
             state = checkpointing.load_checkpoint(args, model, backend)
-        data = DataIterators(args, train_valid_test_datasets_provider)
+        # The exit signal's handler is installed before any loader forks a worker.
+        exit_conditions = ExitConditions(args, group=host_group())
+        checkpointing.prepare_async_saves(args)
+        data = DataIterators(args, train_valid_test_datasets_provider, exit_conditions.signum)
         logger = TrainingLogger(args, backend.local_parameter_count())  # opens the W&B run: it may fail
     logger.log_startup()
 
     stopped_early = None
     if not args.skip_train:
-        stopped_early = train(forward_step_func, model, backend, data, args, state, logger)
+        stopped_early = train(forward_step_func, model, backend, data, args, state, logger, exit_conditions)
     state.pop("rng_state", None)
     if args.eval_iters > 0 and stopped_early is None and state.get("valid_iteration") != state["iteration"]:
         # Validated once more only when the last iteration did not just validate (Megatron's label).

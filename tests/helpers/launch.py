@@ -48,11 +48,13 @@ def test_env(extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
     return env
 
 
-def launch_command(script: str, args: Sequence[str], nproc: int = 1, launcher: str = "torchrun") -> List[str]:
-    """The command line that runs `script` with `nproc` processes (torchrun, the deepspeed launcher, or plain)."""
-    if launcher == "torchrun" and nproc > 1:
+def launch_command(script: str, args: Sequence[str], nproc: int = 1, launcher: str = "torchrun",
+                   launcher_args: Sequence[str] = ()) -> List[str]:
+    """The command line that runs `script` with `nproc` processes (torchrun, the deepspeed launcher, or plain);
+    `launcher_args` go to torchrun (e.g. --max-restarts)."""
+    if launcher == "torchrun" and (nproc > 1 or launcher_args):
         return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-                "--master_port", str(free_port()), script, *args]
+                "--master_port", str(free_port()), *launcher_args, script, *args]
     if launcher == "deepspeed":
         return [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", str(nproc),
                 "--master_port", str(free_port()), script, *args]
@@ -73,13 +75,13 @@ def run_script(script: str, args: Sequence[str], nproc: int = 1, timeout: int = 
 
 
 def start_script(script: str, args: Sequence[str], nproc: int = 1, stderr_path: Optional[str] = None,
-                 launcher: str = "torchrun") -> subprocess.Popen:
+                 launcher: str = "torchrun", launcher_args: Sequence[str] = ()) -> subprocess.Popen:
     """Start a script in the background in its own process group; stdout is a text pipe read line by line."""
     env = test_env()
     env["PYTHONUNBUFFERED"] = "1"
     stderr = open(stderr_path, "w") if stderr_path else subprocess.DEVNULL
-    return subprocess.Popen(launch_command(script, args, nproc, launcher), cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
+    return subprocess.Popen(launch_command(script, args, nproc, launcher, launcher_args), cwd=ROOT, env=env,
+                            text=True, stdout=subprocess.PIPE, stderr=stderr, start_new_session=True)
 
 
 def run_pretrain(args: Sequence[str], tmp_path, nproc: int = 1, name: str = "run", timeout: int = 300,

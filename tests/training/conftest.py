@@ -1,10 +1,12 @@
-"""A logged training run shared by the log tests (tensorboard, stdout) and the W&B test, so that both trackers
-are compared on the very same run and the run is paid for once."""
+"""Runs shared by several test modules, paid for once: a logged training run for the log tests (tensorboard,
+stdout) and the W&B test, so that both trackers are compared on the very same run; and the uninterrupted run that
+the interrupted ones (signals, kills, restarts) are compared with."""
 
 import pytest
 
 from megatron_cocomix.arguments import parse_args
-from tests.helpers.launch import TINY_GPT, run_pretrain
+from tests.helpers.interrupted_runs import flags
+from tests.helpers.launch import TINY_GPT, losses, run_pretrain
 
 
 def wandb_offline_env(folder) -> dict:
@@ -27,3 +29,11 @@ def pp2_run(tmp_path_factory):
     args = parse_args(flags, world_size=2)
     args.padded_vocab_size = 256
     return result, args, str(tmp / "tb"), str(tmp / "wandb")
+
+
+@pytest.fixture(scope="package")
+def uninterrupted(tmp_path_factory):
+    """The lm losses of 20 uninterrupted iterations on 2 ranks (of tests.helpers.interrupted_runs.flags()'s
+    200-iteration schedule)."""
+    tmp = tmp_path_factory.mktemp("uninterrupted")
+    return losses(run_pretrain(flags(**{"--exit-interval": "20"}), tmp, nproc=2))

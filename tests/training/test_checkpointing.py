@@ -6,12 +6,12 @@ losses (exact equality: same layout, same data, same RNG streams), or the saving
 
 import os
 import re
-import shutil
 import textwrap
 
 import pytest
 
 from megatron_cocomix.training import checkpointing
+from tests.helpers.checkpoint_files import checkpoint_copy, history
 from tests.helpers.launch import PRETRAIN_WORKER, TINY_GPT, assert_close, run_pretrain, run_script
 
 DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
@@ -25,20 +25,6 @@ def with_flags(base, **flags):
         flag = "--" + name.replace("_", "-")
         out[out.index(flag) + 1] = str(value)
     return out
-
-
-def history(summary: dict) -> dict:
-    return {entry["iteration"]: entry["lm loss"] for entry in summary["train_history"]}
-
-
-def checkpoint_copy(src_root: str, iteration: int, dst_root: str) -> str:
-    """A checkpoint directory holding only iteration `iteration` of src_root, with its own tracker."""
-    os.makedirs(dst_root)
-    name = os.path.basename(checkpointing.checkpoint_dir(src_root, iteration))
-    shutil.copytree(os.path.join(src_root, name), os.path.join(dst_root, name))
-    with open(os.path.join(dst_root, checkpointing.TRACKER), "w") as f:
-        f.write(str(iteration))
-    return dst_root
 
 
 def tracker(root: str) -> str:

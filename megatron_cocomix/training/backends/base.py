@@ -96,10 +96,11 @@ class OptimizerBackend:
         """Plain values saved in the checkpoint's common state, read back by `check_optimizer_loadable`."""
         return {"optimizer_backend": self.name}
 
-    def check_optimizer_loadable(self, common: dict, saved_layout: Dict[str, int],
-                                 layout: Dict[str, int]) -> Optional[str]:
-        """Why the optimizer state saved with `common` cannot load into this back end at `layout`, or None.
-        The reason is one sentence; the caller names the checkpoint and suggests --no-load-optim."""
+    def check_optimizer_loadable(self, common: dict, saved_layout: Dict[str, int], layout: Dict[str, int],
+                                 checkpoint_dir: str) -> Optional[str]:
+        """Why the optimizer state saved with `common` (in the iter_XXXXXXX directory `checkpoint_dir`) cannot
+        load into this back end at `layout`, or None. The reason is one sentence; the caller names the
+        checkpoint and suggests --no-load-optim."""
         saved = common.get("optimizer_backend")
         if saved != self.name:
             return f"it holds {saved} optimizer state, this run uses {self.name}"

@@ -46,11 +46,16 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_cocomix.deepspeed_config import check_deepspeed_config
 from megatron_cocomix.distributed import DeepSpeedMPU, layout_string
 from megatron_cocomix.training.backends.base import OptimizerBackend, build_scheduler
+from megatron_cocomix.training.backends.deepspeed_universal import (
+    CHECKPOINT_TAG,
+    LAYOUT_FILE,
+    OPTIMIZER_DIR,
+    UNIVERSAL_TAG,
+    has_universal,
+    read_layout,
+    universal_refusal,
+)
 from megatron_cocomix.training.exit_conditions import DivergenceGuard, NonFiniteError
-
-OPTIMIZER_DIR = "deepspeed_optimizer"
-LAYOUT_FILE = "layout.json"
-CHECKPOINT_TAG = "zero"
 
 
 def param_groups(module: torch.nn.Module, weight_decay: float, decay_all: bool = False) -> List[dict]:
@@ -296,13 +301,25 @@ class DeepSpeedBackend(OptimizerBackend):
         # the stages apart.
         return os.path.join(path, f"pp_rank_{parallel_state.get_pipeline_model_parallel_rank():03d}")
 
-    def check_optimizer_loadable(self, common: dict, saved_layout: Dict[str, int],
-                                 layout: Dict[str, int]) -> Optional[str]:
-        reason = super().check_optimizer_loadable(common, saved_layout, layout)
-        if reason is None and saved_layout != layout:
-            reason = (f"DeepSpeed optimizer state was saved at {layout_string(saved_layout)} and reloads only there "
-                      f"(this run: {layout_string(layout)})")
-        return reason
+    def check_optimizer_loadable(self, common: dict, saved_layout: Dict[str, int], layout: Dict[str, int],
+                                 checkpoint_dir: str) -> Optional[str]:
+        reason = super().check_optimizer_loadable(common, saved_layout, layout, checkpoint_dir)
+        if reason is not None:
+            return reason
+        saved, ours = read_layout(checkpoint_dir), self._layout()
+        if saved == ours:
+            return None
+        where = (f"DeepSpeed optimizer state saved at {layout_string(saved_layout)}, ZeRO-{saved['zero_stage']}, "
+                 f"and this run at {layout_string(layout)}, ZeRO-{self.stage}")
+        model_parallel = ("tensor_model_parallel_size", "pipeline_model_parallel_size")
+        if universal_refusal(saved) or universal_refusal(ours) or any(saved[k] != ours[k] for k in model_parallel):
+            return (f"{where}: it reloads only at its own layout; another data-parallel size or ZeRO stage goes "
+                    f"through a universal checkpoint, which supports ZeRO-1/2 at TP1 x PP1")
+        if not has_universal(checkpoint_dir):
+            root, name = os.path.split(os.path.normpath(checkpoint_dir))
+            return (f"{where}: convert it once into a universal checkpoint with `python tools/ds_to_universal.py "
+                    f"--load {root} --iteration {int(name[len('iter_'):])}`")
+        return None
 
     def save_optimizer_files(self, checkpoint_dir: str) -> None:
         path = os.path.join(checkpoint_dir, OPTIMIZER_DIR)
@@ -315,23 +332,22 @@ class DeepSpeedBackend(OptimizerBackend):
                                     client_state={"layout": self._layout()})
 
     def load_optimizer_state(self, loaded: dict, checkpoint_dir: str) -> None:
-        """DeepSpeed's ZeRO state loads only at the layout (TP, PP, DP, stage) it was saved at; anything else
-        raises a one-line ValueError."""
+        """DeepSpeed's ZeRO files at the layout (TP, PP, DP, stage) they were saved at; at another, the universal
+        checkpoint written by tools/ds_to_universal.py. Anything else raises a one-line ValueError."""
         path = os.path.join(checkpoint_dir, OPTIMIZER_DIR)
-        layout_file = os.path.join(path, LAYOUT_FILE)
-        if not os.path.exists(layout_file):
-            raise FileNotFoundError(f"{layout_file}: no DeepSpeed optimizer state in this checkpoint")
-        with open(layout_file) as f:
-            saved = json.load(f)
-        if saved != self._layout():
-            raise ValueError(f"{layout_file}: DeepSpeed optimizer state saved at {saved} cannot load at "
-                             f"{self._layout()} (load the model weights only)")
-        for directory, _, files in os.walk(self._stage_dir(path)):
+        universal = read_layout(checkpoint_dir) != self._layout()  # check_optimizer_loadable accepted it
+        tag = UNIVERSAL_TAG if universal else CHECKPOINT_TAG
+        for directory, _, files in os.walk(os.path.join(self._stage_dir(path), tag)):
             for name in files:
                 # torch.save writes zip archives: a cut-short one has no central directory.
                 if name.endswith(".pt") and not zipfile.is_zipfile(os.path.join(directory, name)):
                     raise ValueError(f"{os.path.join(directory, name)}: truncated or not a torch file")
-        load_path, _ = self.engine.load_checkpoint(self._stage_dir(path), tag=CHECKPOINT_TAG,
-                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
+        # DeepSpeed reads `checkpoint.load_universal` from its config at load time only.
+        self.engine._config.load_universal_checkpoint = universal
+        try:
+            load_path, _ = self.engine.load_checkpoint(self._stage_dir(path), tag=tag, load_optimizer_states=True,
+                                                       load_lr_scheduler_states=False)
+        finally:
+            self.engine._config.load_universal_checkpoint = False
         if load_path is None:
-            raise FileNotFoundError(f"{self._stage_dir(path)}/{CHECKPOINT_TAG}: DeepSpeed found no checkpoint")
+            raise FileNotFoundError(f"{self._stage_dir(path)}/{tag}: DeepSpeed found no checkpoint")

@@ -14,17 +14,27 @@ A bf16 / fp32 step then never waits for the device; fp16's dynamic loss scaling 
 the host, as in megatron.
 
 Checkpoints. The optimizer state is saved inside the dist checkpoint, as slices of the same global tensors as
-the weights, so the non-distributed optimizer reshards freely. The distributed optimizer is saved in megatron's
-`dp_reshardable` form (its grad-buffer buckets), which loads at any DP size but only at the same TP and PP:
-megatron-core 0.16.1's fully reshardable forms cannot be loaded with torch's Adam (no apex / Transformer Engine),
-because DistributedOptimizer._set_main_param_and_optimizer_states copies every key of the live Adam state,
-which holds `step`, while those loaders drop `step` from the source (KeyError: 'step').
+the weights, so the non-distributed optimizer reshards freely. The distributed optimizer is saved, as in
+Megatron-LM, in megatron-core's `dp_reshardable` form (its grad-buffer buckets: a parallel write, loads at any
+DP size but only at the same TP and PP), or with --dist-ckpt-optim-fully-reshardable in its `fully_reshardable`
+form (each parameter's fp32 copy and Adam moments as slices of that parameter's global tensor, gathered over DP:
+loads at any TP / PP / DP). The form is recorded in the checkpoint, and loading uses the recorded one.
+
+megatron-core 0.16.1 cannot load the fully reshardable form into torch's Adam (no apex / Transformer Engine) by
+itself: DistributedOptimizer._set_main_param_and_optimizer_states copies every key of the live Adam state, which
+holds `step`, while the loader hands it only the tensors (KeyError: 'step'). `load_optimizer_state` therefore
+runs megatron's loader in two steps and keeps the step counts out of the way of the second.
+
+--overlap-param-gather: the distributed optimizer's all-gather of the updated parameters is deferred to forward
+pre-hooks of the next forward (megatron's DDP), so between an optimizer step and the next forward the
+parameters outside this rank's shard are stale; `full_parameters` gathers them (checkpoint saves).
 """
 
 from __future__ import annotations
 
 import argparse
-from typing import Dict, List, Optional, Tuple
+import contextlib
+from typing import ContextManager, Dict, List, Optional, Tuple
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
@@ -36,9 +46,13 @@ from megatron_cocomix.distributed import layout_string
 from megatron_cocomix.training.backends.base import OptimizerBackend, build_scheduler
 from megatron_cocomix.training.exit_conditions import DivergenceGuard
 
-# `dp_reshardable`: the distributed optimizer's buckets (any DP size, same TP / PP; see above).
-# `chained_optim_avoid_prefix`: the keys do not depend on how many optimizers megatron chained together.
-OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "chained_optim_avoid_prefix": True}
+# The distributed optimizer's checkpoint forms (see above). `chained_optim_avoid_prefix`: the keys do not depend
+# on how many optimizers megatron chained together.
+DP_RESHARDABLE, FULLY_RESHARDABLE = "dp_reshardable", "fully_reshardable"
+
+
+def optimizer_metadata(sharding_type: str) -> Dict[str, object]:
+    return {"distrib_optim_sharding_type": sharding_type, "chained_optim_avoid_prefix": True}
 
 
 def _foreach_copy(this: List[torch.Tensor], that: List[torch.Tensor], overflow_buf=None) -> None:
@@ -63,11 +77,14 @@ class MegatronOptimizerBackend(OptimizerBackend):
 
     def __init__(self, args: argparse.Namespace, model_chunks: List[torch.nn.Module], config: TransformerConfig):
         self.distributed = bool(args.use_distributed_optimizer)
+        self.sharding_type = FULLY_RESHARDABLE if args.dist_ckpt_optim_fully_reshardable else DP_RESHARDABLE
         self.clip_grad = args.clip_grad
         self.check_nonfinite = args.check_for_nan_in_loss_and_grad
+        self.overlap_param_gather = bool(args.overlap_param_gather)
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=args.bf16 or args.fp16,
             overlap_grad_reduce=args.overlap_grad_reduce,
+            overlap_param_gather=self.overlap_param_gather,
             use_distributed_optimizer=self.distributed,
         )
         self.model = [
@@ -189,6 +206,23 @@ class MegatronOptimizerBackend(OptimizerBackend):
             return 1.0
         return self.optimizer.get_loss_scale().detach().clone()
 
+    def full_parameters(self, modify: bool = False) -> ContextManager:
+        if not self.overlap_param_gather:
+            return contextlib.nullcontext()
+        return self._parameters_gathered()
+
+    @contextlib.contextmanager
+    def _parameters_gathered(self):
+        """Gather the updated parameters now (megatron's DDP would in the next forward's pre-hooks), as
+        Megatron-LM does around a checkpoint save."""
+        for chunk in self.model:
+            chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for chunk in self.model:
+                chunk.enable_forward_pre_hook()
+
     def reload_model_params(self) -> None:
         # The fp32 master weights of bf16/fp16 training were copied from the initial model: refresh them.
         if hasattr(self.optimizer, "reload_model_params"):
@@ -197,34 +231,56 @@ class MegatronOptimizerBackend(OptimizerBackend):
     # ---- checkpoints ---------------------------------------------------------------------------------
     def checkpoint_metadata(self) -> Dict[str, object]:
         return {"optimizer_backend": self.name, "distributed_optimizer": self.distributed,
+                "distrib_optim_sharding_type": self.sharding_type if self.distributed else None,
                 "adam_step": self._adam_step()}
 
-    def check_optimizer_loadable(self, common: dict, saved_layout: Dict[str, int],
-                                 layout: Dict[str, int]) -> Optional[str]:
-        reason = super().check_optimizer_loadable(common, saved_layout, layout)
+    @staticmethod
+    def _saved_sharding_type(common: dict) -> str:
+        # Checkpoints written before the form was recorded hold the bucket form.
+        return common.get("distrib_optim_sharding_type") or DP_RESHARDABLE
+
+    def check_optimizer_loadable(self, common: dict, saved_layout: Dict[str, int], layout: Dict[str, int],
+                                 checkpoint_dir: str) -> Optional[str]:
+        reason = super().check_optimizer_loadable(common, saved_layout, layout, checkpoint_dir)
         if reason:
             return reason
         if bool(common.get("distributed_optimizer")) != self.distributed:
             return (f"it holds {'distributed' if common.get('distributed_optimizer') else 'non-distributed'} "
                     f"optimizer state and this run {'uses' if self.distributed else 'does not use'} "
                     f"--use-distributed-optimizer")
-        if self.distributed and (saved_layout["tensor"], saved_layout["pipeline"]) != (layout["tensor"],
-                                                                                       layout["pipeline"]):
-            return (f"distributed optimizer state saved at {layout_string(saved_layout)} reloads only at the "
-                    f"same TP and PP (any DP); this run is {layout_string(layout)}")
+        if (self.distributed and self._saved_sharding_type(common) == DP_RESHARDABLE
+                and (saved_layout["tensor"], saved_layout["pipeline"]) != (layout["tensor"], layout["pipeline"])):
+            return (f"distributed optimizer state saved at {layout_string(saved_layout)} in data-parallel buckets "
+                    f"reloads only at the same TP and PP (any DP), this run is {layout_string(layout)}; save with "
+                    f"--dist-ckpt-optim-fully-reshardable to change TP or PP")
         return None
 
     def optimizer_sharded_state(self, model_sharded_state: dict, common: Optional[dict] = None) -> dict:
         loading = common is not None
+        sharding_type = self.sharding_type
         if loading:
             self._prepare_adam_state_for_load(common.get("adam_step"))
+            sharding_type = self._saved_sharding_type(common)
         return {"optimizer": self.optimizer.sharded_state_dict(dict(model_sharded_state), is_loading=loading,
-                                                               metadata=OPTIMIZER_METADATA)}
+                                                               metadata=optimizer_metadata(sharding_type))}
 
     def load_optimizer_state(self, loaded: dict, checkpoint_dir: str) -> None:
         # The distributed optimizer copies into views of the (grad-requiring) fp32 parameters.
+        subs = getattr(self.optimizer, "chained_optimizers", [self.optimizer])
+        states = [loaded["optimizer"]] if len(subs) == 1 else [v for _, v in sorted(loaded["optimizer"].items())]
+        # megatron's loader of the fully reshardable form fails on torch Adam's `step` (see the module docstring):
+        # load everything else first, then the per-parameter tensors with the step counts set aside.
+        deferred = [state.pop("param_state") if state.get("param_state_sharding_type") == FULLY_RESHARDABLE
+                    else None for state in states]
         with torch.no_grad():
             self.optimizer.load_state_dict(loaded["optimizer"])
+            for sub, param_state in zip(subs, deferred):
+                if param_state is not None:
+                    steps = {param: state.pop("step") for param, state in sub.optimizer.state.items()
+                             if "step" in state}
+                    sub.load_parameter_state_from_fully_reshardable(param_state)
+                    for param, step in steps.items():
+                        sub.optimizer.state[param]["step"] = step
         self._unshare_adam_steps()
         self._use_fused_adam()
 
