@@ -5,11 +5,14 @@ One run covers both:
 - every stage's output exists and is sane: the teacher beats a unigram model on held-out text, the SAE's FVU is
   below 0.5, the CoCoMix student's concept top-k accuracy is above chance, and every student's held-out
   perplexity is finite and below the uniform distribution's (an untrained model's, up to its small initial
-  logits); the results table, the curves and the CSV are written.
+  logits); the results table, the curves and the CSV are written;
+- the table ends with CoCoMix's and KD's tokens saved against NTP at equal validation perplexity, as computed
+  here from the students' validation curves (4 evaluations each), and the CSV has the same figures.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import math
 import os
@@ -91,3 +94,17 @@ def test_pipeline_resumes_after_a_kill_and_its_outputs_are_sane(tmp_path):
     for name in ("results.md", "curves.png", "curves.csv"):
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
     assert "| cocomix |" in second.stdout and "unigram" in second.stdout
+
+    from megatron_cocomix.evaluation import curves
+
+    found = {name: curves.read_curve(os.path.join(run_dir, "students", name, "tensorboard"), name)
+             for name in ("ntp", "cocomix", "kd")}
+    assert {len(curve) for curve in found.values()} == {4}
+    comparisons = curves.compare("ntp", found)
+    expected = curves.summary_lines(comparisons)
+    assert [c.candidate for c in comparisons] == ["cocomix", "kd"] and len(expected) == 3
+    with open(os.path.join(run_dir, "results.md")) as f:
+        assert f.read().rstrip("\n").splitlines()[-3:] == expected
+    assert "\n".join(expected) + "\n" in second.stdout
+    rows = [r for r in csv.DictReader(open(os.path.join(run_dir, "curves.csv"))) if r["metric"] == "tokens saved vs ntp"]
+    assert {r["run"]: float(r["value"]) for r in rows} == pytest.approx({c.candidate: c.saving for c in comparisons})
