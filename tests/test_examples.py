@@ -581,10 +581,11 @@ def test_pipeline_gpu_dry_run(teacher, gpu_inputs, tmp_path):
     assert (evaluate.teacher_layer, evaluate.sae, evaluate.teacher_model) == (6, sae_dir, model)
     assert [path for _, path in evaluate.models][:3] == [args.save for args in (cocomix, ntp, kd)]
     assert evaluate.data_name == "OpenWebText" and evaluate.tasks is None  # no TASK_DATA_DIR: no zero-shot tasks
-    # The curves of the students' own tensorboard folders, tokens saved against NTP (38 validations each).
+    # The curves of the students' own tensorboard folders, tokens saved against NTP (39 validations each).
     (_, tokens), = dry["plot_runs.py"]
     plot = _load_tool("plot_runs").build_parser().parse_args(tokens)
-    assert plot.run_dirs == [args.tensorboard_dir for args in (cocomix, ntp, kd)] and plot.name == ["cocomix", "ntp", "kd"]
+    assert plot.run_dirs == [args.tensorboard_dir for args in (cocomix, ntp, kd)]
+    assert plot.name == ["cocomix", "ntp", "kd"]
     assert (plot.reference, plot.output_md) == ("ntp", os.path.join(run_dir, "tokens_saved.md"))
     assert -(-cocomix.train_iters // cocomix.eval_interval) >= 3
 
@@ -624,7 +625,8 @@ def test_pipeline_gpu_table1_with_task_files(gpu_inputs, tmp_path):
     env = {"DATA": gpu_inputs["DATA"], "TEACHER_MODEL": gpu_inputs["TEACHER_MODEL"], "TASK_DATA_DIR": str(tasks),
            "DATA_NAME": "OWT-10k", "RUN_DIR": str(tmp_path / "run")}
     dry = _pipeline_gpu(env)
-    assert "[pipeline_gpu] 8/8 evaluate: held-out perplexity, concept accuracy, zero-shot tasks, curves" in dry["stdout"]
+    assert "[pipeline_gpu] 8/8 evaluate: held-out perplexity, concept accuracy, zero-shot tasks, curves" in \
+        dry["stdout"]
     (_, tokens), = [c for c in dry["evaluate.py"] if "cocomix" in c[1]]
     evaluate = _load_tool("evaluate").build_parser().parse_args(tokens)
     assert evaluate.tasks.split(",") == ["lambada_openai", "wikitext", "hellaswag", "piqa", "social_iqa",

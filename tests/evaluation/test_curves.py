@@ -102,9 +102,10 @@ def two_runs(tmp_path_factory):
     6 steps, validation every 2) and 'small' (8 a step, lr 3e-3, 12 steps, every 3): evaluations at 1024, 2048,
     3072 tokens and at 768, 1536, 2304, 3072. Returns {name: tensorboard dir}."""
     root = tmp_path_factory.mktemp("curves")
-    settings = {"big": ["--global-batch-size", "16", "--train-iters", "6", "--eval-interval", "2", "--eval-iters", "1"],
-                "small": ["--global-batch-size", "8", "--train-iters", "12", "--eval-interval", "3", "--eval-iters", "2",
-                          "--lr", "3e-3"]}
+    settings = {"big": ["--global-batch-size", "16", "--train-iters", "6", "--eval-interval", "2",
+                        "--eval-iters", "1"],
+                "small": ["--global-batch-size", "8", "--train-iters", "12", "--eval-interval", "3",
+                          "--eval-iters", "2", "--lr", "3e-3"]}
     runs, out = [], {}
     for name, flags in settings.items():
         out[name] = str(root / name / "tensorboard")
