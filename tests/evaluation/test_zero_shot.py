@@ -54,6 +54,8 @@ def test_every_task_runs_on_an_export(exports, tmp_path, no_network):
     assert list(results) == ALL_TASKS.split(",")
     for task, numbers in results.items():
         assert numbers["documents"] == 5, task
+        if task == "wikitext":  # perplexities only
+            continue
         accuracies = [numbers[m] for m in ("acc", "acc_norm") if m in numbers]
         assert accuracies and all(0.0 <= a <= 1.0 for a in accuracies), (task, numbers)
         assert numbers["acc_stderr"] is not None, task
