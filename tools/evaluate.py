@@ -219,11 +219,12 @@ def _main(argv: Optional[List[str]]) -> int:
     if options.data_path is None and options.tasks is None:
         raise ValueError("give --data-path PREFIX (held-out perplexity) and/or --tasks with --task-data-dir "
                          "(zero-shot tasks)")
-    if options.data_name is not None and (options.data_path is None or not options.data_name.strip()
-                                          or "|" in options.data_name or "\n" in options.data_name):
-        raise ValueError(f"--data-name {options.data_name!r}: a non-empty name without '|' or line breaks, for "
-                         f"the --data-path column" if options.data_path is not None
-                         else "--data-name names the --data-path corpus: give --data-path")
+    if options.data_name is not None:
+        if options.data_path is None:
+            raise ValueError("--data-name names the --data-path corpus: give --data-path")
+        if not options.data_name.strip() or "|" in options.data_name or "\n" in options.data_name:
+            raise ValueError(f"--data-name {options.data_name!r}: expected a non-empty name without '|' or line "
+                             f"breaks (it heads a markdown column)")
     if options.eval_split is not None and options.eval_split not in ("valid", "test"):
         raise ValueError(f"--eval-split {options.eval_split!r}: expected valid or test")
     # Every input is checked before the first model is loaded.
