@@ -169,12 +169,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     comparisons = []
     if args.reference:
         labels = [label for label, _ in scalars]
+        if len(set(labels)) < len(labels):
+            raise ValueError(f"--reference: the runs' labels ({', '.join(labels)}) must differ (see --name)")
         if args.reference not in labels:
             raise ValueError(f"--reference {args.reference}: not one of the runs ({', '.join(labels)})")
         if len(labels) < 2:
             raise ValueError(f"--reference {args.reference}: no other run to compare with it")
-        if len(set(labels)) < len(labels):
-            raise ValueError(f"--reference: the runs' labels ({', '.join(labels)}) must differ (see --name)")
         comparisons = tokens_curves.compare(args.reference, {label: tokens_curves.validation_curve(values, label)
                                                              for label, values in scalars})
     csv_path = args.csv or os.path.splitext(args.output)[0] + ".csv"
