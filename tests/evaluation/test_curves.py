@@ -178,8 +178,9 @@ def test_plot_runs_reference_bad_input(two_runs, tmp_path, capsys):
     for argv, message in [
         (["--reference", "ntp"], "error: --reference ntp: not one of the runs (big, small)"),
         (["--output-md", str(tmp_path / "s.md")], "error: --output-md holds the tokens-saved lines: give --reference"),
+        (["--name", "tb", "tb", "--reference", "tb"], "error: --reference: the runs' labels (tb, tb) must differ"),
     ]:
-        assert plot_runs.main([two_runs["big"], two_runs["small"], "--name", "big", "small", "--output", output,
-                               *argv]) == 2
+        names = [] if "--name" in argv else ["--name", "big", "small"]
+        assert plot_runs.main([two_runs["big"], two_runs["small"], *names, "--output", output, *argv]) == 2
         assert capsys.readouterr().err.strip().startswith(message)
     assert not os.path.exists(output)
