@@ -160,8 +160,6 @@ def test_real_runs_against_event_files(two_runs, tmp_path, capsys):
         assert plot_runs.main([two_runs["big"], two_runs["small"], "--name", "big", "small", "--reference", reference,
                                "--output", str(output), "--output-md", str(md)]) == 0
         printed = capsys.readouterr().out.splitlines()
-        with capsys.disabled():
-            print("\n" + "\n".join(printed))
         assert printed[:2] == md.read_text().splitlines() == curves.summary_lines([result])
         assert printed[1].startswith(f"- {candidate} reaches" if candidate == ahead else f"- {candidate} does not")
         assert output.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
