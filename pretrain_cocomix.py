@@ -17,6 +17,9 @@ With no arguments at all it runs the tiny CPU quickstart (examples/quickstart_ar
 from __future__ import annotations
 
 import megatron_cocomix  # noqa: F401  (first: its import keeps megatron.core from importing wandb at start-up)
+from megatron_cocomix.quiet import quiet_third_party
+
+quiet_third_party()  # before megatron-core is imported
 
 # isort: split
 import os
@@ -77,12 +80,20 @@ def get_batch(data_iterator, vp_stage: Optional[int] = None, concept_stage: bool
     if not int_keys:
         return {}
     data = next(data_iterator) if data_iterator is not None else None
-    batch = tensor_parallel.broadcast_data(int_keys, data, torch.int64)
+    batch = _broadcast(int_keys, data, torch.int64)
     if float_keys:
-        batch.update(tensor_parallel.broadcast_data(float_keys, data, torch.float32))
+        batch.update(_broadcast(float_keys, data, torch.float32))
     if first and args.reset_attention_mask:
-        batch.update(tensor_parallel.broadcast_data(["attention_mask"], data, torch.bool))
+        batch.update(_broadcast(["attention_mask"], data, torch.bool))
     return batch
+
+
+def _broadcast(keys, data, dtype: torch.dtype) -> Dict[str, torch.Tensor]:
+    """megatron's broadcast_data from TP rank 0 (it reads the tensor sizes back on the host first). At TP=1 there
+    is nobody to send to: a copy from the loader's pinned memory that the host does not wait for."""
+    if parallel_state.get_tensor_model_parallel_world_size() > 1:
+        return tensor_parallel.broadcast_data(keys, data, dtype)
+    return {key: data[key].to(compat.device(), non_blocking=True).to(dtype) for key in keys}
 
 
 def loss_func(loss_mask: torch.Tensor, output_tensor: torch.Tensor):

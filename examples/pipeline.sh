@@ -13,7 +13,11 @@
 #                loss on held-out windows (tools/eval_sae.py)
 #   4 labels     concept labels for exactly the students' training samples (tools/extract_concepts.py)
 #   5-7 students CoCoMix, a parameter-matched NTP model and a KD model: same data, tokens and seed
-#   8 evaluate   held-out perplexity and concept accuracy (tools/evaluate.py), curves (tools/plot_runs.py),
+#   8 evaluate   held-out perplexity and concept accuracy (tools/evaluate.py), curves (tools/plot_runs.py)
+#   9 concepts   what each SAE latent responds to on DESCRIBE_TOKENS test tokens (tools/describe_latents.py:
+#                latents.jsonl, latents.html); the CoCoMix student's concepts on a held-out passage, with those
+#                descriptions, beside the teacher's labels (tools/inspect_concepts.py: concepts.html); one concept
+#                steered at several scales (tools/steer.py: steering.txt, steering.json)
 #   then         the results table (RUN_DIR/results.md, examples/pipeline_report.py)
 #
 # A stage whose output is complete is skipped, so a re-run resumes: a stage killed half-way restarts from its own
@@ -50,6 +54,7 @@ BATCH=16
 SAVE_INTERVAL=50
 STUDENT_EVAL_INTERVAL=50  # validations per student: 6 (SmolLM2 4, SIZE=small 4); tokens saved needs 3 or more
 EVAL_DOCS=(); SAE_EVAL_SEQS=64
+DESCRIBE_TOKENS=16384  # test tokens the latent descriptions read: bounded, so the stage stays cheap for any teacher
 TEACHER_MODEL_ARGS=(--num-layers 4 --hidden-size 192 --num-attention-heads 6)
 if [ "${TEACHER}" = smollm2 ]; then
     # SmolLM2-135M: 30 layers of width 576, vocabulary 49152; the SAE reads hidden_states[6] (C = 8 x 576). Its
@@ -63,7 +68,7 @@ else
 fi
 if [ "${SIZE}" = small ]; then
     # The test suite's run: shorter windows, a 2-layer teacher, a few dozen steps per stage.
-    SEQ=64; SAVE_INTERVAL=20; TEACHER_ITERS=80; SAE_ITERS=50; STUDENT_ITERS=40; SAE_EVAL_SEQS=8
+    SEQ=64; SAVE_INTERVAL=20; TEACHER_ITERS=80; SAE_ITERS=50; STUDENT_ITERS=40; SAE_EVAL_SEQS=8; DESCRIBE_TOKENS=4096
     STUDENT_EVAL_INTERVAL=10
     EVAL_DOCS=(--max-documents 6)
     if [ "${TEACHER}" = tiny ]; then
@@ -98,10 +103,10 @@ run_stage() {
     STAGE_NUMBER=$((STAGE_NUMBER + 1))
     log="${RUN_DIR}/logs/${name}.log"
     if [ -e "${RUN_DIR}/stages/${name}.done" ]; then
-        echo "[pipeline] ${STAGE_NUMBER}/8 ${name}: already done ($(cat "${RUN_DIR}/stages/${name}.done"))"
+        echo "[pipeline] ${STAGE_NUMBER}/9 ${name}: already done ($(cat "${RUN_DIR}/stages/${name}.done"))"
         return
     fi
-    echo "[pipeline] ${STAGE_NUMBER}/8 ${name}: ${description} (log: ${log})"
+    echo "[pipeline] ${STAGE_NUMBER}/9 ${name}: ${description} (log: ${log})"
     start=$(date +%s)
     echo "=== $(date -u '+%Y-%m-%d %H:%M:%S') ${name}" >>"${log}"
     # A subshell with errexit of its own, not called as a condition (where bash ignores errexit): the stage stops
@@ -118,7 +123,7 @@ run_stage() {
     fi
     elapsed=$(($(date +%s) - start))
     echo "${elapsed} s" >"${RUN_DIR}/stages/${name}.done"
-    echo "[pipeline] ${STAGE_NUMBER}/8 ${name}: done in ${elapsed} s"
+    echo "[pipeline] ${STAGE_NUMBER}/9 ${name}: done in ${elapsed} s"
 }
 
 # Flags shared by the teacher and the students (data, optimiser, logging).
@@ -226,6 +231,23 @@ evaluate() {
         --reference ntp --output "${RUN_DIR}/curves.png"
 }
 
+# A passage of the test documents (Romeo and Juliet III.2) and a prompt from them (II.2): concept pages and steering.
+CONCEPT_TEXT=$'JULIET\nGallop apace, you fiery-footed steeds,\nTowards Phoebus\' lodging: such a wagoner\n'
+CONCEPT_TEXT+=$'As Phaethon would whip you to the west,\n'  # 56 tokens: within SIZE=small's 64 positions
+STEER_PROMPT=$'JULIET\nO Romeo, Romeo! wherefore art thou Romeo?\n'
+concepts() {
+    local student="${RUN_DIR}/students/cocomix/checkpoints"
+    "${PYTHON}" tools/describe_latents.py --teacher-model "${TEACHER_MODEL}" --teacher-layer "${TEACHER_LAYER}" \
+        --sae "${SAE_DIR}/final" --data-path "${DATA}" --split "${SPLIT}" --eval-split test --seq-length "${SEQ}" \
+        --max-tokens "${DESCRIBE_TOKENS}" --top-contexts 8 --output "${RUN_DIR}/latents.jsonl" \
+        --html "${RUN_DIR}/latents.html" --no-progress
+    # shellcheck disable=SC2046
+    "${PYTHON}" tools/inspect_concepts.py --load "${student}" --text "${CONCEPT_TEXT}" --top 3 $(concept_args) \
+        --latent-descriptions "${RUN_DIR}/latents.jsonl" --html "${RUN_DIR}/concepts.html"
+    "${PYTHON}" tools/steer.py --load "${student}" --prompt "${STEER_PROMPT}" --concept top --max-new-tokens 24 \
+        --latent-descriptions "${RUN_DIR}/latents.jsonl" --output "${RUN_DIR}/steering.json" | tee "${RUN_DIR}/steering.txt"
+}
+
 run_stage tokenise "tokenizer and .bin/.idx data" tokenise
 run_stage teacher "pretrain and export the teacher" train_teacher
 run_stage sae "train and evaluate the SAE" train_sae
@@ -234,6 +256,7 @@ run_stage cocomix "CoCoMix student" train_cocomix
 run_stage ntp "NTP student (parameter-matched)" train_ntp
 run_stage kd "KD student (parameter-matched)" train_kd
 run_stage evaluate "held-out perplexity, concept accuracy, curves" evaluate
+run_stage concepts "latent descriptions, concept pages, steering" concepts
 
 # The table is rebuilt on every run (seconds): it lists every stage's time, the evaluation's included.
 "${PYTHON}" examples/pipeline_report.py --run-dir "${RUN_DIR}" --teacher "${TEACHER}" \
@@ -241,6 +264,9 @@ run_stage evaluate "held-out perplexity, concept accuracy, curves" evaluate
 echo
 cat "${RUN_DIR}/results.md"
 echo
+cat "${RUN_DIR}/steering.txt"
+echo
 echo "[pipeline] finished in $(($(date +%s) - PIPELINE_START)) s; everything is under ${RUN_DIR}/:"
 echo "  results.md / results.json (table), curves.png / curves.csv (training curves), logs/ (one log per stage),"
-echo "  teacher/, sae/, labels/, students/{cocomix,ntp,kd}/ (checkpoints and tensorboard)"
+echo "  latents.html (what each SAE latent responds to), concepts.html (the CoCoMix student's concepts on a passage),"
+echo "  steering.txt (one concept steered), teacher/, sae/, labels/, students/{cocomix,ntp,kd}/ (checkpoints, tensorboard)"

@@ -3,7 +3,8 @@
     python examples/pipeline_report.py --run-dir runs/pipeline --teacher tiny --output runs/pipeline/results.md
 
 Reads results.json (tools/evaluate.py), sae/eval_sae.json (tools/eval_sae.py), the students' tensorboard
-'iteration-time' scalars and stages/*.done (each stage's wall time), and adds two reference rows computed here on
+'iteration-time' scalars, stages/*.done (each stage's wall time), latents.jsonl and steering.json (the concepts
+stage: linked pages and the steering table), and adds two reference rows computed here on
 the same held-out tokens as evaluate.py: a unigram model (add-one smoothed token counts of the training
 documents) and the uniform distribution over the vocabulary (what an untrained model predicts, up to its small
 initial logits). It ends with the tokens CoCoMix and KD save (or need in addition) to reach NTP's validation
@@ -26,7 +27,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from megatron_cocomix.errors import cli_main  # noqa: E402
 
 STUDENTS = ("cocomix", "ntp", "kd")
-STAGES = ("tokenise", "teacher", "sae", "labels", "cocomix", "ntp", "kd", "evaluate")
+STAGES = ("tokenise", "teacher", "sae", "labels", "cocomix", "ntp", "kd", "evaluate", "concepts")
 
 
 def unigram_loss(data_path: str, split: str, scored: dict, vocab_size: int) -> float:
@@ -101,6 +102,36 @@ def _count(n) -> str:
     return "-" if n is None else format_count(n)
 
 
+def _cell(text: str) -> str:
+    """A continuation as one markdown table cell: quoted (newlines visible), pipes escaped."""
+    return "`" + json.dumps(text, ensure_ascii=False).replace("|", "\\|").replace("`", "'") + "`"
+
+
+def concept_pages(run_dir: str) -> List[str]:
+    """Links to the concepts stage's pages and its steering table (nothing before that stage has run)."""
+    latents_path, steering_path = os.path.join(run_dir, "latents.jsonl"), os.path.join(run_dir, "steering.json")
+    if not os.path.isfile(latents_path):
+        return []
+    with open(latents_path, encoding="utf-8") as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    fired = sum(not r["dead"] for r in records)
+    tokens = records[0]["tokens"] if records else 0
+    lines = ["", f"Concepts: [latents.html](latents.html) describes what each SAE latent responds to on {tokens:,} "
+                 f"test tokens ({fired} of {len(records)} latents fired; latents.jsonl); "
+                 "[concepts.html](concepts.html) shows the CoCoMix student's top predicted concepts on a held-out "
+                 "passage, with those descriptions, beside the teacher's labels."]
+    if os.path.isfile(steering_path):
+        steering = _read_json(steering_path)
+        described = f": {steering['description']}" if steering.get("description") else ""
+        chosen = ", the student's top predicted concept at the prompt's last token" if steering["chosen"] == "top" \
+            else ""
+        lines += ["", f"Steering (tools/steer.py; concept {steering['concept']}{described}{chosen}; the scale "
+                      f"{'multiplies' if steering['mode'] == 'multiply' else 'is added to'} its logit; prompt "
+                      f"{_cell(steering['prompt'])}, greedy):", "", "| scale | continuation |", "|---:|---|"]
+        lines += [f"| {row['scale']:g} | {_cell(row['text'])} |" for row in steering["continuations"]]
+    return lines
+
+
 def build_report(run_dir: str, teacher: str) -> str:
     results = _read_json(os.path.join(run_dir, "results.json"))
     sae = _read_json(os.path.join(run_dir, "sae", "eval_sae.json"))
@@ -143,6 +174,7 @@ def build_report(run_dir: str, teacher: str) -> str:
                 stage_times.append(f"{stage} {f.read().strip()}")
     if stage_times:
         lines += ["", "Stage wall times: " + ", ".join(stage_times) + "."]
+    lines += concept_pages(run_dir)
     by_name = {r["name"]: r for r in models}
     if all(n in by_name for n in STUDENTS):
         order = sorted(STUDENTS, key=lambda n: by_name[n]["ppl"])

@@ -14,6 +14,9 @@ from typing import Optional, Sequence
 
 from megatron_cocomix.deepspeed_config import check_deepspeed_config
 
+# --teacher-dtype names (megatron_cocomix.concepts.teacher.TEACHER_DTYPES maps them to storage dtypes).
+TEACHER_DTYPE_CHOICES = ("fp32", "tf32", "bf16", "fp16")
+
 
 class ArgumentError(ValueError):
     """A bad flag value; the message names the flag and the value."""
@@ -62,9 +65,38 @@ def _add_network_size_args(parser: argparse.ArgumentParser) -> None:
                    help="Separate input embedding and output layer weights.")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="Pad the vocabulary to a multiple of this value times the tensor-parallel size.")
-    g.add_argument("--attention-backend", choices=["sdpa", "local"], default="sdpa",
-                   help="Core attention: torch scaled_dot_product_attention (flash / memory-efficient kernels on GPU) "
-                        "or megatron-core's local DotProductAttention (materialises [b, heads, s, s] scores).")
+    g.add_argument("--attention-backend", choices=["sdpa", "sdpa-cudnn", "local"], default="sdpa",
+                   help="Core attention: torch scaled_dot_product_attention (flash / memory-efficient kernels on GPU), "
+                        "the same with cuDNN's attention tried first (sdpa-cudnn; elsewhere SDPA's own order), or "
+                        "megatron-core's local DotProductAttention (materialises [b, heads, s, s] scores).")
+
+
+def _add_kernel_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("fusions and kernels (docs/performance.md)")
+    g.add_argument("--no-bias-gelu-fusion", action="store_false", dest="bias_gelu_fusion",
+                   help="CUDA: do not fuse bias + GELU. The fused kernel is GELU's tanh form, so it is used only "
+                        "with --openai-gelu and biases (exact GELU is never fused).")
+    g.add_argument("--no-bias-swiglu-fusion", action="store_false", dest="bias_swiglu_fusion",
+                   help="CUDA: do not fuse bias + SwiGLU (--swiglu).")
+    g.add_argument("--no-bias-dropout-fusion", action="store_false", dest="bias_dropout_fusion",
+                   help="CUDA: do not fuse bias + dropout + residual add.")
+    g.add_argument("--no-masked-softmax-fusion", action="store_false", dest="masked_softmax_fusion",
+                   help="CUDA, --attention-backend local: do not use the fused scaled masked softmax (used only "
+                        "where its compiled CUDA extensions import).")
+    g.add_argument("--no-persist-layer-norm", action="store_false", dest="persist_layer_norm",
+                   help="CUDA: do not use apex's persistent LayerNorm (used only where apex imports).")
+    g.add_argument("--no-gradient-accumulation-fusion", action="store_false", dest="gradient_accumulation_fusion",
+                   help="CUDA: do not accumulate weight gradients into main_grad inside the GEMM (used only where "
+                        "apex's fused_weight_gradient_mlp_cuda imports, and not with --deepspeed).")
+    g.add_argument("--cross-entropy-loss-fusion", action="store_true",
+                   help="CUDA, --bf16: megatron-core's fused vocab-parallel cross-entropy for the LM loss (its "
+                        "backward returns bf16 logit gradients, hence --bf16 only).")
+    g.add_argument("--cross-entropy-fusion-impl", choices=["native"], default="native",
+                   help="Implementation of --cross-entropy-loss-fusion: native (torch.compile; Transformer "
+                        "Engine's is not available here).")
+    g.add_argument("--torch-compile-layers", action="store_true",
+                   help="torch.compile each transformer layer (regional compilation, compiled lazily at its first "
+                        "forward). Off by default: its gain is measured on a GPU (docs/performance.md).")
 
 
 def _add_regularization_args(parser: argparse.ArgumentParser) -> None:
@@ -249,10 +281,19 @@ def _add_cocomix_args(parser: argparse.ArgumentParser) -> None:
                         "reference: the official code's labels, the top --concept-num-labels over all latents "
                         "whatever their score (zero-score ties in latent-id order; the official code leaves "
                         "their order undefined). Online and precomputed labels alike.")
-    g.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
-                   help="Precision of the frozen teacher (labels, KD). Default fp32, as the official teacher: in "
-                        "bf16 only 80.6%% of tokens kept the same label set (93.7%% the same top-1) on SmolLM2-135M "
-                        "and the shipped corpus (benchmarks/teacher_dtype.md).")
+    g.add_argument("--teacher-dtype", choices=TEACHER_DTYPE_CHOICES, default="fp32",
+                   help="Precision of the frozen teacher and of its SAE (labels, KD). tf32: fp32 weights, CUDA "
+                        "matmuls on TF32 tensor cores inside the teacher's and the SAE's work only (CPU: as fp32). "
+                        "Default fp32, as the official teacher: in bf16 only 80.6%% of tokens kept the same label "
+                        "set (93.7%% the same top-1) on SmolLM2-135M and the shipped corpus, on CPU "
+                        "(benchmarks/teacher_dtype.md); the GPU measurement of tf32 and bf16 is "
+                        "benchmarks/teacher_dtype_agreement.py's (docs/performance.md).")
+    g.add_argument("--teacher-lm-head", choices=["chunked", "full"], default="chunked",
+                   help="How the teacher's next-token loss (whose gradient gives the attribution labels) reads its "
+                        "output layer: chunked, a linear cross-entropy over chunks of tokens and a vocabulary padded "
+                        "to a multiple of 64, never holding the [tokens x vocabulary] fp32 logits (GPT-2 and the "
+                        "Llama family; other architectures use their own head); full, the model's own logits. Same "
+                        "numbers to fp32 rounding.")
     g.add_argument("--teacher-model", default=None, help="Local Hugging Face model directory or .gguf file.")
     g.add_argument("--teacher-layer", type=int, default=None, help="SAE hook: the teacher's hidden_states[layer].")
     g.add_argument("--sae", default=None, help="TopK SAE: OpenAI .pt, SAELens folder or sparsify folder.")
@@ -269,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     for add in (_add_network_size_args, _add_regularization_args, _add_training_args, _add_learning_rate_args,
-                _add_mixed_precision_args, _add_distributed_args, _add_logging_args, _add_validation_args,
-                _add_checkpointing_args, _add_data_args, _add_cocomix_args):
+                _add_mixed_precision_args, _add_kernel_args, _add_distributed_args, _add_logging_args,
+                _add_validation_args, _add_checkpointing_args, _add_data_args, _add_cocomix_args):
         add(parser)
     return parser
 
@@ -398,6 +439,9 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     # Precision.
     if args.bf16 and args.fp16:
         raise ArgumentError("--bf16 and --fp16 are mutually exclusive")
+    if args.cross_entropy_loss_fusion and not args.bf16:
+        raise ArgumentError("--cross-entropy-loss-fusion needs --bf16: megatron-core's fused cross-entropy returns "
+                            "bf16 logit gradients, which would round fp32 / fp16 training's")
 
     # Recompute.
     if args.recompute_granularity == "full" and args.recompute_method is None:

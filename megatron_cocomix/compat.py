@@ -71,7 +71,10 @@ class _CudaToCpuMode(TorchFunctionMode):
             return args[0]
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             name = func(*args)
-            caller = sys._getframe(1).f_globals.get("__name__", "")
+            frame = sys._getframe(1)
+            while frame.f_back is not None and frame.f_code.co_name == "__torch_function__":  # another mode above
+                frame = frame.f_back
+            caller = frame.f_globals.get("__name__", "")
             if caller.startswith("megatron.core.optimizer") and not name.startswith("torch.cuda."):
                 return name.replace("torch.", "torch.cuda.", 1)
             return name

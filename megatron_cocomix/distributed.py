@@ -71,7 +71,20 @@ def initialize_distributed(args: argparse.Namespace) -> None:
             pipeline_model_parallel_size=args.pipeline_model_parallel_size,
             virtual_pipeline_model_parallel_size=args.virtual_pipeline_model_parallel_size,
         )
+    global _HOST_GROUP
+    if torch.distributed.get_backend() != "gloo" and (args.exit_signal_handler or args.exit_duration_in_mins):
+        # Agreeing to stop (exit_conditions.py) is a per-iteration all-reduce of one flag held on the host: on a
+        # gloo group it never waits for the GPU. Created on every rank, in the same order (a collective).
+        _HOST_GROUP = torch.distributed.new_group(backend="gloo", timeout=timeout)
     set_random_seed(args.seed)
+
+
+_HOST_GROUP = None
+
+
+def host_group():
+    """A gloo group over all ranks for host-side collectives, or None when the default group is gloo already."""
+    return _HOST_GROUP
 
 
 def set_random_seed(seed: int) -> None:
@@ -84,6 +97,8 @@ def set_random_seed(seed: int) -> None:
 
 
 def destroy_distributed() -> None:
+    global _HOST_GROUP
+    _HOST_GROUP = None
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if torch.distributed.is_initialized():

@@ -43,8 +43,9 @@ def reset() -> None:
     _VALUES.clear()
 
 
-def reduce() -> Dict[str, float]:
-    """Sum every declared metric over all ranks and reset; collective (every rank must call it)."""
+def reduce_on_device() -> Dict[str, torch.Tensor]:
+    """Every declared metric as a [sum, count] tensor summed over all ranks, then reset; collective, and it never
+    waits for the device (the all-reduce is queued like any other kernel). Read the values with `as_floats`."""
     if not _NAMES:
         return {}
     device = compat.device()
@@ -52,4 +53,17 @@ def reduce() -> Dict[str, float]:
                           for name in _NAMES])
     torch.distributed.all_reduce(buffer)
     reset()
-    return {name: (pair[0] / pair[1]).item() for name, pair in zip(_NAMES, buffer) if pair[1] > 0}
+    return dict(zip(_NAMES, buffer.unbind(0)))
+
+
+def as_floats(pairs: Dict[str, torch.Tensor]) -> Dict[str, float]:
+    """{name: [sum, count]} -> {name: sum / count} on the host (one copy), leaving out names with no count."""
+    if not pairs:
+        return {}
+    values = torch.stack(list(pairs.values())).tolist()
+    return {name: total / count for name, (total, count) in zip(pairs, values) if count > 0}
+
+
+def reduce() -> Dict[str, float]:
+    """Sum every declared metric over all ranks, reset, and read the averages on the host; collective."""
+    return as_floats(reduce_on_device())

@@ -27,6 +27,7 @@ def test_megatron_defaults():
       "--no-overlap-p2p-communication"], 2, "--no-overlap-p2p-communication with the interleaved schedule"),
     (["--lr-warmup-iters", "10"], 1, "--lr-warmup-iters 10 must be smaller than --lr-decay-iters 10"),
     (["--bf16", "--fp16"], 1, "--bf16 and --fp16 are mutually exclusive"),
+    (["--cross-entropy-loss-fusion"], 1, "--cross-entropy-loss-fusion needs --bf16"),
     (["--deepspeed"], 1, "--deepspeed needs --deepspeed_config PATH"),
     (["--deepspeed", "--deepspeed_config", "missing.json"], 1, "--deepspeed_config missing.json: no such file"),
     (["--cocomix"], 1, "--concept-layer is required with --cocomix"),
@@ -46,7 +47,34 @@ def test_bad_flags_give_one_line(extra, world_size, message):
     assert str(error.value).startswith(message), str(error.value)
 
 
+def test_kernel_flags():
+    """Megatron-LM's fusion flags (on by default, --no-... turns each off) and the kernel choices."""
+    args = parse_args(BASE, world_size=1)
+    assert args.bias_gelu_fusion and args.bias_swiglu_fusion and args.bias_dropout_fusion
+    assert args.masked_softmax_fusion and args.persist_layer_norm and args.gradient_accumulation_fusion
+    assert not args.cross_entropy_loss_fusion and not args.torch_compile_layers
+    assert args.teacher_dtype == "fp32" and args.teacher_lm_head == "chunked" and args.attention_backend == "sdpa"
+    args = parse_args(BASE + ["--no-bias-gelu-fusion", "--no-bias-dropout-fusion", "--bf16", "--cross-entropy-loss-fusion",
+                              "--teacher-dtype", "tf32", "--teacher-lm-head", "full", "--attention-backend",
+                              "sdpa-cudnn", "--torch-compile-layers"], world_size=1)
+    assert not args.bias_gelu_fusion and not args.bias_dropout_fusion and args.cross_entropy_loss_fusion
+    assert (args.teacher_dtype, args.teacher_lm_head, args.attention_backend) == ("tf32", "full", "sdpa-cudnn")
+    assert args.torch_compile_layers
+
+
 def test_every_flag_has_help():
     for action in build_parser()._actions:
         if action.option_strings and action.dest != "help":
             assert action.help, f"{action.option_strings} has no --help text"
+
+
+def test_checkpoint_flags_saved_before_a_flag_existed():
+    """A checkpoint's recorded flags lack the flags added since: they take their defaults when it is loaded."""
+    from megatron_cocomix.conversion.checkpoint import _rebuild_args
+
+    saved = dict(vars(parse_args(BASE, world_size=1)))
+    for name in ("bias_gelu_fusion", "bias_dropout_fusion", "teacher_lm_head", "torch_compile_layers"):
+        del saved[name]
+    args = _rebuild_args(saved, None, "iter_0000010")
+    assert args.bias_gelu_fusion and args.bias_dropout_fusion and not args.torch_compile_layers
+    assert args.teacher_lm_head == "chunked" and args.num_layers == 4

@@ -114,7 +114,8 @@ def known_options() -> dict:
                                           "--open-mode", "--overlap"},  # sbatch / srun
         "default": _options(_load_tool("extract_concepts").build_parser()) | launchers,  # ⊇ train
         "pipeline.sh": _tool_options("train_tokenizer", "export_tokenizer", "preprocess_data", "convert_to_hf",
-                                     "train_sae", "eval_sae", "extract_concepts", "evaluate", "plot_runs")
+                                     "train_sae", "eval_sae", "extract_concepts", "evaluate", "plot_runs",
+                                     "describe_latents", "inspect_concepts", "steer")
         | _options(_load_example("pipeline_report").build_parser()) | {"--no-deps"},  # pip, in a message
         "pipeline_gpu.sh": _tool_options("preprocess_data", "export_tokenizer", "inspect_data", "convert_from_hf",
                                          "train_sae", "import_openai_sae", "eval_sae", "extract_concepts",

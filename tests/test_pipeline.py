@@ -1,21 +1,29 @@
-"""examples/pipeline.sh end to end at its reduced size (SIZE=small), killed in the middle of a stage and re-run.
+"""examples/pipeline.sh end to end at its reduced size (SIZE=small), killed in the middle of a stage and re-run, and
+the tools a user runs next on its outputs.
 
-One run covers both:
+One run (a module fixture) serves every test:
 - the re-run skips the finished stages, resumes the killed stage from its last checkpoint, and finishes;
 - every stage's output exists and is sane: the teacher beats a unigram model on held-out text, the SAE's FVU is
   below 0.5, the CoCoMix student's concept top-k accuracy is above chance, and every student's held-out
   perplexity is finite and below the uniform distribution's (an untrained model's, up to its small initial
   logits); the results table, the curves and the CSV are written;
-- the table ends with CoCoMix's and KD's tokens saved against NTP at equal validation perplexity, as computed
-  here from the students' validation curves (4 evaluations each), and the CSV has the same figures.
+- the table reports CoCoMix's and KD's tokens saved against NTP at equal validation perplexity, as computed
+  here from the students' validation curves (4 evaluations each), and the CSV has the same figures;
+- the concepts stage: latent descriptions of the SAE, the concept page of a held-out passage with those
+  descriptions and the teacher's labels, one concept steered, all linked from the results table;
+- the README's commands after training, on the run's own files, each a fresh process with Python's warnings on
+  (stderr must stay empty): generate (checkpoint and export), inspect_concepts with teacher labels (checkpoint and
+  export), steer, evaluate.
 """
 
 from __future__ import annotations
 
 import csv
+import html
 import json
 import math
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -27,7 +35,7 @@ from tests.helpers.paths import ROOT
 
 pytestmark = pytest.mark.slow
 PIPELINE = os.path.join(ROOT, "examples", "pipeline.sh")
-STAGES = ("tokenise", "teacher", "sae", "labels", "cocomix", "ntp", "kd", "evaluate")
+STAGES = ("tokenise", "teacher", "sae", "labels", "cocomix", "ntp", "kd", "evaluate", "concepts")
 
 
 def _environment(run_dir: str) -> dict:
@@ -47,8 +55,10 @@ def _wait_for(path: str, text: str, process: subprocess.Popen, timeout: float) -
     pytest.fail(f"{path} did not show {text!r} within {timeout} s")
 
 
-def test_pipeline_resumes_after_a_kill_and_its_outputs_are_sane(tmp_path):
-    run_dir = str(tmp_path / "run")
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory):
+    """(run dir, the re-run's stdout, the CoCoMix stage's log split by attempt) of one killed and resumed run."""
+    run_dir = str(tmp_path_factory.mktemp("pipeline") / "run")
     env = _environment(run_dir)
     first = subprocess.Popen(["bash", PIPELINE], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
@@ -63,16 +73,19 @@ def test_pipeline_resumes_after_a_kill_and_its_outputs_are_sane(tmp_path):
 
     second = subprocess.run(["bash", PIPELINE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    return run_dir, second.stdout, open(cocomix_log).read().split("=== ")
+
+
+def test_pipeline_resumes_after_a_kill_and_its_outputs_are_sane(pipeline):
+    run_dir, stdout, attempts = pipeline
     for stage in ("tokenise", "teacher", "sae", "labels"):
-        assert f"{stage}: already done" in second.stdout, second.stdout
-    assert "cocomix: already done" not in second.stdout
-    attempts = open(cocomix_log).read().split("=== ")
+        assert f"{stage}: already done" in stdout, stdout
+    assert "cocomix: already done" not in stdout
     assert len(attempts) == 3 and "loaded checkpoint" in attempts[2], attempts[-1][-2000:]
     for stage in STAGES:
         assert os.path.exists(os.path.join(run_dir, "stages", f"{stage}.done")), stage
 
-    with open(os.path.join(run_dir, "results.json")) as f:
-        rows = {row["name"]: row for row in json.load(f)["models"]}
+    rows = _results(run_dir)
     with open(os.path.join(run_dir, "sae", "eval_sae.json")) as f:
         sae = json.load(f)
     sys.path.insert(0, os.path.join(ROOT, "examples"))
@@ -93,8 +106,120 @@ def test_pipeline_resumes_after_a_kill_and_its_outputs_are_sane(tmp_path):
     assert abs(rows["ntp"]["parameters"] / rows["cocomix"]["parameters"] - 1) < 0.01
     for name in ("results.md", "curves.png", "curves.csv"):
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
-    assert "| cocomix |" in second.stdout and "unigram" in second.stdout
+    assert "| cocomix |" in stdout and "unigram" in stdout
 
+
+def _results(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "results.json")) as f:
+        return {row["name"]: row for row in json.load(f)["models"]}
+
+
+def _descriptions(run_dir: str) -> dict:
+    with open(os.path.join(run_dir, "latents.jsonl"), encoding="utf-8") as f:
+        return {record["index"]: record for record in map(json.loads, f)}
+
+
+def test_concepts_stage_pages_and_steering(pipeline):
+    """latents.jsonl has every latent (live ones described by their top tokens and contexts), the concept page
+    names the student's concepts by those descriptions beside the teacher's labels, and the steering table is
+    printed, saved and linked."""
+    run_dir, stdout, _ = pipeline
+    records = _descriptions(run_dir)
+    with open(os.path.join(run_dir, "sae", "final", "cfg.json")) as f:
+        assert sorted(records) == list(range(json.load(f)["d_sae"]))
+    live = [r for r in records.values() if not r["dead"]]
+    assert live and all(r["contexts"] and r["top_tokens"] and r["description"] for r in live)
+    assert all(r["description"].startswith("dead") for r in records.values() if r["dead"])
+    latents_page = open(os.path.join(run_dir, "latents.html"), encoding="utf-8").read()
+    assert latents_page.count('<section class="card"') == len(live)
+
+    concepts_page = open(os.path.join(run_dir, "concepts.html"), encoding="utf-8").read()
+    assert "teacher labels" in concepts_page and "Gallop apace" in concepts_page
+    shown = {int(i) for i in re.findall(r"<small>(\d+)</small>", concepts_page)}  # ids shown with a description
+    assert shown and all(html.escape(records[i]["description"]) in concepts_page for i in shown)
+
+    with open(os.path.join(run_dir, "steering.json"), encoding="utf-8") as f:
+        steering = json.load(f)
+    assert steering["description"] == records[steering["concept"]]["description"]
+    assert [row["scale"] for row in steering["continuations"]] == [-10, -5, 0, 1, 5, 10]
+    assert f"concept {steering['concept']}: {steering['description']}" in stdout  # printed at the end
+    report = open(os.path.join(run_dir, "results.md"), encoding="utf-8").read()
+    assert "[latents.html](latents.html)" in report and "[concepts.html](concepts.html)" in report
+    assert f"concept {steering['concept']}" in report and "| 10 |" in report
+
+
+def _tool(name: str, *args: str) -> str:
+    """A tool as a user runs it (a fresh process, Python's warnings on): its stdout; stderr must be empty."""
+    from tests.helpers.launch import test_env
+
+    env = test_env()
+    env.pop("PYTHONWARNINGS", None)
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tools", f"{name}.py"), *args], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stderr == "", (name, proc.returncode, proc.stderr[-3000:])
+    return proc.stdout
+
+
+def _concept_table(out: str) -> list:
+    """inspect_concepts' rows: (token, [(concept, logit)], teacher labels); every concept is described (the run's
+    latents.jsonl describes all), so each entry ends with its [id]."""
+    rows = []
+    for line in out.splitlines():
+        if re.match(r"^\s*\d+ \| ", line):
+            cells = line.split(" | ")
+            predicted = [(int(c), float(v)) for c, v in re.findall(r"\[(\d+)\] (-?\d+\.\d+)", cells[2])]
+            labels = [int(c) for c in re.findall(r"\[(\d+)\]", cells[3])] if len(cells) > 3 else None
+            rows.append((json.loads(cells[1].strip()), predicted, labels))
+    return rows
+
+
+def test_tools_after_the_pipeline(pipeline, tmp_path):
+    """The README's next steps on the run's own files: an export of the CoCoMix student, generate from the
+    checkpoint and the export (the same greedy text), inspect_concepts with the teacher's labels and the run's
+    latent descriptions (the same table from both), steer (scale 1 is the unsteered greedy text), evaluate (the
+    checkpoint and its export score alike, as the pipeline's own evaluation did)."""
+    run_dir, _, _ = pipeline
+    checkpoint = os.path.join(run_dir, "students", "cocomix", "checkpoints")
+    export = str(tmp_path / "cocomix_hf")
+    _tool("convert_to_hf", "--load", checkpoint, "--output", export)
+    prompt = "ROMEO\nBut soft, what light"
+    generated = [_tool("generate", source, path, "--prompt", prompt, "--max-new-tokens", "12", "--greedy")
+                 for source, path in (("--load", checkpoint), ("--hf-model", export))]
+    assert generated[0] == generated[1] and generated[0].startswith(prompt) and len(generated[0]) > len(prompt)
+
+    teacher = ["--teacher-model", os.path.join(run_dir, "teacher", "hf"), "--teacher-layer", "1",
+               "--sae", os.path.join(run_dir, "sae", "final"), "--latent-descriptions",
+               os.path.join(run_dir, "latents.jsonl")]
+    text = "JULIET\nO Romeo, Romeo! wherefore art thou Romeo?"
+    tables = [_concept_table(_tool("inspect_concepts", source, path, "--text", text, *teacher))
+              for source, path in (("--load", checkpoint), ("--hf-model", export))]
+    assert len(tables[0]) > 10 and all(labels is not None for _, _, labels in tables[0])
+    for (token, predicted, labels), (token_hf, predicted_hf, labels_hf) in zip(*tables):
+        assert (token, [c for c, _ in predicted], labels) == (token_hf, [c for c, _ in predicted_hf], labels_hf)
+        assert all(abs(a - b) <= 2e-3 for (_, a), (_, b) in zip(predicted, predicted_hf))
+
+    steered = _tool("steer", "--hf-model", export, "--prompt", prompt, "--concept", "top", "--scales", "1,-10",
+                    "--max-new-tokens", "12", "--latent-descriptions", os.path.join(run_dir, "latents.jsonl"))
+    rows = [line.split(" | ", 1)[1] for line in steered.splitlines() if " | " in line]
+    assert len(rows) == 2 and prompt + eval(rows[0]) + "\n" == generated[1], (rows, generated[1])
+    concept = int(re.search(r"^concept (\d+): ", steered, re.M).group(1))
+    assert _descriptions(run_dir)[concept]["description"] in steered
+
+    table = _tool("evaluate", "--load", checkpoint, "--hf-model", export, "--name", "ckpt", "export",
+                  "--data-path", os.path.join(run_dir, "data", "shakespeare_text_document"), "--split", "90,5,5",
+                  "--eval-split", "test", "--max-documents", "6", "--output-json", str(tmp_path / "eval.json"),
+                  "--no-progress")
+    assert "| ckpt |" in table and "| export |" in table
+    with open(tmp_path / "eval.json") as f:
+        ppl = {row["name"]: row["ppl"] for row in json.load(f)["models"]}
+    assert ppl["ckpt"] == pytest.approx(ppl["export"], rel=1e-4)
+    assert ppl["ckpt"] == pytest.approx(_results(run_dir)["cocomix"]["ppl"], rel=1e-6)
+
+
+def test_results_report_tokens_saved(pipeline):
+    """CoCoMix's and KD's tokens saved against NTP, from the students' validation curves (4 evaluations each): in
+    the results table and its printout, and as the CSV's 'tokens saved vs ntp' rows."""
+    run_dir, stdout, _ = pipeline
     from megatron_cocomix.evaluation import curves
 
     found = {name: curves.read_curve(os.path.join(run_dir, "students", name, "tensorboard"), name)
@@ -105,7 +230,7 @@ def test_pipeline_resumes_after_a_kill_and_its_outputs_are_sane(tmp_path):
     assert [c.candidate for c in comparisons] == ["cocomix", "kd"] and len(expected) == 3
     with open(os.path.join(run_dir, "results.md")) as f:
         assert "\n" + "\n".join(expected) + "\n" in f.read()
-    assert "\n" + "\n".join(expected) + "\n" in second.stdout
+    assert "\n" + "\n".join(expected) + "\n" in stdout
     with open(os.path.join(run_dir, "curves.csv")) as f:
         rows = [r for r in csv.DictReader(f) if r["metric"] == "tokens saved vs ntp"]
     assert {r["run"]: float(r["value"]) for r in rows} == pytest.approx({c.candidate: c.saving for c in comparisons})

@@ -19,6 +19,11 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_cocomix.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before megatron-core and transformers are imported
+
+from megatron_cocomix.arguments import TEACHER_DTYPE_CHOICES  # noqa: E402
 from megatron_cocomix.errors import cli_main  # noqa: E402
 
 
@@ -27,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--sae", required=True, help="OpenAI .pt, SAELens folder or sparsify folder.")
     p.add_argument("--teacher-model", required=True, help="Local Hugging Face model directory or .gguf file.")
     p.add_argument("--teacher-layer", type=int, required=True, help="Hook: the teacher's hidden_states[layer].")
-    p.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+    p.add_argument("--teacher-dtype", choices=TEACHER_DTYPE_CHOICES, default="fp32",
                    help="Precision of the frozen teacher (as pretrain_cocomix.py's flag).")
     p.add_argument("--data-path", required=True, help="Prefix of a tokenised .bin/.idx dataset.")
     p.add_argument("--seq-length", type=int, default=128, help="Tokens per window.")

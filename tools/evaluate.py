@@ -34,16 +34,17 @@ import argparse
 import json
 import os
 import sys
-import warnings
 from typing import List, Optional
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_cocomix.errors import cli_main  # noqa: E402
+from megatron_cocomix.quiet import quiet_third_party  # noqa: E402
 
-# megatron-core announces on import that it runs without Transformer Engine / Apex: noise for an evaluation.
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+quiet_third_party()  # before megatron-core and transformers are imported
+
+from megatron_cocomix.arguments import TEACHER_DTYPE_CHOICES  # noqa: E402
+from megatron_cocomix.errors import cli_main  # noqa: E402
 
 
 class _Models(argparse.Action):
@@ -103,7 +104,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-model", default=None, help="The students' teacher: HF directory or .gguf file.")
     g.add_argument("--teacher-layer", type=int, default=None, help="Hook: the teacher's hidden_states[layer].")
     g.add_argument("--sae", default=None, help="The TopK SAE the students' labels came from.")
-    g.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default="fp32", help="As training's flag.")
+    g.add_argument("--teacher-dtype", choices=TEACHER_DTYPE_CHOICES, default="fp32", help="As training's flag.")
     g.add_argument("--concept-num-labels", type=int, default=4, help="Labels per token (as training).")
     g.add_argument("--concept-attribution", choices=["act", "preact", "abs"], default="act",
                    help="Attribution score (as training).")

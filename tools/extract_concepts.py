@@ -29,6 +29,10 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_cocomix.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before megatron-core and transformers are imported
+
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
@@ -149,7 +153,8 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
 
     tokenizer = build_tokenizer(args)
     labeler = AttributionLabeler(args.teacher_model, args.teacher_layer, args.sae, args.concept_num_labels,
-                                 args.concept_attribution, args.concept_label_masking, args.teacher_dtype, device)
+                                 args.concept_attribution, args.concept_label_masking, args.teacher_dtype, device,
+                                 teacher_lm_head=args.teacher_lm_head)
     teacher, sae = labeler.teacher, labeler.sae
     check_sae_compatible(sae, num_latents=args.concept_dim, where="--concept-dim")
     if tokenizer.vocab_size > teacher.vocab_size:

@@ -20,16 +20,16 @@ import json
 import os
 import sys
 import tempfile
-import warnings
 from typing import List, Optional
 
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_cocomix.errors import cli_main  # noqa: E402
+from megatron_cocomix.quiet import quiet_third_party  # noqa: E402
 
-# megatron-core announces on import that it runs without Transformer Engine / Apex: noise for an inspection.
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+quiet_third_party()  # before megatron-core and transformers are imported
+
+from megatron_cocomix.errors import cli_main  # noqa: E402
 
 NO_CONCEPT_HEAD = "has no concept head (not a CoCoMix model)"
 
@@ -123,6 +123,15 @@ def _load_checkpoint(root: str, iteration: Optional[int], directory: str):
     return hf_model_from_checkpoint(root, iteration, directory, check_args=needs_concepts)
 
 
+def load_concept_model(hf_model: Optional[str], load: Optional[str], iteration: Optional[int]):
+    """(CoCoMix model, tokenizer) of an export (--hf-model) or a checkpoint (--load, converted in memory); a model
+    without a concept head is refused in one line. Shared with tools/steer.py."""
+    with tempfile.TemporaryDirectory() as directory:
+        if hf_model:
+            return _load_hf(hf_model)
+        return _load_checkpoint(load, iteration, directory)
+
+
 @cli_main
 def main(argv: Optional[List[str]] = None) -> int:
     options = build_parser().parse_args(argv)
@@ -137,11 +146,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     descriptions = None
     if options.latent_descriptions:  # read before any model, so a bad file fails at once
         descriptions = inspection.load_latent_descriptions(options.latent_descriptions)
-    with tempfile.TemporaryDirectory() as directory:
-        if options.hf_model:
-            model, tokenizer = _load_hf(options.hf_model)
-        else:
-            model, tokenizer = _load_checkpoint(options.load, options.iteration, directory)
+    model, tokenizer = load_concept_model(options.hf_model, options.load, options.iteration)
     config = model.config
     if options.top > config.concept_dim:
         raise ValueError(f"--top {options.top}: the model has {config.concept_dim} concepts")
@@ -175,7 +180,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("\n".join(notes))
     print(inspection.format_table(rows, descriptions, options.concept_attribution if with_teacher else None), end="")
     if options.html:
-        title = f"Concepts of {os.path.basename(os.path.normpath(source))}"
+        title = f"Concepts of {os.path.join(*os.path.normpath(source).split(os.sep)[-2:])}"
         page = inspection.render_html(rows, descriptions, title=title, notes=notes + [f"text: {options.text}"])
         with open(options.html, "w", encoding="utf-8") as f:
             f.write(page)

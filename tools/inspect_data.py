@@ -12,10 +12,13 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 from typing import Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_cocomix.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before megatron-core and transformers are imported
 
 from megatron_cocomix.data.tokenizer import add_tokenizer_args, build_tokenizer_from_flags  # noqa: E402
 from megatron_cocomix.errors import cli_main  # noqa: E402
@@ -33,8 +36,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 def inspect(args: argparse.Namespace) -> str:
     import numpy
-
-    warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
     from megatron_cocomix.data.datasets import validate_indexed_dataset

@@ -33,18 +33,18 @@ import os
 import signal
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from megatron_cocomix.errors import cli_main  # noqa: E402
+from megatron_cocomix.quiet import quiet_third_party  # noqa: E402
 
-warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
+quiet_third_party()  # before megatron-core and transformers are imported
 
 from megatron_cocomix.data.corpus import is_text_file, open_binary, resolve_inputs  # noqa: E402
 from megatron_cocomix.data.tokenizer import add_tokenizer_args, build_tokenizer_from_flags  # noqa: E402
+from megatron_cocomix.errors import cli_main  # noqa: E402
 
 BATCH_LINES = 64  # raw lines per task sent to a worker: large enough to amortise pickling, small for balance
 MAX_REPORTED_SKIPS = 5

@@ -3,16 +3,27 @@ by each of several factors before the concept layer's top-k (the paper's steerin
 model, negative scales push the concept out).
 
     python tools/steer.py --hf-model HF_DIR --prompt "The weather today" --concept 1234 --scales -10,-5,0,1,5,10
+    python tools/steer.py --load CKPT_DIR --prompt "..." --concept top \
+        --latent-descriptions latents.jsonl --output steering.json
+
+`--concept top` steers the concept the model predicts most strongly at the prompt's last token. With
+--latent-descriptions (tools/describe_latents.py's JSON lines, or any file tools/inspect_concepts.py reads) the
+concept's description is printed beside its id; --output saves the table as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 from typing import List, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from megatron_cocomix.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before megatron-core and transformers are imported
 
 from megatron_cocomix.errors import cli_main  # noqa: E402
 from tools.generate import parse_steering  # noqa: E402
@@ -21,13 +32,23 @@ from tools.generate import parse_steering  # noqa: E402
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description="Greedy continuations of a prompt under several steering scales "
                                                  "of one CoCoMix concept.", allow_abbrev=False)
-    parser.add_argument("--hf-model", required=True, help="A CoCoMix export (tools/convert_to_hf.py).")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--hf-model", metavar="HF_DIR", help="A CoCoMix export (tools/convert_to_hf.py).")
+    source.add_argument("--load", metavar="CKPT_DIR", help="A CoCoMix training checkpoint directory.")
+    parser.add_argument("--iteration", type=int, default=None, help="With --load: iteration (default latest).")
     parser.add_argument("--prompt", required=True, help="Text to continue.")
-    parser.add_argument("--concept", type=int, required=True, help="The concept (SAE latent) id to steer.")
+    parser.add_argument("--concept", required=True, metavar="ID|top",
+                        help="The concept (SAE latent) id to steer, or `top`: the model's top predicted concept at "
+                             "the prompt's last token.")
     parser.add_argument("--scales", default="-10,-5,0,1,5,10", help="Comma-separated scales (1 = unsteered).")
     parser.add_argument("--mode", choices=["multiply", "add"], default="multiply",
                         help="Multiply the concept's logit (the paper) or add the scale to it.")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="Tokens generated after the prompt per scale.")
+    parser.add_argument("--latent-descriptions", metavar="FILE",
+                        help="Words for the concept ids (the formats of tools/inspect_concepts.py's flag, e.g. "
+                             "tools/describe_latents.py's JSON lines).")
+    parser.add_argument("--output", metavar="FILE.json", help="Also save the prompt, concept, description, scales "
+                                                              "and continuations as JSON.")
     return parser
 
 
@@ -46,25 +67,66 @@ def continuations(model, tokenizer, prompt: str, concept: int, scales: List[floa
     return out
 
 
-@cli_main
-def main(argv: Optional[List[str]] = None) -> int:
+def top_concept(model, tokenizer, prompt: str) -> int:
+    """The concept with the largest concept logit at the prompt's last token."""
+    import torch
+
+    ids = tokenizer(prompt, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    if ids.shape[1] == 0:
+        raise ValueError("--prompt: the prompt has no tokens")
+    with torch.no_grad():
+        return int(model.concept_logits(ids)[0, -1].argmax())
+
+
+def _options(argv) -> argparse.Namespace:
     options = build_parser().parse_args(argv)
     try:
-        scales = [float(s) for s in options.scales.split(",")]
+        options.scales = [float(s) for s in options.scales.split(",")]
     except ValueError:
         raise ValueError(f"--scales {options.scales}: expected comma-separated numbers") from None
-    if not os.path.isfile(os.path.join(options.hf_model, "config.json")):
-        raise FileNotFoundError(f"--hf-model {options.hf_model}: no config.json there")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if options.concept != "top" and not options.concept.lstrip("-").isdigit():
+        raise ValueError(f"--concept {options.concept}: expected a concept id or `top`")
+    if options.max_new_tokens <= 0:
+        raise ValueError(f"--max-new-tokens must be positive, got {options.max_new_tokens}")
+    if options.output:
+        parent = os.path.dirname(os.path.abspath(options.output))
+        if os.path.isdir(options.output) or not os.path.isdir(parent):
+            raise ValueError(f"--output {options.output}: not a file in an existing directory")
+    return options
 
-    model = AutoModelForCausalLM.from_pretrained(options.hf_model, trust_remote_code=True).eval()
-    tokenizer = AutoTokenizer.from_pretrained(options.hf_model, trust_remote_code=True)
-    texts = continuations(model, tokenizer, options.prompt, options.concept, scales, options.mode,
+
+@cli_main
+def main(argv: Optional[List[str]] = None) -> int:
+    options = _options(argv)
+    from megatron_cocomix.concepts.inspection import load_latent_descriptions
+    from tools.inspect_concepts import load_concept_model
+
+    descriptions = None
+    if options.latent_descriptions:  # read before the model, so a bad file fails at once
+        descriptions = load_latent_descriptions(options.latent_descriptions)
+    model, tokenizer = load_concept_model(options.hf_model, options.load, options.iteration)
+    model = model.float().eval()
+    if descriptions is not None:
+        descriptions = load_latent_descriptions(options.latent_descriptions, model.config.concept_dim)
+    concept = top_concept(model, tokenizer, options.prompt) if options.concept == "top" else int(options.concept)
+    texts = continuations(model, tokenizer, options.prompt, concept, options.scales, options.mode,
                           options.max_new_tokens)
-    width = max(len(f"{s:g}") for s in scales)
-    print(f"prompt: {options.prompt!r}; concept {options.concept} ({options.mode})")
-    for scale, text in zip(scales, texts):
+    description = (descriptions or {}).get(concept)
+    name = str(concept) if description is None else f"{concept}: {' '.join(description.split())}"
+    chosen = " (the top predicted concept at the prompt's last token)" if options.concept == "top" else ""
+    how = "multiply its logit" if options.mode == "multiply" else "are added to its logit"
+    width = max(len(f"{s:g}") for s in options.scales)
+    print(f"prompt: {options.prompt!r}")
+    print(f"concept {name}{chosen}; the scales {how}")
+    for scale, text in zip(options.scales, texts):
         print(f"  {scale:>{width}g} | {text!r}")
+    if options.output:
+        result = {"model": options.hf_model or options.load, "prompt": options.prompt, "concept": concept,
+                  "chosen": options.concept, "description": description, "mode": options.mode,
+                  "max_new_tokens": options.max_new_tokens,
+                  "continuations": [{"scale": s, "text": t} for s, t in zip(options.scales, texts)]}
+        with open(options.output, "w", encoding="utf-8") as f:
+            json.dump(result, f, indent=2, ensure_ascii=False)
     return 0
 
 

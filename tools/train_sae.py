@@ -26,9 +26,14 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_cocomix.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before megatron-core and transformers are imported
+
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from megatron_cocomix.arguments import TEACHER_DTYPE_CHOICES  # noqa: E402
 from megatron_cocomix.errors import cli_main  # noqa: E402
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -38,7 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Train a TopK SAE on a teacher layer (OpenAI recipe).", allow_abbrev=False)
     p.add_argument("--teacher-model", required=True, help="Local Hugging Face model directory or .gguf file.")
     p.add_argument("--teacher-layer", type=int, required=True, help="Hook: the teacher's hidden_states[layer].")
-    p.add_argument("--teacher-dtype", choices=["fp32", "bf16", "fp16"], default="fp32",
+    p.add_argument("--teacher-dtype", choices=TEACHER_DTYPE_CHOICES, default="fp32",
                    help="Precision of the frozen teacher (as pretrain_cocomix.py's flag).")
     p.add_argument("--data-path", required=True, help="Prefix of a tokenised .bin/.idx dataset (teacher's tokenizer).")
     p.add_argument("--seq-length", type=int, default=128, help="Tokens per window fed to the teacher.")

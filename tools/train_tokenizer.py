@@ -23,6 +23,10 @@ from typing import Iterator, Optional, Sequence
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_cocomix.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before megatron-core and transformers are imported
+
 from megatron_cocomix.data.corpus import is_text_file, open_binary, resolve_inputs  # noqa: E402
 from megatron_cocomix.errors import cli_main  # noqa: E402
 

@@ -16,6 +16,11 @@ memory stays bounded (_DENSE_CHUNK_TOKENS x C floats at a time). (The SAE's de-n
 latent's effect by the same positive std of the token, which changes no ranking and no sign, so it is left out
 as in the reference code.)
 
+Precision: the SAE's dense products (encode, and preact's g @ W_dec) run in the SAE's dtype, which follows the
+teacher's (--teacher-dtype; TF32 matmuls inside `teacher.precision()` for tf32); the scores themselves (k dot
+products per token, or the [T, C] product of two dense results) are formed in fp32, so close scores keep their
+order.
+
 Labels with score <= 0 are -1 (the dense reference's topk would pick arbitrary zero-score latents there), and
 so is the whole last position, whose gradient is zero (it predicts nothing inside the window).
 `mask_invalid=False` reproduces the reference exactly, with ties broken as a stable dense sort would: among
@@ -48,16 +53,15 @@ def sparse_attribution_scores(sae: TopKSAE, hidden: torch.Tensor, grad: torch.Te
     if mode not in ATTRIBUTION_MODES or mode == "preact":
         raise ValueError(f"sparse attribution mode {mode!r} is not one of act, abs (preact scores every latent: "
                          f"dense_preact_labels)")
-    param_dtype = sae.dictionary.dtype
-    code = sae.encode_with_stats(hidden.to(param_dtype))
+    code = sae.encode_with_stats(hidden.to(sae.dictionary.dtype))
     lead, k = code.indices.shape[:-1], sae.k
     indices = code.indices.reshape(-1, k)
-    weight = code.values.reshape(-1, k)
-    grad = grad.reshape(-1, grad.shape[-1]).to(param_dtype)
+    weight = code.values.reshape(-1, k).float()
+    grad = grad.reshape(-1, grad.shape[-1]).float()
     dots = torch.empty_like(weight)
     for start in range(0, indices.shape[0], _CHUNK_TOKENS):
         stop = start + _CHUNK_TOKENS
-        columns = sae.decoder_columns(indices[start:stop])  # [chunk, k, d]
+        columns = sae.decoder_columns(indices[start:stop]).float()  # [chunk, k, d]
         dots[start:stop] = torch.bmm(columns, grad[start:stop].unsqueeze(-1)).squeeze(-1)
     scores = dots * weight
     if mode == "abs":
@@ -126,7 +130,7 @@ def dense_preact_labels(sae: TopKSAE, hidden: torch.Tensor, grad: torch.Tensor, 
     for start in range(0, hidden.shape[0], _DENSE_CHUNK_TOKENS):
         stop = start + _DENSE_CHUNK_TOKENS
         xn, _, _ = sae.normalize(hidden[start:stop])
-        scores = (grad[start:stop] @ sae.W_dec) * sae.preactivation(xn)  # [chunk, C]
+        scores = (grad[start:stop] @ sae.W_dec).float() * sae.preactivation(xn).float()  # [chunk, C]
         if mask_invalid:
             top_scores, top_ids = scores.topk(num_labels, dim=-1)
             top_ids[top_scores <= 0] = -1
@@ -150,7 +154,8 @@ def attribution_labels(teacher: Teacher, sae: TopKSAE, tokens: torch.Tensor, num
     if mode not in ATTRIBUTION_MODES:
         raise ValueError(f"attribution mode {mode!r} is not one of {', '.join(ATTRIBUTION_MODES)}")
     hidden, grad, _ = teacher.hidden_and_grad(tokens)
-    if mode == "preact":
-        return dense_preact_labels(sae, hidden, grad, num_labels, mask_invalid)
-    scores, indices = sparse_attribution_scores(sae, hidden, grad, mode)
+    with teacher.precision():
+        if mode == "preact":
+            return dense_preact_labels(sae, hidden, grad, num_labels, mask_invalid)
+        scores, indices = sparse_attribution_scores(sae, hidden, grad, mode)
     return labels_from_scores(scores, indices, num_labels, sae.num_latents, mask_invalid)

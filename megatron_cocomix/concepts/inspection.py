@@ -121,11 +121,7 @@ def teacher_labels(token_ids: torch.Tensor, tokenizer, teacher_model: str, teach
     run = SimpleNamespace(teacher_model=teacher_model,
                           tokenizer_type="NullTokenizer" if by_size_only else "HuggingFaceTokenizer")
     try:
-        check_teacher_reads_student_ids(run, SimpleNamespace(vocab_size=len(tokenizer)), teacher.vocab_size)
-        if not by_size_only:
-            from megatron_cocomix.concepts.teacher import check_teacher_tokenizer
-
-            check_teacher_tokenizer(teacher_model, tokenizer)
+        check_teacher_reads_student_ids(run, tokenizer, teacher.vocab_size)
     except OSError as e:  # a teacher directory without tokenizer files
         raise ValueError(f"--teacher-model {teacher_model}: cannot read its tokenizer to compare it with the "
                          f"student's ({type(e).__name__}); --no-tokenizer-check compares vocabulary sizes only"

@@ -24,7 +24,7 @@ from megatron.core import parallel_state
 from megatron_cocomix import compat
 from megatron_cocomix.concepts.attribution import attribution_labels, check_teacher_sae
 from megatron_cocomix.concepts.sae import load_sae
-from megatron_cocomix.concepts.teacher import check_teacher_tokenizer, load_teacher
+from megatron_cocomix.concepts.teacher import check_teacher_tokenizer, load_teacher, tokenizer_vocab_size
 
 
 def _split_over_tp(fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor) -> torch.Tensor:
@@ -56,9 +56,11 @@ def _split_over_tp(fn: Callable[[torch.Tensor], torch.Tensor], tokens: torch.Ten
 
 def check_teacher_reads_student_ids(args: argparse.Namespace, student_tokenizer, teacher_vocab_size: int) -> None:
     """The teacher must read the student's token ids: a vocabulary at least as large, and the same encodings
-    (a synthetic-id tokenizer, NullTokenizer, has no text to compare, only its size)."""
-    if student_tokenizer.vocab_size > teacher_vocab_size:
-        raise ValueError(f"the data tokenizer has {student_tokenizer.vocab_size} ids but teacher {args.teacher_model} "
+    (a synthetic-id tokenizer, NullTokenizer, has no text to compare, only its size). `student_tokenizer`: a
+    megatron-style tokenizer (training) or a Hugging Face one (a model's export)."""
+    student_size = tokenizer_vocab_size(student_tokenizer)
+    if student_size > teacher_vocab_size:
+        raise ValueError(f"the data tokenizer has {student_size} ids but teacher {args.teacher_model} "
                          f"only {teacher_vocab_size}: the teacher must share the student's tokenizer")
     if args.tokenizer_type != "NullTokenizer":
         check_teacher_tokenizer(args.teacher_model, student_tokenizer)
@@ -67,14 +69,16 @@ def check_teacher_reads_student_ids(args: argparse.Namespace, student_tokenizer,
 class AttributionLabeler:
     """The frozen teacher and SAE of training's --teacher-model / --teacher-layer / --sae, loaded once and checked
     as training checks them; called on tokens [b, s] (the student's ids), returns labels [b, s, num_labels]
-    (int64, -1 = none) on the teacher's device, with training's --concept-attribution and --concept-label-masking."""
+    (int64, -1 = none) on the teacher's device, with training's --concept-attribution and --concept-label-masking.
+    The SAE runs in the teacher's precision (--teacher-dtype)."""
 
     def __init__(self, teacher_model: str, teacher_layer: int, sae_path: str, num_labels: int = 4,
                  attribution: str = "act", masking: str = "ignore", teacher_dtype: Optional[str] = None,
-                 device: Optional[torch.device] = None):
+                 device: Optional[torch.device] = None, teacher_lm_head: str = "chunked"):
         self.teacher_model, self.num_labels, self.attribution = teacher_model, num_labels, attribution
-        self.teacher = load_teacher(teacher_model, teacher_layer, dtype=teacher_dtype, device=device)
-        self.sae = load_sae(sae_path, device=self.teacher.device).freeze()
+        self.teacher = load_teacher(teacher_model, teacher_layer, dtype=teacher_dtype, device=device,
+                                    lm_head=teacher_lm_head)
+        self.sae = load_sae(sae_path, device=self.teacher.device, dtype=self.teacher.dtype).freeze()
         check_teacher_sae(self.teacher, self.sae)
         self.mask_invalid = masking == "ignore"
         # Refused before any labelling (labels_from_scores would refuse the first batch): preact scores every latent.
@@ -91,7 +95,8 @@ class AttributionLabeler:
 
 class OnlineTeacher:
     """Loaded lazily, only on ranks that need it; weights frozen and never seen by the optimizer. Lives on
-    `device`, by default this rank's device at first use (known only once the process groups exist)."""
+    `device`, by default this rank's device at first use (known only once the process groups exist). The SAE
+    runs in the teacher's precision (--teacher-dtype: its storage dtype, and TF32 matmuls with tf32)."""
 
     def __init__(self, args: argparse.Namespace, device: Optional[torch.device] = None):
         self.args = args
@@ -108,14 +113,17 @@ class OnlineTeacher:
     @property
     def teacher(self):
         if self._teacher is None:
+            # The ids were checked once, at start-up (check_teacher_reads_student_ids): a per-step range check
+            # would read them back from the device.
             self._teacher = load_teacher(self.args.teacher_model, self.args.teacher_layer,
-                                         dtype=self.args.teacher_dtype, device=self.device)
+                                         dtype=self.args.teacher_dtype, device=self.device, check_ids=False,
+                                         lm_head=self.args.teacher_lm_head)
         return self._teacher
 
     @property
     def sae(self):
         if self._sae is None:
-            self._sae = load_sae(self.args.sae, device=self.device).freeze()
+            self._sae = load_sae(self.args.sae, device=self.device, dtype=self.teacher.dtype).freeze()
             check_teacher_sae(self.teacher, self._sae)
         return self._sae
 

@@ -106,14 +106,16 @@ class TopKSAE(nn.Module):
 
     # ----------------------------------------------------------------------------------------------- maths
     def normalize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(xn, mu, std); identity statistics (0, 1) when the SAE has no input LN."""
+        """(xn, mu, std) in x's dtype; identity statistics (0, 1) when the SAE has no input LN. The statistics
+        are computed in fp32 whatever x's dtype (a bf16 mean / std over d would be the least precise step)."""
         if self.normalize_input:
-            return layer_norm_stats(x)
+            return tuple(t.to(x.dtype) for t in layer_norm_stats(x.float()))
         ones = torch.ones(x.shape[:-1] + (1,), dtype=x.dtype, device=x.device)
         return x, torch.zeros_like(ones), ones
 
     def preactivation(self, xn: torch.Tensor) -> torch.Tensor:
-        """pre = W_enc (xn - pre_bias) + latent_bias, [..., C] (the one dense product of the SAE)."""
+        """pre = W_enc (xn - pre_bias) + latent_bias, [..., C] (the one dense product of the SAE), in the SAE's
+        dtype."""
         return F.linear(xn - self.pre_bias, self.W_enc, self.latent_bias)
 
     def encode_with_stats(self, x: torch.Tensor) -> SparseCode:

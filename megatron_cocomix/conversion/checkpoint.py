@@ -77,7 +77,7 @@ def read_common(path: str) -> dict:
 
 
 def _rebuild_args(saved: Optional[dict], train_argv: Optional[Sequence[str]], path: str):
-    from megatron_cocomix.arguments import RunArguments, parse_args
+    from megatron_cocomix.arguments import RunArguments, build_parser, parse_args
 
     if saved is None and not train_argv:
         raise CheckpointError(f"{path} does not record its training flags (saved before they were): give the "
@@ -86,7 +86,8 @@ def _rebuild_args(saved: Optional[dict], train_argv: Optional[Sequence[str]], pa
         args = parse_args(list(train_argv), world_size=None)
         args.padded_vocab_size = None
     else:
-        args = RunArguments(**saved)
+        # Flags added after the checkpoint was saved take their defaults.
+        args = RunArguments(**{**vars(build_parser().parse_args([])), **saved})
     for name, value in _SINGLE_PROCESS.items():
         setattr(args, name, value)
     return args

@@ -39,6 +39,7 @@ import collections.abc
 import math
 import os
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -63,7 +64,12 @@ def split_range(num_sequences: int, split: str, eval_split: str) -> Tuple[int, i
     if eval_split not in EVAL_SPLITS:
         raise ValueError(f"--eval-split {eval_split!r}: expected one of {', '.join(EVAL_SPLITS)}")
     try:
-        matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+        with warnings.catch_warnings():  # megatron-core reads "a,b,c" as NaNs (numpy warns): refused below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            weights = parse_and_normalize_split(split)
+        if not all(math.isfinite(w) and w >= 0 for w in weights):
+            raise ValueError("not numbers")
+        matrix = convert_split_vector_to_split_matrix(weights)
     except Exception as e:
         raise ValueError(f"--split {split!r}: not a list of 3 non-negative weights ({e})") from None
     bounds = matrix[EVAL_SPLITS.index(eval_split)]

@@ -13,10 +13,20 @@ attention mask (True = masked out, [b or 1, 1, sq, sk]) is inverted to SDPA's (T
 and with a causal mask type, SDPA's `is_causal` fast path is used. Attention dropout under tensor parallelism
 draws from the tensor-parallel RNG stream, as megatron's module does, so dropout masks differ across heads
 held by different ranks and recomputation replays the same mask.
+
+`cudnn_first` (--attention-backend sdpa-cudnn) puts cuDNN's attention first in SDPA's backend order (torch tries
+flash first by default); where cuDNN cannot run the call (CPU, an unsupported shape or dtype) SDPA goes on down
+the order, so the same call runs everywhere.
+
+The output copy: SDPA returns [b, np, sq, hn]; the layout megatron wants is [sq, b, np * hn]. The flash and cuDNN
+kernels allocate their output in the memory order of the query, which here is [sq, b, np, hn] (the permute below
+is a view of megatron's [s, b, ...] projection), so the final permute + reshape is a view there and copies
+nothing; kernels that return a contiguous [b, np, sq, hn] (CPU, math) pay one copy.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Optional
 
@@ -27,6 +37,22 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.utils import divide
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+# --attention-backend sdpa-cudnn: SDPA's backends in this order of preference.
+CUDNN_FIRST = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+               SDPBackend.MATH]
+
+
+@torch.compiler.disable
+def sdpa_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Megatron's mask (True = masked out) -> SDPA's (True = attend). Computed once per mask tensor: every layer
+    of a forward (and its recomputation) is handed the same mask, so the result is kept on the mask itself."""
+    cached = getattr(attention_mask, "_sdpa_mask", None)
+    if cached is None:
+        cached = ~attention_mask.to(torch.bool)
+        attention_mask._sdpa_mask = cached
+    return cached
 
 
 class SDPAttention(MegatronModule):
@@ -42,8 +68,10 @@ class SDPAttention(MegatronModule):
         softmax_scale: Optional[float] = None,
         cp_comm_type: Optional[str] = None,
         pg_collection=None,
+        cudnn_first: bool = False,
     ):
         super().__init__(config=config)
+        self.cudnn_first = cudnn_first
         if config.context_parallel_size != 1:
             raise ValueError("SDPAttention does not support context parallelism")
         if pg_collection is not None:
@@ -81,20 +109,21 @@ class SDPAttention(MegatronModule):
         # [s, b, heads, hn] -> [b, heads, s, hn]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
 
-        sdpa_mask = None
+        attend = None
         is_causal = False
         if attention_mask is not None:
-            sdpa_mask = ~attention_mask.to(torch.bool)
+            attend = sdpa_mask(attention_mask)
         elif mask_type == AttnMaskType.causal:
             is_causal = True
 
         dropout_p = self.dropout_p if self.training else 0.0
-        kwargs = dict(attn_mask=sdpa_mask, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale,
+        kwargs = dict(attn_mask=attend, dropout_p=dropout_p, is_causal=is_causal, scale=self.softmax_scale,
                       enable_gqa=self.heads_per_partition != self.groups_per_partition)
-        if dropout_p > 0.0 and not self.config.sequence_parallel:
-            with tensor_parallel.get_cuda_rng_tracker().fork():
-                context = F.scaled_dot_product_attention(q, k, v, **kwargs)
-        else:
+        with contextlib.ExitStack() as scope:
+            if self.cudnn_first:
+                scope.enter_context(sdpa_kernel(CUDNN_FIRST, set_priority=True))
+            if dropout_p > 0.0 and not self.config.sequence_parallel:
+                scope.enter_context(tensor_parallel.get_cuda_rng_tracker().fork())
             context = F.scaled_dot_product_attention(q, k, v, **kwargs)
 
         # [b, heads, sq, hn] -> [sq, b, heads * hn]

@@ -79,6 +79,17 @@ def mask_for_slots(attention_mask: torch.Tensor) -> torch.Tensor:
     return doubled | future
 
 
+@torch.compiler.disable
+def doubled_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """mask_for_slots, built once per mask tensor and kept on it: every doubled layer of a forward (and of its
+    recomputation) is handed the same mask, so a forward builds one [b, 1, 2s, 2s] mask, not one per layer."""
+    cached = getattr(attention_mask, "_slots_mask", None)
+    if cached is None:
+        cached = mask_for_slots(attention_mask)
+        attention_mask._slots_mask = cached
+    return cached
+
+
 def sparse_compress(values: torch.Tensor, ids: torch.Tensor, local_weight: torch.Tensor,
                     sequence_parallel: bool) -> torch.Tensor:
     """sum_j values[..., j] * W_comp[ids[..., j]] over all TP shards.
@@ -208,7 +219,7 @@ class CoCoMixTransformerLayer(TransformerLayer):
             if kwargs.get("rotary_pos_emb") is not None:
                 kwargs["rotary_pos_emb"] = rotary_for_slots(kwargs["rotary_pos_emb"], num_tokens)
             if kwargs.get("attention_mask") is not None:
-                kwargs["attention_mask"] = mask_for_slots(kwargs["attention_mask"])
+                kwargs["attention_mask"] = doubled_mask(kwargs["attention_mask"])
         output, _ = super().forward(hidden, *args, **kwargs)
         if self.returns_concept_slots:
             output = concept_slots(output)

@@ -28,10 +28,11 @@ from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+from megatron.core.transformer.transformer_layer import TransformerLayer, get_transformer_layer_offset
 
 from megatron_cocomix import compat
 from megatron_cocomix.model.attention import SDPAttention
+from megatron_cocomix.model.fusions import fusion_settings
 
 
 def dtype_from_args(args: argparse.Namespace) -> torch.dtype:
@@ -54,10 +55,12 @@ def activation_from_args(args: argparse.Namespace):
     return openai_gelu if args.openai_gelu else F.gelu
 
 
-def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
-    """Megatron flags -> megatron-core TransformerConfig."""
+def build_transformer_config(args: argparse.Namespace, device_type: Optional[str] = None) -> TransformerConfig:
+    """Megatron flags -> megatron-core TransformerConfig, with the fusions `fusion_settings` picks for
+    `device_type` (default: this process's device)."""
     dtype = dtype_from_args(args)
-    activation = activation_from_args(args)
+    fusions = fusion_settings(args, device_type or compat.device().type)
+    activation = fusions.pop("activation_func", activation_from_args(args))
     return TransformerConfig(
         num_layers=args.num_layers,
         hidden_size=args.hidden_size,
@@ -92,13 +95,7 @@ def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
         perform_initialization=True,
         init_method=_keep,
         output_layer_init_method=_keep,
-        # Fusions need apex / TE / CUDA-compiled kernels; the unfused paths are the same maths.
-        bias_activation_fusion=False,
-        bias_dropout_fusion=False,
-        masked_softmax_fusion=False,
-        persist_layer_norm=False,
-        apply_rope_fusion=False,
-        gradient_accumulation_fusion=False,
+        **fusions,
         # Stages after a CoCoMix mixing layer carry 2s positions: let stages exchange shapes.
         variable_seq_lengths=args.variable_seq_lengths,
         # megatron's config check refuses variable lengths with the default MoE dispatcher even without MoE.
@@ -106,6 +103,8 @@ def build_transformer_config(args: argparse.Namespace) -> TransformerConfig:
         deallocate_pipeline_outputs=compat.can_deallocate_pipeline_outputs(),
         overlap_p2p_comm=args.overlap_p2p_comm,
         batch_p2p_comm=not args.overlap_p2p_comm,
+        # No CUDA graphs; megatron-core 0.16's default scope "full" is deprecated (and warns) for the empty list.
+        cuda_graph_scope=[],
     )
 
 
@@ -143,8 +142,9 @@ def gpt_layer_spec(args: argparse.Namespace) -> ModuleSpec:
     """One transformer layer: megatron's local spec with SDPA core attention and sequence-parallel-safe norms."""
     spec = get_gpt_layer_local_spec(normalization=args.normalization)
     submodules = spec.submodules
-    if args.attention_backend == "sdpa":
-        submodules.self_attention.submodules.core_attention = SDPAttention
+    if args.attention_backend in ("sdpa", "sdpa-cudnn"):
+        submodules.self_attention.submodules.core_attention = ModuleSpec(
+            module=SDPAttention, params={"cudnn_first": args.attention_backend == "sdpa-cudnn"})
     submodules.input_layernorm = _norm_impl(args)
     submodules.pre_mlp_layernorm = _norm_impl(args)
     return spec
@@ -193,7 +193,26 @@ def build_gpt_model(args: argparse.Namespace, config: TransformerConfig, pre_pro
     )
     if post_process and args.true_vocab_size is not None and args.true_vocab_size < args.padded_vocab_size:
         model.output_layer.register_forward_hook(mask_padded_vocab(args.true_vocab_size))
+    if getattr(args, "torch_compile_layers", False):
+        compile_layers(model)
     return model
+
+
+# torch.compile keyword arguments of --torch-compile-layers (default: inductor).
+COMPILE_OPTIONS: dict = {}
+
+
+def compile_layers(model: torch.nn.Module) -> List[torch.nn.Module]:
+    """--torch-compile-layers: compile each transformer layer in place (`nn.Module.compile`, so parameter names
+    and checkpoints are unchanged; compiled at the layer's first forward). The layer that holds the CoCoMix
+    concept mixing stays eager: its distributed top-k, metrics and collectives would split the graph anyway.
+    Returns the compiled layers."""
+    compiled = []
+    for module in model.modules():
+        if isinstance(module, TransformerLayer) and getattr(module, "concept_mixing", None) is None:
+            module.compile(**COMPILE_OPTIONS)
+            compiled.append(module)
+    return compiled
 
 
 # ---------------------------------------------------------------------------------------------------------

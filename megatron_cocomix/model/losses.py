@@ -3,16 +3,17 @@
 Concept loss (docs/design.md §6). Concept logits z are column-parallel over C: each TP rank holds [s, b, C/tp].
 For the K_attr labels y_1..y_K of a token (-1 = no label: no positive attribution, or the last position):
 
-    lse    = log sum_c exp(z_c)                       (max and sum all-reduced over TP, as megatron's
-                                                       vocab-parallel cross-entropy does)
-    CE_k   = lse - z[y_k]                             (z[y_k] read on the rank that owns y_k, all-reduced)
+    M      = max_c z_c                                (all-reduced MAX over TP)
+    CE_k   = log sum_c exp(z_c - M) - (z[y_k] - M)    (z[y_k] read on the rank that owns y_k; both sums
+                                                       all-reduced over TP in one call)
     L_concept = mean over valid (token, k) of CE_k     -> weight --concept-loss-weight (0.1) in the total loss
 
-This is megatron's vocab-parallel cross-entropy, written once for K targets sharing one softmax: megatron's
-`vocab_parallel_cross_entropy` works in place on fp32 logits (the same z also feeds the top-k) and takes one
-target per position; the tests check this function against it. All-reduces use megatron's autograd-aware
-`reduce_from_tensor_model_parallel_region` (forward all-reduce, backward identity), so each rank's gradient is
-softmax - onehot on its own shard.
+This is megatron's vocab-parallel cross-entropy, written once for K targets sharing one softmax (megatron's
+`vocab_parallel_cross_entropy` takes one target per position and works in place on its input, which the top-k
+also reads); the tests check this function against it. Like megatron's, it is an autograd Function with one fp32
+buffer of the logits' shape (exp, then softmax, then the gradient, in place) and a backward without
+communication: each rank's gradient is softmax - onehot on its own shard. The K target logits are gathered
+before any upcast, so bf16 logits get one fp32 copy, not one per step of the formula.
 
 KD baseline (docs/design.md §6): KL(p_teacher || p_student) over the vocabulary, summed over the vocab shards the same
 way; the teacher's distribution is restricted to the student's (padded) vocabulary slice on each rank.
@@ -37,20 +38,52 @@ def _tp_log_sum_exp(local_logits: torch.Tensor) -> torch.Tensor:
     return torch.log(sum_exp) + global_max  # [..., 1]
 
 
-def _tp_gather_targets(local_logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """z[target] for targets [..., K] (global ids, -1 allowed) from vocab-parallel logits [..., C/tp]."""
-    shard = local_logits.shape[-1]
-    start = parallel_state.get_tensor_model_parallel_rank() * shard
-    local = targets - start
-    owned = (targets >= 0) & (local >= 0) & (local < shard)
-    picked = torch.gather(local_logits.float(), -1, torch.where(owned, local, torch.zeros_like(local)))
-    return reduce_from_tensor_model_parallel_region(picked * owned)
+class _ConceptCrossEntropy(torch.autograd.Function):
+    """CE_k = log sum_c exp(z_c - M) - (z[y_k] - M) for K targets sharing one softmax, M the global max.
+
+    Memory: one fp32 buffer of the logits' shape, reused in place for exp, softmax and the gradient (megatron's
+    vocab-parallel cross-entropy does the same for one target); the K target logits are gathered from the
+    logits as they come (bf16 in bf16 training) and only those K values are upcast."""
+
+    @staticmethod
+    def forward(ctx, local_logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        group = parallel_state.get_tensor_model_parallel_group() if tp > 1 else None
+        shard = local_logits.shape[-1]
+        local = labels - parallel_state.get_tensor_model_parallel_rank() * shard
+        owned = (labels >= 0) & (local >= 0) & (local < shard)
+        index = torch.where(owned, local, torch.zeros_like(local))
+        picked = torch.gather(local_logits, -1, index).float()  # [..., K]
+
+        work = local_logits.to(torch.float32, copy=True)  # never the caller's tensor: top-k reads it too
+        logits_max = work.amax(dim=-1, keepdim=True)
+        if tp > 1:
+            torch.distributed.all_reduce(logits_max, op=torch.distributed.ReduceOp.MAX, group=group)
+        work.sub_(logits_max).exp_()
+        # One all-reduce for both sums: the shifted target logits (0 where another rank owns y_k) and sum exp.
+        sums = torch.cat([(picked - logits_max) * owned, work.sum(dim=-1, keepdim=True)], dim=-1)
+        if tp > 1:
+            torch.distributed.all_reduce(sums, group=group)
+        shifted_target, sum_exp = sums[..., :-1], sums[..., -1:]
+        work.div_(sum_exp)  # softmax, kept for the backward
+        ctx.save_for_backward(work, index, owned)
+        ctx.logits_dtype = local_logits.dtype
+        return torch.log(sum_exp) - shifted_target
+
+    @staticmethod
+    def backward(ctx, grad_ce: torch.Tensor):
+        # dCE_k/dz = softmax - onehot(y_k) on the rank that owns y_k; summed over the K targets. In place on the
+        # saved softmax, so this backward runs once (as megatron's).
+        softmax, index, owned = ctx.saved_tensors
+        grad = softmax.mul_(grad_ce.sum(dim=-1, keepdim=True))
+        grad.scatter_add_(-1, index, -(grad_ce * owned))
+        return grad.to(ctx.logits_dtype), None
 
 
 def concept_cross_entropy(local_logits: torch.Tensor, labels: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
     """local_logits [s, b, C/tp], labels [s, b, K] (-1 = ignore) -> (sum of CE over valid labels, count)."""
     valid = labels >= 0
-    ce = _tp_log_sum_exp(local_logits) - _tp_gather_targets(local_logits, labels)  # [s, b, K]
+    ce = _ConceptCrossEntropy.apply(local_logits, labels)  # [s, b, K]
     return (ce * valid).sum(), valid.sum()
 
 

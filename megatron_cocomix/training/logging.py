@@ -28,8 +28,9 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import time
 from datetime import datetime
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence, Union
 
 import torch
 
@@ -68,6 +69,9 @@ class TrainingLogger:
         self._window_iters = 0
         self._skipped = 0
         self._nan = 0
+        self._pending: List[tuple] = []
+        self._grad_norm: Optional[float] = None
+        self._loss_scale: Optional[float] = None
         self._memory_reported = False
         self.flops_per_iteration: Optional[float] = None
         self.flops_note: Optional[str] = None
@@ -110,9 +114,37 @@ class TrainingLogger:
         print(report, flush=True)
 
     # ---------------------------------------------------------------------------------------------------
-    def training_log(self, iteration: int, losses: Dict[str, float], learning_rate: float,
-                     grad_norm: Optional[float], loss_scale: Optional[float], skipped: bool,
-                     iteration_time: float, consumed_samples: int) -> None:
+    def training_log(self, iteration: int, losses: Dict[str, Union[float, torch.Tensor]], learning_rate: float,
+                     grad_norm: Union[None, float, torch.Tensor], loss_scale: Union[None, float, torch.Tensor],
+                     skipped: bool, iteration_time: float, consumed_samples: int) -> None:
+        """One iteration's values. Tensors (a loss as a [sum, count] pair or a value, the gradient norm, the loss
+        scale) may still be on the device: they are read on the host at the next `materialize()`, which this call
+        makes every --log-interval iterations, so the iterations in between never wait for the device."""
+        self._pending.append((iteration, losses, learning_rate, grad_norm, loss_scale, skipped, iteration_time,
+                              consumed_samples))
+        if iteration % self.args.log_interval == 0:
+            self.materialize()
+            self._print_log_line(iteration, learning_rate, consumed_samples)
+
+    def materialize(self) -> None:
+        """Read the pending iterations' device values with one copy to the host and account for them: history,
+        log-line averages, tensorboard / W&B scalars. The wait for the device counts towards the iterations'
+        time, so the log line's time per iteration is the device's, not the time it took to queue the work."""
+        if not self._pending:
+            return
+        start = time.time()
+        tensors = [value for entry in self._pending for value in _entry_values(entry) if torch.is_tensor(value)]
+        host = iter(torch.cat([t.detach().double().reshape(-1) for t in tensors]).tolist() if tensors else [])
+        wait = time.time() - start
+        for i, entry in enumerate(self._pending):
+            iteration, losses, lr, grad_norm, loss_scale, skipped, iteration_time, consumed = _read_entry(entry, host)
+            if i == len(self._pending) - 1:
+                iteration_time += wait  # the device's backlog, waited for after the last queued iteration
+            self._account(iteration, losses, lr, grad_norm, loss_scale, skipped, iteration_time, consumed)
+        self._pending.clear()
+
+    def _account(self, iteration: int, losses: Dict[str, float], learning_rate: float, grad_norm: Optional[float],
+                 loss_scale: Optional[float], skipped: bool, iteration_time: float, consumed_samples: int) -> None:
         args = self.args
         self.history.append({"iteration": iteration, **losses, "lr": learning_rate,
                              "grad_norm": grad_norm, "time": iteration_time})
@@ -125,13 +157,13 @@ class TrainingLogger:
                 self._counts[key] = self._counts.get(key, 0) + 1
         self._window_time += iteration_time
         self._window_iters += 1
-        batch_size = args.global_batch_size
+        self._grad_norm, self._loss_scale = grad_norm, loss_scale
 
         writer = self.writer
         if writer and iteration % args.tensorboard_log_interval == 0:
             scalars = dict(losses)
             scalars["learning-rate"] = learning_rate
-            scalars["batch-size"] = batch_size
+            scalars["batch-size"] = args.global_batch_size
             if grad_norm is not None:
                 scalars["grad-norm"] = grad_norm
             if loss_scale is not None:
@@ -142,8 +174,10 @@ class TrainingLogger:
             # Tokens seen at each iteration: what runs of different batch sizes are compared by.
             writer.add_scalar("tokens", consumed_samples * args.seq_length, iteration)
 
-        if iteration % args.log_interval != 0:
-            return
+    def _print_log_line(self, iteration: int, learning_rate: float, consumed_samples: int) -> None:
+        args = self.args
+        batch_size = args.global_batch_size
+        grad_norm, loss_scale, writer = self._grad_norm, self._loss_scale, self.writer
         elapsed = self._window_time / max(1, self._window_iters)
         memory = memory_stats()
         self._report_memory_once(iteration, memory)
@@ -242,6 +276,31 @@ class TrainingLogger:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def _entry_values(entry: tuple) -> list:
+    """The values of a pending iteration that may be tensors, in a fixed order: losses, grad norm, loss scale."""
+    _, losses, _, grad_norm, loss_scale, *_ = entry
+    return list(losses.values()) + [grad_norm, loss_scale]
+
+
+def _read_entry(entry: tuple, host: Iterator[float]) -> tuple:
+    """A pending iteration with its tensors replaced by the host floats that follow in `host` (a [sum, count] pair
+    becomes sum / count, or is left out when its count is 0)."""
+    iteration, losses, learning_rate, grad_norm, loss_scale, skipped, iteration_time, consumed = entry
+
+    def read(value):
+        if not torch.is_tensor(value):
+            return value
+        numbers = [next(host) for _ in range(value.numel())]
+        if len(numbers) == 2:
+            return numbers[0] / numbers[1] if numbers[1] > 0 else None
+        return numbers[0]
+
+    read_losses = {key: read(value) for key, value in losses.items()}
+    read_losses = {key: value for key, value in read_losses.items() if value is not None}
+    return (iteration, read_losses, learning_rate, read(grad_norm), read(loss_scale), skipped, iteration_time,
+            consumed)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -25,13 +25,13 @@ from megatron.core.utils import get_model_config
 
 from megatron_cocomix import compat, metrics
 from megatron_cocomix.arguments import parse_args
-from megatron_cocomix.distributed import initialize_distributed, print_rank_0
+from megatron_cocomix.distributed import host_group, initialize_distributed, print_rank_0
 from megatron_cocomix.errors import exit_on_bad_input
 from megatron_cocomix.global_vars import reset_global_vars, set_args, set_tokenizer
 from megatron_cocomix.model.gpt import initialize_weights
 from megatron_cocomix.training import checkpointing
 from megatron_cocomix.training.backends import OptimizerBackend, build_optimizer_backend
-from megatron_cocomix.training.exit_conditions import ExitConditions, NonFiniteError, check_losses
+from megatron_cocomix.training.exit_conditions import DivergenceGuard, ExitConditions, NonFiniteError
 from megatron_cocomix.training.logging import TrainingLogger
 
 
@@ -113,20 +113,21 @@ class DataIterators:
         return self._per_chunk(self.test_ds, 0)
 
 
-def _reduce_losses(losses_reduced: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, float]:
-    """Per-token averages over the global batch: each entry holds [sum, count]; summed over micro-batches
-    here and over data-parallel ranks by an all-reduce."""
+def _reduce_losses(losses_reduced: Sequence[Dict[str, torch.Tensor]]) -> Dict[str, torch.Tensor]:
+    """Per-token [sum, count] over the global batch for each entry of the loss dictionary, still on the device:
+    summed over micro-batches here and over data-parallel ranks by one all-reduce."""
     if not parallel_state.is_pipeline_last_stage(ignore_virtual=True) or not losses_reduced:
         return {}
-    out = {}
-    for key in losses_reduced[0]:
-        total = torch.stack([x[key].float().view(-1) for x in losses_reduced]).sum(dim=0)
-        torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
-        out[key] = (total[0] / total[1].clamp(min=1)).item() if total.numel() == 2 else total[0].item()
-    return out
+    keys = list(losses_reduced[0])
+    total = torch.stack([torch.stack([x[key].float().view(2) for key in keys]) for x in losses_reduced]).sum(dim=0)
+    torch.distributed.all_reduce(total, group=parallel_state.get_data_parallel_group())
+    return dict(zip(keys, total.unbind(0)))
 
 
-def train_step(forward_step_func, data_iterator, model, backend: OptimizerBackend, args) -> tuple:
+def train_step(forward_step_func, data_iterator, model, backend: OptimizerBackend, args,
+               guard: Optional[DivergenceGuard] = None, iteration: int = 0) -> tuple:
+    """One iteration. Returns (losses as [sum, count] device tensors, update applied, gradient norm); nothing here
+    waits for the device (the back end's fp16 overflow check aside)."""
     backend.zero_grad()
     forward_backward = get_forward_backward_func()
     losses_reduced = forward_backward(
@@ -140,10 +141,10 @@ def train_step(forward_step_func, data_iterator, model, backend: OptimizerBacken
     )
     backend.after_forward_backward()
     losses = _reduce_losses(losses_reduced)
-    losses.update(metrics.reduce())
-    if args.check_for_nan_in_loss_and_grad:
-        check_losses(losses)  # before the update: a diverged step never reaches the weights
-    update_successful, grad_norm = backend.step()
+    losses.update(metrics.reduce_on_device())
+    if guard is not None:
+        guard.observe_losses(iteration, losses)  # a diverged step never reaches the weights
+    update_successful, grad_norm = backend.step(guard)
     return losses, update_successful, grad_norm
 
 
@@ -159,8 +160,8 @@ def evaluate(forward_step_func, data_iterator, model, args, num_iters: int) -> D
                 num_microbatches=args.num_micro_batches, seq_length=args.seq_length,
                 micro_batch_size=args.micro_batch_size, forward_only=True)
             reduced = _reduce_losses(losses_reduced)
-            reduced.update(metrics.reduce())
-            for key, value in reduced.items():
+            reduced.update(metrics.reduce_on_device())
+            for key, value in metrics.as_floats(reduced).items():
                 sums.setdefault(key, []).append(value)
     for chunk in model:
         chunk.train()
@@ -171,7 +172,10 @@ def train(forward_step_func, model, backend: OptimizerBackend, data: DataIterato
           logger: TrainingLogger) -> Optional[str]:
     """Iterations up to --train-iters with periodic log / validation / save. Returns why it stopped early
     (preemption signal, wall time, --exit-interval), or None. `state["valid"]` holds the last validation and
-    `state["valid_iteration"]` the iteration it ran at."""
+    `state["valid_iteration"]` the iteration it ran at.
+
+    The host reads device values only at sync points: the log line, validation, a checkpoint, the end. Each
+    sync point also reads the divergence guard, so a run that diverged stops there, before anything is saved."""
     train_iterator = data.train(state["consumed_train_samples"])
     rng_state = state.pop("rng_state", None)
     if rng_state is not None:
@@ -180,51 +184,64 @@ def train(forward_step_func, model, backend: OptimizerBackend, data: DataIterato
         checkpointing.set_rng_state(rng_state)
     for chunk in model:
         chunk.train()
-    exit_conditions = ExitConditions(args)
+    exit_conditions = ExitConditions(args, group=host_group())
+    guard = DivergenceGuard() if args.check_for_nan_in_loss_and_grad else None
+
+    def sync_point() -> None:
+        logger.materialize()
+        if guard is not None:
+            guard.check()
+
     iteration = start_iteration = state["iteration"]
     saved = False
-    while iteration < args.train_iters:
-        start = time.time()
-        try:
+    try:
+        while iteration < args.train_iters:
+            start = time.time()
             losses, update_successful, grad_norm = train_step(forward_step_func, train_iterator, model, backend,
-                                                               args)
-        except NonFiniteError as e:
-            _exit_on_divergence(e, iteration + 1, args)
-        iteration += 1
-        state["iteration"] = iteration
-        state["consumed_train_samples"] += args.global_batch_size
-        logger.training_log(iteration, losses, backend.learning_rate, grad_norm, backend.loss_scale,
-                            skipped=not update_successful, iteration_time=time.time() - start,
-                            consumed_samples=state["consumed_train_samples"])
+                                                               args, guard, iteration + 1)
+            iteration += 1
+            state["iteration"] = iteration
+            state["consumed_train_samples"] += args.global_batch_size
+            logger.training_log(iteration, losses, backend.learning_rate, grad_norm, backend.loss_scale,
+                                skipped=not update_successful, iteration_time=time.time() - start,
+                                consumed_samples=state["consumed_train_samples"])
+            if iteration % args.log_interval == 0:
+                sync_point()
 
-        if args.eval_iters > 0 and iteration % args.eval_interval == 0:
-            state["valid"] = evaluate(forward_step_func, data.valid(), model, args, args.eval_iters)
-            state["valid_iteration"] = iteration
-            logger.validation_log(iteration, state["valid"])
-        saved = False
-        if args.save and args.save_interval and iteration % args.save_interval == 0:
-            checkpointing.save_checkpoint(args, iteration, model, backend, state)
-            saved = True
-        reason = exit_conditions.reason()
-        if reason is None and args.exit_interval and iteration % args.exit_interval == 0:
-            reason = f"--exit-interval {args.exit_interval}"
-        if reason is not None:
-            if args.save and not saved:
+            if args.eval_iters > 0 and iteration % args.eval_interval == 0:
+                sync_point()
+                state["valid"] = evaluate(forward_step_func, data.valid(), model, args, args.eval_iters)
+                state["valid_iteration"] = iteration
+                logger.validation_log(iteration, state["valid"])
+            saved = False
+            if args.save and args.save_interval and iteration % args.save_interval == 0:
+                sync_point()
                 checkpointing.save_checkpoint(args, iteration, model, backend, state)
-            print_rank_0(f"exiting program at iteration {iteration} after {reason}")
-            return reason
+                saved = True
+            reason = exit_conditions.reason()
+            if reason is None and args.exit_interval and iteration % args.exit_interval == 0:
+                reason = f"--exit-interval {args.exit_interval}"
+            if reason is not None:
+                sync_point()
+                if args.save and not saved:
+                    checkpointing.save_checkpoint(args, iteration, model, backend, state)
+                print_rank_0(f"exiting program at iteration {iteration} after {reason}")
+                return reason
+        sync_point()
+    except NonFiniteError as e:
+        _exit_on_divergence(e, args)
     if args.save and iteration > start_iteration and not saved:
         # Megatron saves the end of training too when it does not fall on --save-interval.
         checkpointing.save_checkpoint(args, iteration, model, backend, state)
     return None
 
 
-def _exit_on_divergence(error: NonFiniteError, iteration: int, args) -> None:
-    """One line from the rank that saw it; every rank exits 1 before anything is saved."""
+def _exit_on_divergence(error: NonFiniteError, args) -> None:
+    """One line from the rank that saw it; every rank exits 1 before anything more is saved."""
     if torch.distributed.get_rank() == error.rank:
         last = checkpointing.read_tracker(args.save) if args.save else None
         saved = f"; the last checkpoint (iteration {last}) is clean" if last is not None else ""
-        print(f"error: iteration {iteration}: {error} (stopped before the optimizer step{saved}; "
+        print(f"error: iteration {error.iteration}: {error} (its update was not applied{saved}; "
               f"--no-check-for-nan-in-loss-and-grad trains on)", file=sys.stderr, flush=True)
     raise SystemExit(1)
 

@@ -219,5 +219,6 @@ def test_teacher_dtype(teacher_and_sae, tmp_path):
     with pytest.raises(ValueError, match="--teacher-dtype fp8"):
         load_teacher(teacher.path, LAYER, dtype="fp8")
     # The training step's teacher follows the flag.
-    args = argparse.Namespace(teacher_model=teacher.path, teacher_layer=LAYER, teacher_dtype="bf16")
+    args = argparse.Namespace(teacher_model=teacher.path, teacher_layer=LAYER, teacher_dtype="bf16",
+                              teacher_lm_head="chunked")
     assert OnlineTeacher(args, torch.device("cpu")).teacher.dtype == torch.bfloat16

@@ -124,8 +124,8 @@ def _training_labels(tokens):
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(1, 1)
     args = argparse.Namespace(teacher_model=tiny_teacher(), teacher_layer=TEACHER_LAYER, sae=tiny_sae(),
-                              teacher_dtype="fp32", concept_num_labels=4, concept_attribution="act",
-                              concept_label_masking="ignore")
+                              teacher_dtype="fp32", teacher_lm_head="chunked", concept_num_labels=4,
+                              concept_attribution="act", concept_label_masking="ignore")
     return OnlineTeacher(args, torch.device("cpu")).concept_labels(tokens[None])[0]
 
 

@@ -70,3 +70,12 @@ def test_smollm2_teacher_sae_and_labels(tmp_path, capsys, smollm2_directory):
     tokens = torch.tensor(student.tokenize(texts[0])[:48]).unsqueeze(0)
     direct = attribution_labels(teacher, sae, tokens)
     assert direct.shape == (1, 48, 4) and (direct[0, :-1, 0] >= 0).all()
+    # The chunked head (the default, used above) and the model's own logits give the same labels and loss.
+    full = load_teacher(teacher_path, 6, lm_head="full")
+    assert teacher.lm_head == "chunked" and full.lm_head == "full"
+    assert torch.equal(attribution_labels(full, sae, tokens), direct)
+    _, grad, loss = teacher.hidden_and_grad(tokens)
+    _, grad_full, loss_full = full.hidden_and_grad(tokens)
+    torch.testing.assert_close(loss, loss_full, rtol=2e-5, atol=0)  # fp32 sums over 49152 logits, other order
+    # Through the 24 blocks above the hook: 3e-5 of the largest gradient measured here.
+    torch.testing.assert_close(grad, grad_full, rtol=0, atol=1e-4 * grad_full.abs().max().item())

@@ -17,6 +17,7 @@ PRETRAIN_WORKER = os.path.join(HELPERS, "pretrain_worker.py")  # one run -> summ
 MULTI_RUN_WORKER = os.path.join(HELPERS, "multi_run_worker.py")  # several runs in one launch -> {name: summary}
 CONCEPT_OPS_WORKER = os.path.join(HELPERS, "concept_ops_worker.py")  # tensor-parallel concept op checks
 EVALUATE_WORKER = os.path.join(HELPERS, "evaluate_worker.py")  # tools/evaluate.py runs under one launch
+EXPORT_LOGITS_WORKER = os.path.join(HELPERS, "export_logits_worker.py")  # a checkpoint vs its export, one device
 
 # A tiny GPT: 4 layers so that PP2 x virtual-PP2 has one layer per virtual stage. Vocabulary 255 + EOD = 256
 # needs no padding at TP1 or TP2, so the output softmax is the same at every layout. Dropout off: losses are

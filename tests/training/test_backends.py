@@ -89,28 +89,116 @@ def test_deepspeed_backend_weight_decay_groups(single_process, tmp_path, everyth
     assert sorted(set(decay.values())) == ([0.1] if everything else [0.0, 0.1])
 
 
-def test_nonfinite_grad_norm_stops_before_the_update(single_process):
-    """--check-for-nan-in-loss-and-grad: a NaN in one gradient makes the global norm NaN; the back end raises
-    between computing the norm and applying the update, naming the rank that holds it."""
+def _fill_grads(backend, seed, nan_at=None):
     import torch
 
-    from megatron_cocomix.training.exit_conditions import NonFiniteError
+    generator = torch.Generator().manual_seed(seed)
+    params = [p for chunk in backend.model for p in chunk.parameters()]
+    for p in params:
+        p.main_grad.copy_(torch.randn(p.main_grad.shape, generator=generator))
+    if nan_at is not None:
+        params[nan_at].main_grad.view(-1)[0] = float("nan")
+    return params
+
+
+def test_nonfinite_grad_norm_skips_the_update_on_the_device(single_process):
+    """--check-for-nan-in-loss-and-grad: a NaN in one gradient makes the global norm NaN; the update is skipped on
+    the device (fused Adam's found_inf), and the guard, read at the loop's next sync, names the iteration, the
+    rank holding it and the quantity."""
+    import math
+
+    import torch
+
+    from megatron_cocomix.training.exit_conditions import DivergenceGuard, NonFiniteError
 
     backend = _backend([])
+    backend.scheduler.step(increment=1)  # past the warmup's zero learning rate
     backend.zero_grad()
-    params = [p for chunk in backend.model for p in chunk.parameters()]
+    params = _fill_grads(backend, 0, nan_at=3)
     before = [p.detach().clone() for p in params]
-    for p in params:
-        p.main_grad.normal_()
-    params[3].main_grad.view(-1)[0] = float("nan")
-    with pytest.raises(NonFiniteError) as caught:
-        backend.step()
-    assert caught.value.quantity == "grad norm" and caught.value.rank == 0
+    guard = DivergenceGuard()
+    guard.observe_losses(7, {"lm loss": torch.tensor([6.0, 2.0])})
+    applied, norm = backend.step(guard)
+    assert torch.is_tensor(norm) and math.isnan(float(norm))
     assert all(torch.equal(p, b) for p, b in zip(params, before))
-    # Finite gradients go through, clipped, and change the weights (past the warmup's zero learning rate).
+    state = [s for inner in backend._inner_optimizers() for s in inner.state.values()]
+    assert all(float(s["step"]) == 0 and not s["exp_avg"].any() for s in state)  # the moments did not move
+    with pytest.raises(NonFiniteError) as caught:
+        guard.check()
+    assert (caught.value.quantity, caught.value.rank, caught.value.iteration) == ("grad norm", 0, 7)
+    # Finite gradients go through, clipped, and change the weights.
+    backend.zero_grad()
+    _fill_grads(backend, 1)
+    guard = DivergenceGuard()
+    guard.observe_losses(8, {"lm loss": torch.tensor([6.0, 2.0])})
+    applied, norm = backend.step(guard)
+    guard.check()
+    assert applied and float(norm) > 1.0 and not all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_nonfinite_loss_skips_the_update_and_names_the_loss(single_process):
+    import torch
+
+    from megatron_cocomix.training.exit_conditions import DivergenceGuard, NonFiniteError
+
+    backend = _backend([])
     backend.scheduler.step(increment=1)
     backend.zero_grad()
-    for p in params:
-        p.main_grad.normal_()
-    applied, norm = backend.step()
-    assert applied and norm > 1.0 and not all(torch.equal(p, b) for p, b in zip(params, before))
+    params = _fill_grads(backend, 0)
+    before = [p.detach().clone() for p in params]
+    guard = DivergenceGuard()
+    for iteration, loss in ((3, 2.0), (4, float("inf")), (5, float("nan"))):
+        guard.observe_losses(iteration, {"lm loss": torch.tensor([loss, 1.0]), "concept loss": torch.tensor([1., 1.])})
+    backend.step(guard)
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+    with pytest.raises(NonFiniteError) as caught:
+        guard.check()
+    assert (caught.value.quantity, caught.value.value, caught.value.iteration) == ("lm loss", float("inf"), 4)
+
+
+def _per_tensor_copy(this, that, overflow_buf=None):
+    """megatron-core's master -> model copy without apex / TE (its bf16 branch): one copy_ per tensor."""
+    for source, target in zip(this, that):
+        target.copy_(source)
+
+
+@pytest.mark.parametrize("flags", [[], ["--bf16"], ["--bf16", "--use-distributed-optimizer"]],
+                         ids=["fp32", "bf16", "bf16-distributed"])
+def test_fused_adam_and_device_norm_equal_megatrons_fallback(single_process, monkeypatch, flags):
+    """The back end's step (fused AdamW, norm and clipping on the device, foreach master-weight copies) against
+    megatron-core's own `optimizer.step()` without apex / TE (foreach AdamW, host-read norm, per-tensor copies),
+    from the same weights and gradients, over steps that clip and steps that do not."""
+    import torch
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+
+    ours, reference = (_backend(flags + ["--clip-grad", "40.0"]) for _ in range(2))
+    assert all(group["fused"] for inner in ours._inner_optimizers() for group in inner.param_groups)
+    for inner in reference._inner_optimizers():
+        for group in inner.param_groups:
+            group.update(fused=None, foreach=True)
+    clipped = []
+    for step in range(4):
+        for backend in (ours, reference):
+            backend.zero_grad()
+            params = _fill_grads(backend, step)
+            if step % 2:  # small gradients: no clipping
+                for p in params:
+                    p.main_grad.mul_(1e-3)
+        applied, our_norm = ours.step()
+        with monkeypatch.context() as patch:
+            patch.setattr(megatron_optimizer, "_multi_tensor_copy_this_to_that", _per_tensor_copy)
+            reference_applied, reference_norm, _ = reference.optimizer.step()
+        reference.scheduler.step(increment=1)
+        assert applied and reference_applied
+        assert float(our_norm) == pytest.approx(reference_norm, rel=1e-6)
+        clipped.append(reference_norm > 40.0)
+        # fp32 master weights to fp32 rounding; the bf16 model weights may then round one ulp apart.
+        masters = [[p for inner in b._inner_optimizers() for g in inner.param_groups for p in g["params"]]
+                   for b in (ours, reference)]
+        for a, b in zip(*masters):
+            torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+        model_rtol = 1e-5 if not flags else 2 ** -7
+        for a, b in zip((p for c in ours.model for p in c.parameters()),
+                        (p for c in reference.model for p in c.parameters())):
+            torch.testing.assert_close(a, b, rtol=model_rtol, atol=1e-6)
+    assert clipped == [True, False, True, False]

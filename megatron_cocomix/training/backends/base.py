@@ -9,7 +9,11 @@ One iteration, as the loop drives it:
     backend.zero_grad()
     megatron schedule: forward / backward of every micro-batch
     backend.after_forward_backward()        # reductions the schedule did not do
-    applied, grad_norm = backend.step()     # clip, update, LR step (not when fp16 overflowed)
+    applied, grad_norm = backend.step(guard)  # clip, update, LR step (not when fp16 overflowed)
+
+`guard` (exit_conditions.DivergenceGuard, None without --check-for-nan-in-loss-and-grad) holds the step's
+non-finite-loss flag on the device; a back end keeps a diverged update off the weights, on the device where it can.
+The gradient norm may be returned as a device tensor: the logger reads it at its next sync point.
 
 Checkpoints (training/checkpointing.py) hold the model weights in megatron's dist_checkpointing format for every
 back end. A back end adds its optimizer state either as sharded entries of that same checkpoint
@@ -59,8 +63,9 @@ class OptimizerBackend:
     def after_forward_backward(self) -> None:
         """Called once the schedule has run every micro-batch's backward."""
 
-    def step(self) -> Tuple[bool, Optional[float]]:
-        """(update applied, gradient norm before clipping). A skipped update (fp16 overflow) skips the LR step."""
+    def step(self, guard=None) -> Tuple[bool, Optional[object]]:
+        """(update applied, gradient norm before clipping: a float or a 0-d device tensor). A skipped update
+        (fp16 overflow) skips the LR step."""
         raise NotImplementedError
 
     @property
@@ -68,7 +73,8 @@ class OptimizerBackend:
         return self.optimizer.param_groups[0]["lr"]
 
     @property
-    def loss_scale(self) -> Optional[float]:
+    def loss_scale(self):
+        """The current loss scale: a float, or a device tensor the logger reads at its next sync point."""
         return 1.0
 
     # ---- parameters ----------------------------------------------------------------------------------

@@ -46,7 +46,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron_cocomix.deepspeed_config import check_deepspeed_config
 from megatron_cocomix.distributed import DeepSpeedMPU, layout_string
 from megatron_cocomix.training.backends.base import OptimizerBackend, build_scheduler
-from megatron_cocomix.training.exit_conditions import NonFiniteError
+from megatron_cocomix.training.exit_conditions import DivergenceGuard, NonFiniteError
 
 OPTIMIZER_DIR = "deepspeed_optimizer"
 LAYOUT_FILE = "layout.json"
@@ -228,8 +228,13 @@ class DeepSpeedBackend(OptimizerBackend):
             self.engine.set_gradient_accumulation_boundary(True)
             self.engine.allreduce_gradients()
 
-    def step(self) -> Tuple[bool, Optional[float]]:
-        """(update applied, grad norm before clipping). fp16 overflow skips the update and the LR step."""
+    def step(self, guard: Optional[DivergenceGuard] = None) -> Tuple[bool, Optional[float]]:
+        """(update applied, grad norm before clipping). fp16 overflow skips the update and the LR step.
+
+        DeepSpeed's step reads its gradient norm on the host and cannot skip an update on the device: a diverged
+        loss is read from `guard` here, before the step (one host sync per step, as DeepSpeed's own)."""
+        if guard is not None:
+            guard.check()
         self.engine.set_gradient_accumulation_boundary(True)
         self.engine.step()
         self._backwards = 0
@@ -241,7 +246,7 @@ class DeepSpeedBackend(OptimizerBackend):
         if applied and self.check_nonfinite and grad_norm is not None and not math.isfinite(grad_norm):
             # DeepSpeed computes the norm inside its step, so this is found right after it; the loop stops
             # before anything is saved.
-            raise NonFiniteError("grad norm", grad_norm, 0)
+            raise NonFiniteError("grad norm", grad_norm, 0, guard.iteration if guard is not None else None)
         if applied:
             self.scheduler.step(increment=1)
         return applied, grad_norm

@@ -5,6 +5,14 @@ Optimizer (`get_megatron_optimizer`): Adam with decoupled weight decay; bf16 / f
 fp16 dynamic loss scaling; global-norm clipping over all model-parallel ranks; `--use-distributed-optimizer`
 shards optimizer state over data-parallel ranks.
 
+Without apex or Transformer Engine, megatron-core falls back to torch's AdamW in its foreach form, a gradient norm
+that reads every parameter's norm on the host (one device sync per tensor) and master-to-model copies tensor by
+tensor. This back end keeps megatron's optimizer classes and their order of operations, and swaps those three for
+torch's fused AdamW (its `found_inf` input also skips a diverged update on the device), a norm computed with
+`torch._foreach_norm` and clipped with `torch._foreach_mul_` that stays on the device, and `torch._foreach_copy_`.
+A bf16 / fp32 step then never waits for the device; fp16's dynamic loss scaling still reads its overflow flag on
+the host, as in megatron.
+
 Checkpoints. The optimizer state is saved inside the dist checkpoint, as slices of the same global tensors as
 the weights, so the non-distributed optimizer reshards freely. The distributed optimizer is saved in megatron's
 `dp_reshardable` form (its grad-buffer buckets), which loads at any DP size but only at the same TP and PP:
@@ -16,22 +24,36 @@ which holds `step`, while those loaders drop `step` from the source (KeyError: '
 from __future__ import annotations
 
 import argparse
-import math
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig, finalize_model_grads
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-from megatron.core.optimizer.clip_grads import clip_grad_by_total_norm_fp32
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_cocomix import compat
 from megatron_cocomix.distributed import layout_string
 from megatron_cocomix.training.backends.base import OptimizerBackend, build_scheduler
-from megatron_cocomix.training.exit_conditions import NonFiniteError, lowest_rank_where
+from megatron_cocomix.training.exit_conditions import DivergenceGuard
 
 # `dp_reshardable`: the distributed optimizer's buckets (any DP size, same TP / PP; see above).
 # `chained_optim_avoid_prefix`: the keys do not depend on how many optimizers megatron chained together.
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable", "chained_optim_avoid_prefix": True}
+
+
+def _foreach_copy(this: List[torch.Tensor], that: List[torch.Tensor], overflow_buf=None) -> None:
+    """megatron's _multi_tensor_copy_this_to_that (master -> model weights after each step) in one foreach call."""
+    if this:
+        torch._foreach_copy_(that, this)
+
+
+def _use_foreach_copies() -> None:
+    """Where megatron-core fell back to copying tensor by tensor (no apex / TE), give it the foreach copy."""
+    from megatron.core.optimizer import optimizer as megatron_optimizer
+    from megatron.core.utils import local_multi_tensor_applier
+
+    if megatron_optimizer.multi_tensor_applier is local_multi_tensor_applier:
+        megatron_optimizer._multi_tensor_copy_this_to_that = _foreach_copy
 
 
 class MegatronOptimizerBackend(OptimizerBackend):
@@ -72,6 +94,8 @@ class MegatronOptimizerBackend(OptimizerBackend):
         # megatron's default groups leave biases and 1-D parameters undecayed; no overrides decays every one.
         overrides = {} if args.weight_decay_all_params else None
         self.optimizer = get_megatron_optimizer(opt_config, self.model, config_overrides=overrides)
+        self._use_fused_adam()
+        _use_foreach_copies()
         self.scheduler = build_scheduler(args, self.optimizer)
         config.finalize_model_grads_func = finalize_model_grads
         config.grad_scale_func = self.optimizer.scale_loss
@@ -87,43 +111,83 @@ class MegatronOptimizerBackend(OptimizerBackend):
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
 
-    def step(self) -> Tuple[bool, Optional[float]]:
+    def step(self, guard: Optional[DivergenceGuard] = None) -> Tuple[bool, Optional[torch.Tensor]]:
         """Gradients were reduced inside the schedule (finalize_model_grads). fp16 overflow skips the update.
 
-        megatron's `optimizer.step()`, opened up so that a NaN / Inf gradient norm stops the run between
-        computing the norm and applying the update (--check-for-nan-in-loss-and-grad); the same calls in the
-        same order, so the update is bit-identical."""
+        megatron's `optimizer.step()`, opened up: the same calls in the same order, with the norm and the clipping
+        kept on the device. With `guard` (--check-for-nan-in-loss-and-grad), a NaN / Inf loss or gradient norm
+        skips the update on the device (fused Adam's `found_inf`); the loop reads the guard at its next sync."""
         optimizer = self.optimizer
         if optimizer.prepare_grads():  # fp16: inf / NaN found while unscaling; the loss scale backs off
             return False, None
-        grad_norm = None
-        if self.clip_grad > 0.0 or self.check_nonfinite:
-            grad_norm = optimizer.get_grad_norm()
-        if self.check_nonfinite and not math.isfinite(grad_norm):
-            raise NonFiniteError("grad norm", grad_norm, self._rank_with_nonfinite_grads())
+        grad_norm = skip = None
+        if self.clip_grad > 0.0 or guard is not None:
+            grad_norm, own_share_bad = self._grad_norm()
+        if guard is not None:
+            skip = guard.observe_grad_norm(grad_norm, own_share_bad)
+            if not self.skips_on_device and bool(skip):  # apex / TE Adam has no found_inf: decide on the host
+                guard.check()
         if self.clip_grad > 0.0:
-            for sub in getattr(optimizer, "chained_optimizers", [optimizer]):
-                params = sub.get_parameters()
-                if params:
-                    clip_grad_by_total_norm_fp32(params, self.clip_grad, grad_norm,
-                                                 sub.config.use_precision_aware_optimizer_no_fp8_or_ds_fp8)
+            self._clip(grad_norm)
+        for inner in self._inner_optimizers():
+            inner.found_inf = None if skip is None else skip.float().reshape(())
         update_successful = optimizer.step_with_ready_grads()
         if update_successful:
             self.scheduler.step(increment=1)
         return update_successful, grad_norm
 
-    def _rank_with_nonfinite_grads(self) -> int:
-        """Collective: the lowest rank holding a NaN / Inf in its own gradients (the norm is global)."""
-        local = [g for sub in getattr(self.optimizer, "chained_optimizers", [self.optimizer])
-                 for g in sub.get_main_grads_for_grad_norm()]
-        bad = any(not torch.isfinite(g).all() for g in local)
-        rank = lowest_rank_where(bad)
-        return 0 if rank is None else rank
+    def _sub_optimizers(self) -> list:
+        return list(getattr(self.optimizer, "chained_optimizers", [self.optimizer]))
+
+    def _inner_optimizers(self) -> list:
+        return [sub.optimizer for sub in self._sub_optimizers() if getattr(sub, "optimizer", None) is not None]
+
+    def _use_fused_adam(self) -> None:
+        """megatron's torch AdamW (built when neither apex nor TE imports) switched to its fused kernels. Applied
+        again after loading optimizer state, which brings back the saved groups' settings."""
+        torch_adams = [inner for inner in self._inner_optimizers() if type(inner) in (torch.optim.AdamW,
+                                                                                       torch.optim.Adam)]
+        for inner in torch_adams:
+            for group in inner.param_groups:
+                group.update(fused=True, foreach=None)
+            inner.defaults.update(fused=True, foreach=None)
+        self.skips_on_device = len(torch_adams) == len(self._inner_optimizers())
+
+    def _grad_norm(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """(global L2 norm of the main grads, float64; whether this rank's own share is NaN / Inf), on the device.
+
+        megatron's get_grad_norm_fp32 per sub-optimizer (the norm of the per-tensor norms, squared, summed over
+        the sub-optimizer's grad-stats group; the square root in double precision) and its chaining
+        (sqrt of the sum of squares), without reading anything on the host."""
+        squares, own_bad = [], []
+        for sub in self._sub_optimizers():
+            grads = sub.get_main_grads_for_grad_norm()
+            if grads:
+                square = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads))).square()
+            else:
+                square = torch.zeros((), device=compat.device())
+            own_bad.append(~torch.isfinite(square))
+            torch.distributed.all_reduce(square, group=sub.get_grad_stats_parallel_group())
+            squares.append(square)
+        return torch.stack(squares).double().sum().sqrt(), torch.stack(own_bad).any()
+
+    def _clip(self, grad_norm: torch.Tensor) -> None:
+        """megatron's clip_grad_by_total_norm_fp32 with the coefficient on the device: grads x max_norm / (norm +
+        1e-6) where that is below 1 (not for a NaN norm, as megatron's `clip_coeff < 1.0`)."""
+        coeff = self.clip_grad / (grad_norm + 1.0e-6)
+        coeff = torch.where(coeff < 1.0, coeff, torch.ones_like(coeff)).float()
+        for sub in self._sub_optimizers():
+            grads = [p.grad for p in sub.get_parameters() if p.grad is not None]
+            if grads:
+                torch._foreach_mul_(grads, coeff)
 
     @property
-    def loss_scale(self) -> Optional[float]:
-        scale = self.optimizer.get_loss_scale()
-        return float(scale.item()) if torch.is_tensor(scale) else float(scale)
+    def loss_scale(self):
+        """1.0 without a grad scaler (bf16 / fp32: nothing to read from the device); else fp16's current scale, a
+        device tensor the logger reads at its next sync."""
+        if not any(getattr(sub, "grad_scaler", None) for sub in self._sub_optimizers()):
+            return 1.0
+        return self.optimizer.get_loss_scale().detach().clone()
 
     def reload_model_params(self) -> None:
         # The fp32 master weights of bf16/fp16 training were copied from the initial model: refresh them.
@@ -162,6 +226,7 @@ class MegatronOptimizerBackend(OptimizerBackend):
         with torch.no_grad():
             self.optimizer.load_state_dict(loaded["optimizer"])
         self._unshare_adam_steps()
+        self._use_fused_adam()
 
     # torch Adam's `step` inside megatron's distributed optimizer needs care on both sides of a checkpoint.
     def _distributed_optimizers(self) -> list:
@@ -191,8 +256,9 @@ class MegatronOptimizerBackend(OptimizerBackend):
     def _unshare_adam_steps(self) -> None:
         """megatron's distributed optimizer restores torch Adam's step count as ONE tensor shared by every
         parameter's state; Adam increments each parameter's step in place, so the shared count would advance once
-        per parameter per iteration (wrong bias correction from the first resumed step on). Give each its own."""
+        per parameter per iteration (wrong bias correction from the first resumed step on). Give each its own,
+        as fused Adam keeps it: float32, on the parameter's device."""
         for sub in self._distributed_optimizers():
-            for state in sub.optimizer.state.values():
+            for param, state in sub.optimizer.state.items():
                 if torch.is_tensor(state.get("step")):
-                    state["step"] = state["step"].clone()
+                    state["step"] = state["step"].to(param.device, torch.float32, copy=True)
