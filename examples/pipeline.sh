@@ -52,6 +52,7 @@ export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"  # keep the stage logs to the 
 SEQ=128
 BATCH=16
 SAVE_INTERVAL=50
+STUDENT_EVAL_INTERVAL=50  # validations per student: 6 (SmolLM2 4, SIZE=small 4); tokens saved needs 3 or more
 EVAL_DOCS=(); SAE_EVAL_SEQS=64
 DESCRIBE_TOKENS=16384  # test tokens the latent descriptions read: bounded, so the stage stays cheap for any teacher
 TEACHER_MODEL_ARGS=(--num-layers 4 --hidden-size 192 --num-attention-heads 6)
@@ -59,7 +60,7 @@ if [ "${TEACHER}" = smollm2 ]; then
     # SmolLM2-135M: 30 layers of width 576, vocabulary 49152; the SAE reads hidden_states[6] (C = 8 x 576). Its
     # forward and backward cost ~100x the tiny teacher's per token, so the students see fewer tokens.
     TEACHER_LAYER=6; NUM_LATENTS=4608; SAE_K=32; CONCEPT_TOPK=32
-    SAE_ITERS=200; STUDENT_ITERS=100; BATCH=8; EVAL_DOCS=(--max-documents 12)
+    SAE_ITERS=200; STUDENT_ITERS=100; BATCH=8; EVAL_DOCS=(--max-documents 12); STUDENT_EVAL_INTERVAL=25
 else
     # The tiny teacher: 4 layers of width 192 (SentencePiece vocabulary 4096); the SAE reads hidden_states[2].
     TEACHER_LAYER=2; NUM_LATENTS=1536; SAE_K=16; CONCEPT_TOPK=16
@@ -68,6 +69,7 @@ fi
 if [ "${SIZE}" = small ]; then
     # The test suite's run: shorter windows, a 2-layer teacher, a few dozen steps per stage.
     SEQ=64; SAVE_INTERVAL=20; TEACHER_ITERS=80; SAE_ITERS=50; STUDENT_ITERS=40; SAE_EVAL_SEQS=8; DESCRIBE_TOKENS=4096
+    STUDENT_EVAL_INTERVAL=10
     EVAL_DOCS=(--max-documents 6)
     if [ "${TEACHER}" = tiny ]; then
         TEACHER_MODEL_ARGS=(--num-layers 2 --hidden-size 128 --num-attention-heads 4)
@@ -174,7 +176,7 @@ train_sae() {
 
 # The students' data and concept flags: the same training samples for every student.
 student_args() {
-    echo $(common_args) --train-iters "${STUDENT_ITERS}" --eval-interval 50 \
+    echo $(common_args) --train-iters "${STUDENT_ITERS}" --eval-interval "${STUDENT_EVAL_INTERVAL}" \
         --num-layers 4 --hidden-size 128 --num-attention-heads 4
 }
 concept_args() {
@@ -226,7 +228,7 @@ evaluate() {
         --data-path "${DATA}" --split "${SPLIT}" --eval-split test "${EVAL_DOCS[@]}" $(concept_args) \
         --output-json "${RUN_DIR}/results.json" --output-md "${RUN_DIR}/evaluate.md" --no-progress
     "${PYTHON}" tools/plot_runs.py "${RUN_DIR}"/students/{cocomix,ntp,kd}/tensorboard --name cocomix ntp kd \
-        --output "${RUN_DIR}/curves.png"
+        --reference ntp --output "${RUN_DIR}/curves.png"
 }
 
 # A passage of the test documents (Romeo and Juliet III.2) and a prompt from them (II.2): concept pages and steering.

@@ -31,8 +31,10 @@
 #                  the CoCoMix student runs the teacher and the SAE in its training step.
 #   TRAIN_TOKENS   tokens per student, default 20000000000 (the paper's 20B); sets --train-iters from the 512 x
 #                  1024-token global batch (pretrain_paper.sh). Every student sees the same samples.
-#   TASK_DATA_DIR  optional: zero-shot tasks in the evaluation (tools/evaluate.py --tasks TASKS --task-data-dir,
-#                  TASKS default lambada_openai,hellaswag,piqa,social_iqa,arc_easy,winogrande)
+#   TASK_DATA_DIR  optional: zero-shot tasks in the evaluation, the paper's Table 1 (tools/evaluate.py --tasks TASKS
+#                  --task-data-dir; TASKS default lambada_openai,wikitext,hellaswag,piqa,social_iqa,arc_easy,
+#                  winogrande; the files: README's "Zero-shot tasks")
+#   DATA_NAME      the corpus's name heading its perplexity column (default OpenWebText, the paper's corpus)
 #   EVAL_DOCUMENTS optional: score only the first N test documents
 #   RUN_DIR        default runs/pipeline_gpu_TEACHER; PYTHON (default python3) runs the one-process tools
 # Launch: NPROC_PER_NODE (default 8) processes per node under torchrun. Several nodes: run this script on every
@@ -54,7 +56,9 @@
 #               SIZE=69m METHOD=cocomix|ntp|kd, the same data, tokens and seed
 #   8 evaluate  tools/evaluate.py: held-out perplexity on the test documents of the three students and the teacher,
 #               CoCoMix's concept accuracy against the teacher's labels, the zero-shot tasks with TASK_DATA_DIR;
-#               tools/plot_runs.py: the training curves. RUN_DIR/results.md, results.json, curves.png
+#               tools/plot_runs.py: the training curves and the tokens CoCoMix and KD save at NTP's validation
+#               perplexity (docs/tokens_saved.md). RUN_DIR/results.md (the tables, then the tokens saved),
+#               results.json, curves.png
 # A finished stage writes RUN_DIR/stages/<stage>.done and is skipped by a re-run; a stage killed half-way resumes
 # from its checkpoints (SAE, students) or finished chunks (labels). Delete a marker to redo its stage.
 #
@@ -87,7 +91,8 @@ SAE_TOKENS="${SAE_TOKENS:-1000000000}"
 SAE_K="${SAE_K:-32}"
 NPROC_PER_NODE="${NPROC_PER_NODE:-8}"
 NNODES="${NNODES:-1}"
-TASKS="${TASKS:-lambada_openai,hellaswag,piqa,social_iqa,arc_easy,winogrande}"
+TASKS="${TASKS:-lambada_openai,wikitext,hellaswag,piqa,social_iqa,arc_easy,winogrande}"
+DATA_NAME="${DATA_NAME:-OpenWebText}"
 RUN_DIR="${RUN_DIR:-runs/pipeline_gpu_${TEACHER}}"
 
 # ---------------------------------------------------------------------------------------------------- inputs
@@ -151,6 +156,11 @@ SPLIT=$(flag_value --split)
 SEED=$(flag_value --seed)
 TEACHER_LAYER=$(flag_value --teacher-layer)
 NUM_LABELS=$(flag_value --concept-num-labels)
+# Validations per student (paper.args' --eval-interval over pretrain_paper.sh's steps): tokens saved needs 3.
+EVAL_INTERVAL=$(flag_value --eval-interval)
+TOKENS_PER_STEP=$(($(flag_value --global-batch-size) * SEQ))
+STUDENT_ITERS=$(((TRAIN_TOKENS + TOKENS_PER_STEP - 1) / TOKENS_PER_STEP))
+VALIDATIONS=$(((STUDENT_ITERS + EVAL_INTERVAL - 1) / EVAL_INTERVAL))
 WORLD=$((NPROC_PER_NODE * NNODES))
 SAE_SEQUENCES=16  # windows per rank per step: 16 x 1023 x 8 = 131K activations per step on 8 GPUs
 SAE_ITERS=$(((SAE_TOKENS + SAE_SEQUENCES * (SEQ - 1) * WORLD - 1) / (SAE_SEQUENCES * (SEQ - 1) * WORLD)))
@@ -313,17 +323,28 @@ ntp() { student ntp; }
 kd() { student kd TEACHER="${TEACHER_MODEL}"; }
 
 evaluate() {
-    local extra=()
+    local extra=() curves=()
     [ -z "${EVAL_DOCUMENTS:-}" ] || extra+=(--max-documents "${EVAL_DOCUMENTS}")
     [ -z "${TASK_DATA_DIR:-}" ] || extra+=(--tasks "${TASKS}" --task-data-dir "${TASK_DATA_DIR}")
     run "${PYTHON}" "${REPO_DIR}/tools/evaluate.py" \
         --load "${STUDENTS}/cocomix" "${STUDENTS}/ntp" "${STUDENTS}/kd" "${TEACHER_CHECKPOINT}" \
-        --name cocomix ntp kd teacher --data-path "${DATA}" --split "${SPLIT}" --eval-split test \
-        --seq-length "${SEQ}" --teacher-model "${TEACHER_MODEL}" --teacher-layer "${TEACHER_LAYER}" \
+        --name cocomix ntp kd teacher --data-path "${DATA}" --data-name "${DATA_NAME}" --split "${SPLIT}" \
+        --eval-split test --seq-length "${SEQ}" --teacher-model "${TEACHER_MODEL}" --teacher-layer "${TEACHER_LAYER}" \
         --sae "${SAE_FINAL}" --concept-num-labels "${NUM_LABELS}" "${extra[@]}" \
-        --output-json "${RUN_DIR}/results.json" --output-md "${RUN_DIR}/results.md" --no-progress
-    run "${PYTHON}" "${REPO_DIR}/tools/plot_runs.py" "${STUDENTS}/cocomix" "${STUDENTS}/ntp" "${STUDENTS}/kd" \
-        --output "${RUN_DIR}/curves.png"
+        --output-json "${RUN_DIR}/results.json" --output-md "${RUN_DIR}/evaluate.md" --no-progress
+    if [ "${VALIDATIONS}" -ge 3 ]; then
+        curves=(--reference ntp --output-md "${RUN_DIR}/tokens_saved.md")
+    elif [ -z "${DRY_RUN:-}" ]; then
+        echo "Tokens saved at equal validation perplexity: not computed (the students validated ${VALIDATIONS} times," \
+            "every ${EVAL_INTERVAL} of ${STUDENT_ITERS} steps; 3 validations are needed)." >"${RUN_DIR}/tokens_saved.md"
+    fi
+    run "${PYTHON}" "${REPO_DIR}/tools/plot_runs.py" "${STUDENTS}"/{cocomix,ntp,kd}/tensorboard \
+        --name cocomix ntp kd "${curves[@]}" --output "${RUN_DIR}/curves.png"
+    if [ -n "${DRY_RUN:-}" ]; then
+        echo "(evaluate.md, a blank line and tokens_saved.md make ${RUN_DIR}/results.md)"
+    else
+        { cat "${RUN_DIR}/evaluate.md"; echo; cat "${RUN_DIR}/tokens_saved.md"; } >"${RUN_DIR}/results.md"
+    fi
 }
 
 if [ -z "${DRY_RUN:-}" ]; then

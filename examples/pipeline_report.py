@@ -7,7 +7,9 @@ Reads results.json (tools/evaluate.py), sae/eval_sae.json (tools/eval_sae.py), t
 stage: linked pages and the steering table), and adds two reference rows computed here on
 the same held-out tokens as evaluate.py: a unigram model (add-one smoothed token counts of the training
 documents) and the uniform distribution over the vocabulary (what an untrained model predicts, up to its small
-initial logits). Writes the markdown to --output and prints it.
+initial logits). It ends with the tokens CoCoMix and KD save (or need in addition) to reach NTP's validation
+perplexity, from the students' validation curves (megatron_cocomix/evaluation/curves.py). Writes the markdown to
+--output and prints it.
 """
 
 from __future__ import annotations
@@ -66,6 +68,19 @@ def mean_step_time(tensorboard_dir: str) -> Optional[float]:
             times += [(e.step, e.value) for e in accumulator.Scalars("iteration-time")]
     times = [v for _, v in sorted(dict(times).items())][1:]
     return sum(times) / len(times) if times else None
+
+
+def tokens_saved_lines(run_dir: str) -> List[str]:
+    """CoCoMix's and KD's tokens saved against NTP at equal validation perplexity; one line saying why not, when a
+    student's curve is missing or too short."""
+    from megatron_cocomix.evaluation import curves
+
+    try:
+        found = {name: curves.read_curve(os.path.join(run_dir, "students", name, "tensorboard"), name)
+                 for name in ("ntp", "cocomix", "kd")}
+    except (OSError, ValueError) as e:
+        return [f"Tokens saved at equal validation perplexity: not computed ({e})."]
+    return curves.summary_lines(curves.compare("ntp", found))
 
 
 def _read_json(path: str) -> dict:
@@ -167,6 +182,7 @@ def build_report(run_dir: str, teacher: str) -> str:
         lines += ["", f"Held-out perplexity, best first: {ranking}. "
                       "The paper's gains were measured at 69M+ parameters and 20B tokens; at this size and a few "
                       "hundred thousand tokens the order may differ, and this table reports what was measured."]
+    lines += [""] + tokens_saved_lines(run_dir)
     return "\n".join(lines) + "\n"
 
 

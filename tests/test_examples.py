@@ -590,6 +590,14 @@ def test_pipeline_gpu_dry_run(teacher, gpu_inputs, tmp_path):
     assert (evaluate.eval_split, evaluate.split, evaluate.seq_length) == ("test", cocomix.split, cocomix.seq_length)
     assert (evaluate.teacher_layer, evaluate.sae, evaluate.teacher_model) == (6, sae_dir, model)
     assert [path for _, path in evaluate.models][:3] == [args.save for args in (cocomix, ntp, kd)]
+    assert evaluate.data_name == "OpenWebText" and evaluate.tasks is None  # no TASK_DATA_DIR: no zero-shot tasks
+    # The curves of the students' own tensorboard folders, tokens saved against NTP (39 validations each).
+    (_, tokens), = dry["plot_runs.py"]
+    plot = _load_tool("plot_runs").build_parser().parse_args(tokens)
+    assert plot.run_dirs == [args.tensorboard_dir for args in (cocomix, ntp, kd)]
+    assert plot.name == ["cocomix", "ntp", "kd"]
+    assert (plot.reference, plot.output_md) == ("ntp", os.path.join(run_dir, "tokens_saved.md"))
+    assert -(-cocomix.train_iters // cocomix.eval_interval) >= 3
 
 
 def test_pipeline_gpu_options(gpu_inputs, tmp_path):
@@ -613,6 +621,30 @@ def test_pipeline_gpu_options(gpu_inputs, tmp_path):
         if args.cocomix:
             assert (args.concept_labels, args.teacher_model, args.sae) == ("online", env["TEACHER_MODEL"], imported)
     assert "sae: train" not in dry["stdout"] and "(estimate: ~" in dry["stdout"]
+    # 1908 steps validate twice (every 1000 and at the end): too few for tokens saved, the curves alone.
+    (_, tokens), = dry["plot_runs.py"]
+    plot = _load_tool("plot_runs").build_parser().parse_args(tokens)
+    assert plot.reference is None and plot.output_md is None
+
+
+def test_pipeline_gpu_table1_with_task_files(gpu_inputs, tmp_path):
+    """TASK_DATA_DIR: the paper's Table 1 tasks, WikiText's word perplexity among them, beside DATA_NAME's
+    perplexity column."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    env = {"DATA": gpu_inputs["DATA"], "TEACHER_MODEL": gpu_inputs["TEACHER_MODEL"], "TASK_DATA_DIR": str(tasks),
+           "DATA_NAME": "OWT-10k", "RUN_DIR": str(tmp_path / "run")}
+    dry = _pipeline_gpu(env)
+    assert "[pipeline_gpu] 8/8 evaluate: held-out perplexity, concept accuracy, zero-shot tasks, curves" in \
+        dry["stdout"]
+    (_, tokens), = [c for c in dry["evaluate.py"] if "cocomix" in c[1]]
+    evaluate = _load_tool("evaluate").build_parser().parse_args(tokens)
+    assert evaluate.tasks.split(",") == ["lambada_openai", "wikitext", "hellaswag", "piqa", "social_iqa",
+                                         "arc_easy", "winogrande"]
+    assert (evaluate.task_data_dir, evaluate.data_name) == (str(tasks), "OWT-10k")
+    from megatron_cocomix.evaluation import zero_shot
+
+    assert set(evaluate.tasks.split(",")) == set(zero_shot.TASKS)
 
 
 _G = {"DATA": "@DATA", "TEACHER_MODEL": "@TEACHER_MODEL"}

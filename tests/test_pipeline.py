@@ -7,6 +7,8 @@ One run (a module fixture) serves every test:
   below 0.5, the CoCoMix student's concept top-k accuracy is above chance, and every student's held-out
   perplexity is finite and below the uniform distribution's (an untrained model's, up to its small initial
   logits); the results table, the curves and the CSV are written;
+- the table reports CoCoMix's and KD's tokens saved against NTP at equal validation perplexity, as computed
+  here from the students' validation curves (4 evaluations each), and the CSV has the same figures;
 - the concepts stage: latent descriptions of the SAE, the concept page of a held-out passage with those
   descriptions and the teacher's labels, one concept steered, all linked from the results table;
 - the README's commands after training, on the run's own files, each a fresh process with Python's warnings on
@@ -16,6 +18,7 @@ One run (a module fixture) serves every test:
 
 from __future__ import annotations
 
+import csv
 import html
 import json
 import math
@@ -211,3 +214,23 @@ def test_tools_after_the_pipeline(pipeline, tmp_path):
         ppl = {row["name"]: row["ppl"] for row in json.load(f)["models"]}
     assert ppl["ckpt"] == pytest.approx(ppl["export"], rel=1e-4)
     assert ppl["ckpt"] == pytest.approx(_results(run_dir)["cocomix"]["ppl"], rel=1e-6)
+
+
+def test_results_report_tokens_saved(pipeline):
+    """CoCoMix's and KD's tokens saved against NTP, from the students' validation curves (4 evaluations each): in
+    the results table and its printout, and as the CSV's 'tokens saved vs ntp' rows."""
+    run_dir, stdout, _ = pipeline
+    from megatron_cocomix.evaluation import curves
+
+    found = {name: curves.read_curve(os.path.join(run_dir, "students", name, "tensorboard"), name)
+             for name in ("ntp", "cocomix", "kd")}
+    assert {len(curve) for curve in found.values()} == {4}
+    comparisons = curves.compare("ntp", found)
+    expected = curves.summary_lines(comparisons)
+    assert [c.candidate for c in comparisons] == ["cocomix", "kd"] and len(expected) == 3
+    with open(os.path.join(run_dir, "results.md")) as f:
+        assert "\n" + "\n".join(expected) + "\n" in f.read()
+    assert "\n" + "\n".join(expected) + "\n" in stdout
+    with open(os.path.join(run_dir, "curves.csv")) as f:
+        rows = [r for r in csv.DictReader(f) if r["metric"] == "tokens saved vs ntp"]
+    assert {r["run"]: float(r["value"]) for r in rows} == pytest.approx({c.candidate: c.saving for c in comparisons})

@@ -1,8 +1,10 @@
 """Held-out language modelling and zero-shot tasks (lm-eval, local files) of checkpoints and Hugging Face models.
 
     python tools/evaluate.py --load CKPT_A CKPT_B [--iteration N] --hf-model HF_DIR [--name A B C] \
-        [--data-path PREFIX [--split 969,30,1 --eval-split valid|test] [--stride S] [--max-documents N]] \
-        [--tasks lambada_openai,hellaswag,piqa,social_iqa,arc_easy,winogrande --task-data-dir DIR [--limit N]] \
+        [--data-path PREFIX [--data-name NAME] [--split 969,30,1 --eval-split valid|test] [--stride S] \
+            [--max-documents N]] \
+        [--tasks lambada_openai,wikitext,hellaswag,piqa,social_iqa,arc_easy,winogrande --task-data-dir DIR \
+            [--limit N]] \
         [--teacher-model T --teacher-layer L --sae SAE | --concept-labels PREFIX] \
         [--seq-length C] [--batch-size 8] [--output-json FILE] [--output-md FILE]
 
@@ -11,7 +13,9 @@ own megatron model (TP1, this process) with its saved tokenizer; an HF directory
 (remote code: CoCoMix exports; local files only). Each document is scored on its own after one EOD token, with a
 sliding window past the context; the maths is in megatron_cocomix/evaluation/lm.py. Zero-shot tasks: lm-eval's
 own task configs on local JSON-lines files, the model wrapped by lm-eval's HFLM (a checkpoint through its
-export); see megatron_cocomix/evaluation/zero_shot.py. With --tasks the table is laid out as the paper's Table 1.
+export); see megatron_cocomix/evaluation/zero_shot.py. With --tasks the table is laid out as the paper's Table 1:
+the --data-path perplexity under --data-name (e.g. OpenWebText), then LAMBADA, WikiText (lm-eval's word
+perplexity) and the accuracies.
 CoCoMix concept prediction (with --data-path and the teacher flags or --concept-labels): concept loss, top-1 and
 top-k accuracy of the models with a concept layer against the teacher's labels, on --seq-length windows of the
 same held-out documents; see megatron_cocomix/evaluation/concepts.py.
@@ -66,6 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="A name per model, in the order the models are given (default: directory name).")
     parser.add_argument("--data-path", default=None,
                         help="Prefix of the .bin/.idx token dataset: held-out perplexity (this and/or --tasks).")
+    parser.add_argument("--data-name", default=None,
+                        help="The --data-path corpus's name, heading its perplexity column ('NAME ppl', e.g. "
+                             "OpenWebText or WikiText-103; default 'held-out ppl') and kept in --output-json.")
     parser.add_argument("--split", default=None, help="Training's --split (default 969,30,1 with --eval-split; needs --eval-split).")
     parser.add_argument("--eval-split", default=None, help="valid or test: score only that part of the documents.")
     parser.add_argument("--seq-length", type=int, default=None,
@@ -213,6 +220,12 @@ def _main(argv: Optional[List[str]]) -> int:
     if options.data_path is None and options.tasks is None:
         raise ValueError("give --data-path PREFIX (held-out perplexity) and/or --tasks with --task-data-dir "
                          "(zero-shot tasks)")
+    if options.data_name is not None:
+        if options.data_path is None:
+            raise ValueError("--data-name names the --data-path corpus: give --data-path")
+        if not options.data_name.strip() or "|" in options.data_name or "\n" in options.data_name:
+            raise ValueError(f"--data-name {options.data_name!r}: expected a non-empty name without '|' or line "
+                             f"breaks (it heads a markdown column)")
     if options.eval_split is not None and options.eval_split not in ("valid", "test"):
         raise ValueError(f"--eval-split {options.eval_split!r}: expected valid or test")
     # Every input is checked before the first model is loaded.
@@ -257,8 +270,8 @@ def _main(argv: Optional[List[str]]) -> int:
         with open(options.output_md, "w") as f:
             f.write(table)
     if options.output_json:
-        settings = {k: getattr(options, k) for k in ("data_path", "split", "eval_split", "seq_length", "stride",
-                                                      "max_documents", "batch_size", "iteration")}
+        settings = {k: getattr(options, k) for k in ("data_path", "data_name", "split", "eval_split", "seq_length",
+                                                      "stride", "max_documents", "batch_size", "iteration")}
         if launched:
             settings["world_size"] = int(os.environ["WORLD_SIZE"])
         if concept_eval:
@@ -290,7 +303,8 @@ def held_out_row(options, documents, kind: str, path: str, name: Optional[str],
         numbers.update(concept_scores(scorer, context))
     return {"name": scorer.name, "kind": kind, "path": scorer.path, "parameters": scorer.parameters,
             "vocab_size": scorer.vocab_size,
-            **scorer.extra, **numbers, "data_path": documents.prefix, "split": documents.split,
+            **scorer.extra, **numbers, "data_path": documents.prefix, "data_name": options.data_name,
+            "split": documents.split,
             "eval_split": documents.eval_split,
             # the split's sequences [begin, end) of the index, before --max-documents
             "document_range": [documents.begin, documents.end], "first_document": documents.begin,

@@ -1,12 +1,19 @@
 """Training curves of several runs in one figure, from their tensorboard event files, plus the numbers as CSV.
 
     python tools/plot_runs.py runs/cocomix runs/ntp runs/kd --output curves.png   # writes curves.png + curves.csv
+    python tools/plot_runs.py runs/cocomix runs/ntp runs/kd --reference ntp      # + tokens saved against ntp
 
 A RUN_DIR is a run's --tensorboard-dir or any folder above it: event files are found recursively, and each folder
 holding event files is one run, labelled by its path below RUN_DIR (or by RUN_DIR's name, or its --name). Panels,
 against tokens seen (the 'tokens' scalar the trainer writes; without it, against iterations): training lm loss,
 validation perplexity ('lm loss validation ppl'), and the concept loss where a run has one (training and
 validation).
+
+With --reference NAME (a run's label), every other run is compared with it at equal validation perplexity
+(megatron_cocomix/evaluation/curves.py, docs/tokens_saved.md): the tokens it saves, or needs in addition, to reach
+the same perplexity, printed one line per run (and written to --output-md), marked on the perplexity panel (a
+marker where each curve reaches the compared perplexity, the figure in the legend) and added to the CSV as
+'tokens saved vs NAME' rows (x: the candidate's tokens at that perplexity, value: the saving as a fraction).
 Headless (matplotlib's Agg backend); nothing is downloaded.
 """
 
@@ -25,13 +32,15 @@ from megatron_cocomix.quiet import quiet_third_party  # noqa: E402
 quiet_third_party()  # before megatron-core and transformers are imported
 
 from megatron_cocomix.errors import cli_main  # noqa: E402
+from megatron_cocomix.evaluation import curves as tokens_curves  # noqa: E402
 
 PANELS = [  # (title, y label, [(tag, curve label)])
     ("training lm loss", "lm loss", [("lm loss", "train")]),
     ("validation perplexity", "ppl", [("lm loss validation ppl", "valid")]),
     ("concept loss", "concept loss", [("concept loss", "train"), ("concept loss validation", "valid")]),
 ]
-TOKENS_TAG = "tokens"
+TOKENS_TAG = tokens_curves.TOKENS_TAG
+read_scalars = tokens_curves.read_scalars
 
 
 def find_runs(run_dirs: Sequence[str], names: Optional[Sequence[str]] = None) -> List[Tuple[str, str]]:
@@ -53,15 +62,6 @@ def find_runs(run_dirs: Sequence[str], names: Optional[Sequence[str]] = None) ->
     return runs
 
 
-def read_scalars(folder: str) -> Dict[str, Dict[int, float]]:
-    """{tag: {step: value}} of every scalar in the folder's event files (the last value of a repeated step)."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    events = EventAccumulator(folder, size_guidance={"scalars": 0})
-    events.Reload()
-    return {tag: {e.step: e.value for e in events.Scalars(tag)} for tag in events.Tags()["scalars"]}
-
-
 def curves(scalars: Dict[str, Dict[int, float]]) -> Tuple[str, Dict[str, List[Tuple[float, float]]]]:
     """(x-axis name, {tag: [(x, value)]}) with x = tokens seen at that iteration, or the iteration itself."""
     tokens = scalars.get(TOKENS_TAG)
@@ -76,7 +76,8 @@ def curves(scalars: Dict[str, Dict[int, float]]) -> Tuple[str, Dict[str, List[Tu
     return ("tokens" if tokens else "iteration"), out
 
 
-def plot(runs: List[Tuple[str, Dict]], output: str) -> None:
+def plot(runs: List[Tuple[str, Dict]], output: str,
+         comparisons: Sequence[tokens_curves.TokensSaved] = ()) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -85,14 +86,20 @@ def plot(runs: List[Tuple[str, Dict]], output: str) -> None:
     panels = [p for p in PANELS if any(tag in data for _, (_, data) in runs for tag, _ in p[2])]
     fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 4.2), squeeze=False)
     for ax, (title, ylabel, series) in zip(axes[0], panels):
-        x_names = set()
+        x_names, colours = set(), {}
         for label, (x_name, data) in runs:
             for tag, kind in series:
                 if tag in data and data[tag]:
                     xs, ys = zip(*data[tag])
                     style = "-" if kind == "train" else "--o"
-                    ax.plot(xs, ys, style, markersize=3, label=f"{label} ({kind})" if len(series) > 1 else label)
+                    line, = ax.plot(xs, ys, style, markersize=3,
+                                    label=f"{label} ({kind})" if len(series) > 1 else label)
+                    colours[label] = line.get_color()
                     x_names.add(x_name)
+        if series[0][0] == tokens_curves.VALID_PPL_TAG and comparisons:
+            # Log tokens: the straight segments are the interpolation the comparison uses.
+            ax.set_xscale("log")
+            mark_tokens_saved(ax, comparisons, colours)
         ax.set_title(title)
         ax.set_xlabel(" / ".join(sorted(x_names)) + (" seen" if x_names == {"tokens"} else ""))
         ax.set_ylabel(ylabel)
@@ -103,7 +110,22 @@ def plot(runs: List[Tuple[str, Dict]], output: str) -> None:
     plt.close(fig)
 
 
-def write_csv(runs: List[Tuple[str, Dict]], path: str) -> int:
+def mark_tokens_saved(ax, comparisons: Sequence[tokens_curves.TokensSaved], colours: Dict[str, str]) -> None:
+    """For each comparison: where the reference and the candidate reach the compared perplexity (a dotted line
+    between two markers on their curves), the figure in the legend."""
+    for c in comparisons:
+        colour = colours.get(c.candidate, "black")
+        ax.plot([c.reference_tokens, c.candidate_tokens], [c.target_ppl] * 2, ":", color=colour, linewidth=1)
+        ax.plot([c.reference_tokens], [c.target_ppl], "s", color=colours.get(c.reference, "black"), markersize=6,
+                fillstyle="none")
+        more = c.saving < 0
+        ax.plot([c.candidate_tokens], [c.target_ppl], "*", color=colour, markersize=10,
+                label=f"{c.candidate}: {100 * abs(c.saving):.1f}% {'more' if more else 'fewer'} tokens than "
+                      f"{c.reference} at ppl {c.target_ppl:.2f}")
+
+
+def write_csv(runs: List[Tuple[str, Dict]], path: str,
+              comparisons: Sequence[tokens_curves.TokensSaved] = ()) -> int:
     rows = 0
     with open(path, "w", newline="") as f:
         writer = csv.writer(f)
@@ -113,6 +135,9 @@ def write_csv(runs: List[Tuple[str, Dict]], path: str) -> int:
                 for x, value in points:
                     writer.writerow([label, tag, x, x_name, value])
                     rows += 1
+        for c in comparisons:
+            writer.writerow([c.candidate, f"tokens saved vs {c.reference}", c.candidate_tokens, "tokens", c.saving])
+            rows += 1
     return rows
 
 
@@ -124,6 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="A label per RUN_DIR, in order (default: the directory's name).")
     p.add_argument("--output", default="curves.png", help="The figure (PNG).")
     p.add_argument("--csv", default=None, help="The numbers (default: the figure's path with .csv).")
+    p.add_argument("--reference", default=None, metavar="NAME",
+                   help="A run's label (e.g. the NTP run's): every other run's tokens saved at equal validation "
+                        "perplexity against it, printed, marked on the figure and added to the CSV. Each run needs "
+                        f"{tokens_curves.MIN_EVALUATIONS} or more validations.")
+    p.add_argument("--output-md", default=None,
+                   help="With --reference: write its lines here too (markdown, for a results file).")
     return p
 
 
@@ -133,12 +164,32 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     out_dir = os.path.dirname(os.path.abspath(args.output))
     if not os.path.isdir(out_dir):
         raise FileNotFoundError(f"--output {args.output}: directory {out_dir} does not exist")
-    runs = [(label, curves(read_scalars(folder))) for label, folder in find_runs(args.run_dirs, args.name)]
+    if args.output_md and not args.reference:
+        raise ValueError("--output-md holds the tokens-saved lines: give --reference NAME")
+    scalars = [(label, read_scalars(folder)) for label, folder in find_runs(args.run_dirs, args.name)]
+    runs = [(label, curves(values)) for label, values in scalars]
     if not any(data for _, (_, data) in runs):
         raise ValueError(f"{', '.join(args.run_dirs)}: no lm loss, validation or concept loss scalars to plot")
+    comparisons = []
+    if args.reference:
+        labels = [label for label, _ in scalars]
+        if len(set(labels)) < len(labels):
+            raise ValueError(f"--reference: the runs' labels ({', '.join(labels)}) must differ (see --name)")
+        if args.reference not in labels:
+            raise ValueError(f"--reference {args.reference}: not one of the runs ({', '.join(labels)})")
+        if len(labels) < 2:
+            raise ValueError(f"--reference {args.reference}: no other run to compare with it")
+        comparisons = tokens_curves.compare(args.reference, {label: tokens_curves.validation_curve(values, label)
+                                                             for label, values in scalars})
     csv_path = args.csv or os.path.splitext(args.output)[0] + ".csv"
-    plot(runs, args.output)
-    rows = write_csv(runs, csv_path)
+    plot(runs, args.output, comparisons)
+    rows = write_csv(runs, csv_path, comparisons)
+    if comparisons:
+        lines = tokens_curves.summary_lines(comparisons)
+        print("\n".join(lines))
+        if args.output_md:
+            with open(args.output_md, "w") as f:
+                f.write("\n".join(lines) + "\n")
     print(f"wrote {args.output} ({len(runs)} runs) and {csv_path} ({rows} rows)")
     return 0
 

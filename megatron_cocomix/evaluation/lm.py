@@ -435,10 +435,16 @@ def _score_chunk(scorer: Scorer, docs: Sequence[numpy.ndarray], indices: range, 
 
 
 # ------------------------------------------------------------------------------------------------------ report
+def data_label(row: dict) -> str:
+    """The held-out corpus's name in a table's header (evaluate.py --data-name; 'held-out' without one)."""
+    return row.get("data_name") or "held-out"
+
+
 def markdown_table(rows: Sequence[dict]) -> str:
-    """One row per model: name, parameters, tokens seen in training (checkpoints), held-out ppl, bits per byte,
-    tokens scored."""
-    lines = ["| model | parameters | tokens seen | held-out ppl | bits per byte | tokens scored |",
+    """One row per model: name, parameters, tokens seen in training (checkpoints), held-out ppl (headed by the
+    corpus's name), bits per byte, tokens scored."""
+    lines = [f"| model | parameters | tokens seen | {data_label(rows[0]) if rows else 'held-out'} ppl | bits per byte "
+             f"| tokens scored |",
              "|---|---:|---:|---:|---:|---:|"]
     for row in rows:
         seen = row.get("tokens_seen")

@@ -1,5 +1,6 @@
 """Zero-shot downstream tasks through lm-evaluation-harness, read from local JSON-lines files: the tasks of the
-CoCoMix paper's Table 1 (LAMBADA, HellaSwag, PIQA, Social IQa, ARC-Easy, WinoGrande) under lm-eval's names.
+CoCoMix paper's Table 1 (LAMBADA, WikiText, HellaSwag, PIQA, Social IQa, ARC-Easy, WinoGrande) under lm-eval's
+names.
 
 Tasks. Each task is lm-eval's own config from the installed package (lm_eval/tasks/<folder>/<file>.yaml, found by
 lm-eval's TaskManager): its prompts (doc_to_text / doc_to_target / doc_to_choice, and the python helpers of
@@ -20,9 +21,18 @@ as for held-out perplexity, unless --seq-length sets it.
 Offline. The hub and `datasets` are switched to offline mode in this process while lm-eval runs, and the datasets
 cache is a temporary directory: nothing is downloaded and nothing is left in the user's cache.
 
-Reported: lm-eval's aggregated metrics per task under its names (acc, acc_norm, perplexity, their *_stderr;
-accuracies are fractions in [0, 1]) and the documents scored. Table 1 shows each task's main metric as the paper
-does (LAMBADA perplexity and accuracy, HellaSwag acc_norm, the others acc) and the average of those accuracies.
+WikiText is lm-eval's `wikitext` task: each document (a whole Wikipedia article, the `page` field of
+EleutherAI/wikitext_document_level) is detokenised by lm-eval's `wikitext_detokenizer` and scored by rolling
+log-likelihood (lm-eval's disjoint windows of the model's max_length, the first one after the tokenizer's BOS, or
+EOS, token); word perplexity is exp(-sum of log-likelihoods / sum of words), the words of each document counted
+in its raw text as lm-eval counts them (the pieces between runs of whitespace); byte perplexity and bits per byte
+divide by the UTF-8 bytes instead. WikiText-2 and WikiText-103 share their test split, so its test.jsonl is the
+paper's WikiText-103 column.
+
+Reported: lm-eval's aggregated metrics per task under its names (acc, acc_norm, perplexity, word_perplexity,
+byte_perplexity, bits_per_byte, their *_stderr; accuracies are fractions in [0, 1]) and the documents scored.
+Table 1 shows each task's main metric as the paper does (LAMBADA perplexity and accuracy, WikiText word
+perplexity, HellaSwag acc_norm, the others acc) and the average of those accuracies.
 """
 
 from __future__ import annotations
@@ -48,12 +58,13 @@ class TaskSpec:
     folder: str                          # lm-eval's config folder under lm_eval/tasks
     title: str                           # the paper's name for the task
     fields: Tuple[str, ...]              # fields of a document that lm-eval's prompts read
-    metrics: Tuple[str, ...]             # Table 1's metrics for the task (every one but perplexity is an accuracy)
+    metrics: Tuple[str, ...]             # Table 1's metrics for the task: perplexities (PERPLEXITIES) or accuracies
 
 
 # In the paper's column order.
 TASKS: Dict[str, TaskSpec] = {
     "lambada_openai": TaskSpec("lambada", "LAMBADA", ("text",), ("perplexity", "acc")),
+    "wikitext": TaskSpec("wikitext", "WikiText", ("page",), ("word_perplexity",)),
     "hellaswag": TaskSpec("hellaswag", "HellaSwag", ("activity_label", "ctx_a", "ctx_b", "endings", "label"),
                           ("acc_norm",)),
     "piqa": TaskSpec("piqa", "PIQA", ("goal", "sol1", "sol2", "label"), ("acc",)),
@@ -62,6 +73,7 @@ TASKS: Dict[str, TaskSpec] = {
     "arc_easy": TaskSpec("arc", "ARC-Easy", ("question", "choices", "answerKey"), ("acc",)),
     "winogrande": TaskSpec("winogrande", "WinoGrande", ("sentence", "option1", "option2", "answer"), ("acc",)),
 }
+PERPLEXITIES = ("perplexity", "word_perplexity")  # Table 1's metrics that are not accuracies
 GROUP = "megatron_cocomix_zero_shot"  # the group that carries the data overrides (never reported)
 
 
@@ -80,12 +92,13 @@ def add_arguments(parser) -> None:
     group = parser.add_argument_group("zero-shot tasks (lm-evaluation-harness, local files)")
     group.add_argument("--tasks", default=None,
                        help=f"Comma-separated lm-eval task names, of {','.join(TASKS)}: zero-shot accuracies "
-                            f"(lambada_openai also perplexity) of every model, from --task-data-dir.")
+                            f"(lambada_openai also perplexity; wikitext word and byte perplexity, bits per byte) "
+                            f"of every model, from --task-data-dir.")
     group.add_argument("--task-data-dir", default=None,
                        help="Directory holding <task>/<split>.jsonl, one document per line in the schema of the "
                             "Hugging Face dataset lm-eval uses (piqa/validation.jsonl, hellaswag/validation.jsonl, "
-                            "lambada_openai/test.jsonl, social_iqa/validation.jsonl, arc_easy/test.jsonl, "
-                            "winogrande/validation.jsonl).")
+                            "lambada_openai/test.jsonl, wikitext/test.jsonl, social_iqa/validation.jsonl, "
+                            "arc_easy/test.jsonl, winogrande/validation.jsonl).")
     group.add_argument("--limit", type=int, default=None,
                        help="lm-eval's limit: score only the first N documents of each task (quick runs).")
     group.add_argument("--bootstrap-iters", type=int, default=1000,
@@ -246,14 +259,16 @@ def _offline_quiet(progress: bool) -> Iterator[str]:
     datasets.config.HF_DATASETS_OFFLINE = True
     if not progress:
         datasets.disable_progress_bars()
-    hf_logger = logging.getLogger("lm_eval.models.huggingface")
-    hf_logger.addFilter(_expected_warnings)
+    loggers = [logging.getLogger(name) for name in _QUIET_LOGGERS]
+    for logger in loggers:
+        logger.addFilter(_expected_warnings)
     try:
         with tempfile.TemporaryDirectory(prefix="zero-shot-datasets-") as cache, \
                 contextlib.redirect_stdout(sys.stderr):
             yield cache
     finally:
-        hf_logger.removeFilter(_expected_warnings)
+        for logger in loggers:
+            logger.removeFilter(_expected_warnings)
         if bars:
             datasets.enable_progress_bars()
         (huggingface_hub.constants.HF_HUB_OFFLINE, datasets.config.HF_HUB_OFFLINE,
@@ -265,10 +280,21 @@ def _offline_quiet(progress: bool) -> Iterator[str]:
                 os.environ[key] = value
 
 
+_QUIET_LOGGERS = ("lm_eval.models.huggingface", "lm_eval.api.task", "transformers.tokenization_utils_base")
+_EXPECTED = (
+    # HFLM warns whenever it wraps an already-loaded model, which is how it is used here.
+    "already-initialized model", "model kwarg is not of type `str`",
+    # lm-eval's wikitext config leaves its metrics' aggregations to lm-eval's defaults, as intended.
+    "is defined, but aggregation is not", "is defined, but higher_is_better is not",
+    # A rolling log-likelihood tokenises a whole article before cutting it into windows of the context.
+    "Token indices sequence length is longer than the specified maximum sequence length",
+)
+
+
 def _expected_warnings(record: logging.LogRecord) -> bool:
-    """HFLM warns whenever it wraps an already-loaded model, which is how it is used here."""
+    """False for the warnings that say nothing about this run (each is explained in _EXPECTED)."""
     message = record.getMessage()
-    return not ("already-initialized model" in message or "model kwarg is not of type `str`" in message)
+    return not any(text in message for text in _EXPECTED)
 
 
 def group_config(tasks: Sequence[TaskData], cache_dir: str) -> dict:
@@ -290,7 +316,8 @@ def evaluate(model: LoadedModel, tasks: Sequence[TaskData], seq_length: Optional
              limit: Optional[int] = None, bootstrap_iters: int = 1000, progress: bool = True,
              log_likelihoods: bool = False) -> dict:
     """{max_length, tasks: {task: {metric: value, documents}}, average_acc} of one model (lm-eval's numbers);
-    with `log_likelihoods` also {task: [[log-likelihood of each choice / target] of each document, in order]}."""
+    with `log_likelihoods` also {task: [[log-likelihood of each choice / target / whole document] of each
+    document, in order]}."""
     context = seq_length or model.default_context
     if context <= 0 or context > model.max_context:
         raise ValueError(f"--seq-length {context}: {model.name} takes 1 to {model.max_context} positions")
@@ -319,28 +346,30 @@ def evaluate(model: LoadedModel, tasks: Sequence[TaskData], seq_length: Optional
     report = {"max_length": context, "tasks": out, "average_acc": average_accuracy(out)}
     if log_likelihoods:
         report["log_likelihoods"] = {
-            task.name: [[float(r[0]) for r in sample["filtered_resps"]]
+            # (log-likelihood, is greedy) per choice; a rolling log-likelihood (wikitext) is the number alone.
+            task.name: [[float(r[0] if isinstance(r, (list, tuple)) else r) for r in sample["filtered_resps"]]
                         for sample in sorted(results["samples"][task.name], key=lambda x: x["doc_id"])]
             for task in tasks}
     return report
 
 
 def average_accuracy(results: Dict[str, Dict[str, float]]) -> Optional[float]:
-    """Mean of Table 1's accuracies (every metric of TASKS but perplexity) over the tasks run."""
+    """Mean of Table 1's accuracies (every metric of TASKS but the perplexities) over the tasks run."""
     values = [results[name][metric] for name, spec in TASKS.items() if name in results
-              for metric in spec.metrics if metric != "perplexity"]
+              for metric in spec.metrics if metric not in PERPLEXITIES]
     return sum(values) / len(values) if values else None
 
 
 # ----------------------------------------------------------------------------------------------------- report
 def markdown_table(rows: Sequence[dict], tasks: Sequence[TaskData]) -> str:
-    """The paper's Table 1: model, parameters, tokens seen, held-out perplexity (rows that have one), each task's
-    main metric (perplexity as is, accuracies in %), the average accuracy (%)."""
+    """The paper's Table 1: model, parameters, tokens seen, held-out perplexity (rows that have one, headed by
+    the --data-path corpus's name), each task's main metric (perplexities as they are, accuracies in %), the
+    average accuracy (%)."""
     names = [name for name in TASKS if name in {t.name for t in tasks}]
     columns = [(name, metric) for name in names for metric in TASKS[name].metrics]
-    held_out = any("ppl" in row for row in rows)
-    head = ["model", "parameters", "tokens seen"] + (["held-out ppl"] if held_out else [])
-    head += [f"{TASKS[name].title} {'ppl' if metric == 'perplexity' else metric + ' %'}" for name, metric in columns]
+    held_out = next((row for row in rows if "ppl" in row), None)
+    head = ["model", "parameters", "tokens seen"] + ([f"{lm.data_label(held_out)} ppl"] if held_out else [])
+    head += [f"{TASKS[name].title} {'ppl' if metric in PERPLEXITIES else metric + ' %'}" for name, metric in columns]
     head.append("average acc %")
     lines = ["| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
     for row in rows:
@@ -350,7 +379,7 @@ def markdown_table(rows: Sequence[dict], tasks: Sequence[TaskData]) -> str:
             cells.append(_number(row.get("ppl")))
         for name, metric in columns:
             value = row["tasks"][name].get(metric)
-            cells.append(_number(value) if metric == "perplexity" else _number(value, 100.0))
+            cells.append(_number(value) if metric in PERPLEXITIES else _number(value, 100.0))
         cells.append(_number(row.get("average_acc"), 100.0))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -102,11 +102,13 @@ def test_checkpoint_and_export_agree(tiny_checkpoints, exports, token_data, tmp_
     code, out, err = run_evaluate(["--load", tiny_checkpoints["gpt2"], tiny_checkpoints["cocomix"],
                                "--hf-model", exports["gpt2"], exports["cocomix"],
                                "--name", "ntp", "cocomix", "ntp-hf", "cocomix-hf",
-                               "--data-path", prefix, "--output-json", path, "--output-md", md])
+                               "--data-path", prefix, "--data-name", "WikiText-103", "--output-json", path,
+                               "--output-md", md])
     assert code == 0, err[-3000:]
     print("\n" + out)
     with open(md) as f:
         assert f.read() == out
+    assert out.startswith("| model | parameters | tokens seen | WikiText-103 ppl | bits per byte | tokens scored |")
     with open(path) as f:
         rows = {row["name"]: row for row in json.load(f)["models"]}
     assert list(rows) == ["ntp", "cocomix", "ntp-hf", "cocomix-hf"]
@@ -116,7 +118,7 @@ def test_checkpoint_and_export_agree(tiny_checkpoints, exports, token_data, tmp_
         assert abs(ckpt["loss"] - hf["loss"]) <= 1e-5 * hf["loss"], (name, ckpt["loss"], hf["loss"])
         assert abs(ckpt["bits_per_byte"] - hf["bits_per_byte"]) <= 1e-5 * hf["bits_per_byte"]
         assert ckpt["parameters"] == hf["parameters"]
-        for key in ("tokens", "documents", "bytes", "context", "stride", "data_path"):
+        for key in ("tokens", "documents", "bytes", "context", "stride", "data_path", "data_name"):
             assert ckpt[key] == hf[key], key
         assert f"| {name} |" in out
     assert rows["ntp"]["loss"] != rows["cocomix"]["loss"]
@@ -193,7 +195,7 @@ def test_split_selects_the_training_documents(exports, token_data, tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing_prefix", "incomplete_checkpoint", "hf_without_config", "eval_split",
-                                  "no_model"])
+                                  "no_model", "data_name_without_data", "data_name_with_bar"])
 def test_bad_inputs_one_error_line(case, token_data, exports, tmp_path):
     prefix, _ = token_data
     empty = str(tmp_path / "empty")
@@ -202,11 +204,16 @@ def test_bad_inputs_one_error_line(case, token_data, exports, tmp_path):
             "incomplete_checkpoint": ["--load", empty, "--data-path", prefix],
             "hf_without_config": ["--hf-model", empty, "--data-path", prefix],
             "eval_split": ["--hf-model", exports["gpt2"], "--data-path", prefix, "--eval-split", "holdout"],
-            "no_model": ["--data-path", prefix]}[case]
+            "no_model": ["--data-path", prefix],
+            "data_name_without_data": ["--hf-model", exports["gpt2"], "--data-name", "OpenWebText", "--tasks", "piqa",
+                                       "--task-data-dir", empty],
+            "data_name_with_bar": ["--hf-model", exports["gpt2"], "--data-path", prefix, "--data-name", "OWT|2"]}[case]
     code, out, err = run_evaluate(args)
     lines = err.strip().splitlines()
     assert code == 2 and len(lines) == 1 and lines[0].startswith("error: "), (code, err)
     assert out == ""
+    if case.startswith("data_name"):
+        assert lines[0].startswith("error: --data-name "), lines[0]
 
 
 def test_bad_input_from_the_command_line(token_data, tmp_path):

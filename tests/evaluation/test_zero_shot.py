@@ -6,6 +6,9 @@
   "Question: {goal}\\nAnswer:", the continuations " {sol}", tokens read off the NullTokenizer's words by hand),
   for a checkpoint (through its export) and its HF export, in a Table 1 with the held-out perplexity and the
   tokens the checkpoint was trained on;
+- WikiText's word perplexity, byte perplexity and bits per byte, and each article's log-likelihood, equal a
+  plain-torch rolling log-likelihood (every token predicted once, chunk by chunk of the context, lm-eval's word
+  count of the raw article), in a Table 1 with both perplexity columns (--data-name OpenWebText, WikiText);
 - missing or malformed task files and unknown tasks: one `error:` line, before any model is loaded.
 """
 
@@ -14,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 
 import numpy
 import pytest
@@ -22,7 +26,7 @@ import torch
 from tests.helpers.evaluation_data import EOD, run_evaluate
 from tests.helpers.task_data import SPLITS, task_documents, write_task_data
 
-ALL_TASKS = "lambada_openai,hellaswag,piqa,social_iqa,arc_easy,winogrande"
+ALL_TASKS = "lambada_openai,wikitext,hellaswag,piqa,social_iqa,arc_easy,winogrande"
 
 
 def test_every_task_runs_on_an_export(exports, tmp_path, no_network):
@@ -50,24 +54,29 @@ def test_every_task_runs_on_an_export(exports, tmp_path, no_network):
     assert list(results) == ALL_TASKS.split(",")
     for task, numbers in results.items():
         assert numbers["documents"] == 5, task
+        if task == "wikitext":  # perplexities only
+            continue
         accuracies = [numbers[m] for m in ("acc", "acc_norm") if m in numbers]
         assert accuracies and all(0.0 <= a <= 1.0 for a in accuracies), (task, numbers)
         assert numbers["acc_stderr"] is not None, task
     assert set(results["hellaswag"]) >= {"acc", "acc_norm"} and set(results["winogrande"]) >= {"acc"}
     # A random 256-token model: the target word's perplexity is finite and far above 1.
     assert math.isfinite(results["lambada_openai"]["perplexity"]) and results["lambada_openai"]["perplexity"] > 10
+    assert set(results["wikitext"]) >= {"word_perplexity", "byte_perplexity", "bits_per_byte"}
+    assert results["wikitext"]["word_perplexity"] > results["wikitext"]["byte_perplexity"] > 1
     table1 = [results["lambada_openai"]["acc"], results["hellaswag"]["acc_norm"], results["piqa"]["acc"],
               results["social_iqa"]["acc"], results["arc_easy"]["acc"], results["winogrande"]["acc"]]
     assert abs(row["average_acc"] - sum(table1) / 6) < 1e-12
     header, _, cells = out.splitlines()
-    for column in ("LAMBADA ppl", "LAMBADA acc %", "HellaSwag acc_norm %", "PIQA acc %", "SIQA acc %",
-                   "ARC-Easy acc %", "WinoGrande acc %", "average acc %"):
-        assert f" {column} |" in header, column
-    assert "held-out ppl" not in header
+    columns = ["model", "parameters", "tokens seen", "LAMBADA ppl", "LAMBADA acc %", "WikiText ppl",
+               "HellaSwag acc_norm %", "PIQA acc %", "SIQA acc %", "ARC-Easy acc %", "WinoGrande acc %",
+               "average acc %"]
+    assert header == "| " + " | ".join(columns) + " |"
     values = [c.strip() for c in cells.strip("|").split("|")]
     assert values[0] == "cocomix" and values[2] == "-"
     assert values[3] == f"{results['lambada_openai']['perplexity']:.2f}"
-    assert values[5:] == [f"{100 * a:.2f}" for a in table1[1:]] + [f"{100 * row['average_acc']:.2f}"]
+    assert values[5] == f"{results['wikitext']['word_perplexity']:.2f}"
+    assert values[6:] == [f"{100 * a:.2f}" for a in table1[1:]] + [f"{100 * row['average_acc']:.2f}"]
 
 
 def _word_ids(text: str) -> list:
@@ -138,6 +147,78 @@ def test_piqa_accuracy_equals_plain_torch(tiny_checkpoints, exports, token_data,
     assert numpy.allclose(report["log_likelihoods"]["piqa"], expected["log_likelihoods"], rtol=0, atol=1e-4)
 
 
+def reference_wikitext(hf_dir: str, pages, context: int) -> dict:
+    """lm-eval's wikitext metrics computed here: each article detokenised (the marks task_data.wikitext_page
+    writes, joined back as WikiText's detokeniser does), its tokens read off the NullTokenizer's words, every token
+    predicted once: chunk by chunk of `context` tokens, the first after the EOD token (the export's only special
+    token), each later one by the `context`-token window that ends just before its last token. Words and bytes are
+    counted in the raw article, as lm-eval counts them."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    log_likelihoods, words, num_bytes = [], 0, 0
+    for page in pages:
+        assert " @-@ " in page and " , " in page and " \n" in page  # the detokeniser has work to do
+        text = page.replace(" @-@ ", "-").replace(" , ", ", ").replace(" . ", ". ")
+        text = text.replace(" \n", "\n").replace("\n ", "\n")
+        ids = [EOD] + _word_ids(text)
+        n = len(ids) - 1  # tokens to predict: ids[1:]
+        assert n > 2 * context and n % context  # several windows, the last one partial
+        total = 0.0
+        for start in range(0, n, context):
+            end = min(start + context, n)
+            first = max(0, end - context)
+            with torch.no_grad():
+                logits = model(input_ids=torch.tensor([ids[first:end]])).logits[0]
+            logp = torch.log_softmax(logits.double(), -1)
+            total += sum(float(logp[p - first, ids[p + 1]]) for p in range(start, end))
+        log_likelihoods.append(total)
+        words += len(re.split(r"\s+", page))
+        num_bytes += len(page.encode("utf-8"))
+    total = sum(log_likelihoods)
+    return {"log_likelihoods": log_likelihoods, "word_perplexity": math.exp(-total / words),
+            "byte_perplexity": math.exp(-total / num_bytes), "bits_per_byte": -total / num_bytes / math.log(2)}
+
+
+def test_wikitext_word_perplexity_equals_plain_torch(exports, token_data, tmp_path, no_network):
+    """lm-eval's wikitext task on a local test.jsonl scores as the reference; with --data-path under --data-name
+    the Table 1 row carries both perplexity columns."""
+    docs = task_documents("wikitext", 5, seed=7)
+    data = str(tmp_path / "tasks")
+    write_task_data(data, num_docs=2, overrides={"wikitext": docs})
+    out_json = str(tmp_path / "wikitext.json")
+    code, out, err = run_evaluate(["--hf-model", exports["gpt2"], "--name", "export", "--data-path", token_data[0],
+                                   "--data-name", "OpenWebText", "--tasks", "wikitext", "--task-data-dir", data,
+                                   "--output-json", out_json])
+    assert code == 0, err[-3000:]
+    assert no_network == [], no_network
+    print("\n" + out)
+    with open(out_json) as f:
+        report = json.load(f)
+    row = report["models"][0]
+    wikitext = row["tasks"]["wikitext"]
+    expected = reference_wikitext(exports["gpt2"], [d["page"] for d in docs], context=32)
+    assert wikitext["documents"] == len(docs)
+    assert wikitext["word_perplexity"] == pytest.approx(expected["word_perplexity"], rel=1e-4), (wikitext, expected)
+    assert wikitext["byte_perplexity"] == pytest.approx(expected["byte_perplexity"], rel=1e-4)
+    assert wikitext["bits_per_byte"] == pytest.approx(expected["bits_per_byte"], abs=1e-4)
+    assert row["data_name"] == report["settings"]["data_name"] == "OpenWebText"
+    assert report["settings"]["zero_shot"]["tasks"]["wikitext"]["source"].startswith(
+        "EleutherAI/wikitext_document_level")
+    header, _, cells = out.splitlines()
+    assert header == "| model | parameters | tokens seen | OpenWebText ppl | WikiText ppl | average acc % |"
+    assert cells == (f"| export | {row['parameters'] / 1e3:.2f}K | - | {row['ppl']:.2f} | "
+                     f"{expected['word_perplexity']:.2f} | - |")
+    # Each article's rolling log-likelihood as lm-eval computed it.
+    from megatron_cocomix.evaluation import zero_shot
+
+    model = zero_shot.load_model("hf", exports["gpt2"])
+    numbers = zero_shot.evaluate(model, zero_shot.check_tasks("wikitext", data), bootstrap_iters=0, progress=False,
+                                 log_likelihoods=True)
+    got = [ll for (ll,) in numbers["log_likelihoods"]["wikitext"]]
+    assert numpy.allclose(got, expected["log_likelihoods"], rtol=0, atol=1e-4), (got, expected["log_likelihoods"])
+
+
 @pytest.mark.parametrize("case", ["missing_dir", "missing_files", "unknown_task", "no_data_dir", "missing_field",
                                   "not_json", "nothing_to_do"])
 def test_bad_task_inputs_one_error_line(case, exports, tmp_path, monkeypatch):
@@ -157,14 +238,18 @@ def test_bad_task_inputs_one_error_line(case, exports, tmp_path, monkeypatch):
                     f"hellaswag needs {tmp_path}/nowhere/hellaswag/validation.jsonl (not found"]
     elif case == "missing_files":
         os.remove(os.path.join(data, "hellaswag", "validation.jsonl"))
-        args[3] = "piqa,hellaswag,lambada_openai"
+        args[3] = "piqa,hellaswag,lambada_openai,wikitext"
         os.remove(os.path.join(data, "lambada_openai", "test.jsonl"))
+        os.remove(os.path.join(data, "wikitext", "test.jsonl"))
         expected = [f"hellaswag needs {data}/hellaswag/validation.jsonl (not found",
                     f"lambada_openai needs {data}/lambada_openai/test.jsonl (not found",
-                    "EleutherAI/lambada_openai"]
+                    "EleutherAI/lambada_openai",
+                    f"wikitext needs {data}/wikitext/test.jsonl (not found; the test split of "
+                    f"EleutherAI/wikitext_document_level wikitext-2-raw-v1 as JSON lines)"]
     elif case == "unknown_task":
         args[3] = "piqa,mmlu"
-        expected = ["mmlu", "supported: lambada_openai, hellaswag, piqa, social_iqa, arc_easy, winogrande"]
+        expected = ["mmlu", "supported: lambada_openai, wikitext, hellaswag, piqa, social_iqa, arc_easy, "
+                            "winogrande"]
     elif case == "no_data_dir":
         args = args[:-2]
         expected = ["--tasks needs --task-data-dir"]

@@ -13,12 +13,22 @@ import os
 import random
 from typing import Dict, List
 
-SPLITS = {"lambada_openai": "test", "hellaswag": "validation", "piqa": "validation", "social_iqa": "validation",
-          "arc_easy": "test", "winogrande": "validation"}
+SPLITS = {"lambada_openai": "test", "wikitext": "test", "hellaswag": "validation", "piqa": "validation",
+          "social_iqa": "validation", "arc_easy": "test", "winogrande": "validation"}
 
 
 def _words(rng: random.Random, low: int, high: int) -> str:
     return " ".join(str(rng.randrange(0, 255)) for _ in range(rng.randint(low, high)))
+
+
+def wikitext_page(rng: random.Random) -> str:
+    """An article as EleutherAI/wikitext_document_level stores one: a heading " = N = " line, then paragraphs in
+    WikiText's raw tokenisation (" @-@ " inside numbers, " , " and " . " spaced out) that lm-eval's
+    wikitext_detokenizer joins back; some 60 to 150 words, several times the test models' 32-token context."""
+    lines = [f" = {_words(rng, 1, 2)} = "]
+    for _ in range(rng.randint(3, 5)):
+        lines.append(f" {_words(rng, 4, 9)} @-@ {_words(rng, 2, 6)} , {_words(rng, 3, 8)} . {_words(rng, 2, 5)} ")
+    return "\n".join(lines) + "\n"
 
 
 def task_documents(task: str, num_docs: int, seed: int = 0) -> List[dict]:
@@ -27,6 +37,8 @@ def task_documents(task: str, num_docs: int, seed: int = 0) -> List[dict]:
     for i in range(num_docs):
         if task == "lambada_openai":
             docs.append({"text": _words(rng, 6, 12)})
+        elif task == "wikitext":
+            docs.append({"page": wikitext_page(rng)})
         elif task == "hellaswag":
             # Rowan/hellaswag: the label is a string; "[title]" is one of the artefacts lm-eval's helper removes.
             docs.append({"ind": i, "activity_label": "Cooking", "ctx_a": _words(rng, 3, 6),

@@ -54,3 +54,20 @@ def test_plot_runs_bad_input(tmp_path, capsys):
     assert "no tensorboard event files" in capsys.readouterr().err
     assert plot_runs.main([str(tmp_path / "empty"), "--name", "a", "b", "--output", str(tmp_path / "c.png")]) == 2
     assert capsys.readouterr().err.strip() == "error: --name: 2 names for 1 run directories"
+
+
+def test_plot_runs_reference_needs_three_validations(tmp_path, capsys):
+    """--reference on a run that validated twice: one error line naming it; without --reference it plots."""
+    write_run(tmp_path / "ntp", concept=False, batch_tokens=512, offset=0.5)  # validations at iterations 2, 4, 6
+    writer = SummaryWriter(log_dir=str(tmp_path / "short"))
+    for it in range(1, 5):
+        writer.add_scalar("tokens", it * 512, it)
+        if it % 2 == 0:
+            writer.add_scalar("lm loss validation ppl", 100.0 / it, it)
+    writer.close()
+    runs = [str(tmp_path / "ntp"), str(tmp_path / "short"), "--output", str(tmp_path / "c.png")]
+    assert plot_runs.main(runs + ["--reference", "ntp"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: short: 2 evaluations of 'lm loss validation ppl' with a 'tokens' value; tokens saved needs at least 3 "
+        "(a smaller --eval-interval validates more often)")
+    assert plot_runs.main(runs) == 0
