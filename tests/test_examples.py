@@ -29,6 +29,7 @@ import numpy as np
 import pytest
 
 from megatron_cocomix.arguments import build_parser, parse_args
+from tests.helpers.paths import load_example
 from tests.helpers.smollm2 import smollm2_gguf
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,16 +82,6 @@ def _load_tool(name: str):
     return importlib.import_module(f"tools.{name}")
 
 
-@functools.lru_cache(maxsize=None)
-def _load_example(name: str):
-    """A Python script of examples/ (not a package) as a module."""
-    spec = importlib.util.spec_from_file_location(f"examples_{name}", os.path.join(EXAMPLES, f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
 def _tool_options(*names: str) -> set:
     return set().union(*(_options(_load_tool(name).build_parser()) for name in names))
 
@@ -117,11 +108,11 @@ def known_options() -> dict:
         "pipeline.sh": _tool_options("train_tokenizer", "export_tokenizer", "preprocess_data", "convert_to_hf",
                                      "train_sae", "eval_sae", "extract_concepts", "evaluate", "plot_runs",
                                      "describe_latents", "inspect_concepts", "steer")
-        | _options(_load_example("pipeline_report").build_parser()) | {"--no-deps"},  # pip, in a message
+        | _options(load_example("pipeline_report").build_parser()) | {"--no-deps"},  # pip, in a message
         "pipeline_gpu.sh": _tool_options("preprocess_data", "export_tokenizer", "inspect_data", "convert_from_hf",
                                          "train_sae", "import_openai_sae", "eval_sae", "extract_concepts",
                                          "evaluate", "plot_runs")
-        | _options(_load_example("pipeline_gpu_estimate").build_parser()) | launchers,
+        | _options(load_example("pipeline_gpu_estimate").build_parser()) | launchers,
         "train": train,
     }
 
@@ -567,7 +558,7 @@ def test_pipeline_gpu_dry_run(teacher, gpu_inputs, tmp_path):
     model = gpu_inputs["TEACHER_MODEL" if teacher == "gpt2" else "SMOLLM2"]
     dry = _pipeline_gpu({"DATA": gpu_inputs["DATA"], "TEACHER": teacher, "TEACHER_MODEL": model, "RUN_DIR": run_dir})
     assert not os.path.exists(run_dir), "a dry run wrote files"
-    hours = {st.name: st.hours for st in _load_example("pipeline_gpu_estimate").estimate(teacher, model)}
+    hours = {st.name: st.hours for st in load_example("pipeline_gpu_estimate").estimate(teacher, model)}
     for number, stage in enumerate(("data", "teacher", "sae", "labels", "cocomix", "ntp", "kd", "evaluate"), 1):
         line = next(line for line in dry["stdout"].splitlines() if line.startswith(f"[pipeline_gpu] {number}/8 "))
         assert line.startswith(f"[pipeline_gpu] {number}/8 {stage}: "), line
@@ -705,7 +696,7 @@ def test_pipeline_gpu_estimate_matches_flop_count(paper_run, inputs):
     from megatron_cocomix.shapes import TransformerShape
     from megatron_cocomix.training.flops import num_floating_point_operations, teacher_flops_per_sequence
 
-    estimate = _load_example("pipeline_gpu_estimate")
+    estimate = load_example("pipeline_gpu_estimate")
     stages = {st.name: st for st in estimate.estimate()}
     gpt2 = TransformerShape.from_hf_config(GPT2_CONFIG)
 
@@ -746,5 +737,5 @@ def test_pipeline_gpu_estimate_smollm2_shape():
     the asset package)."""
     from megatron_cocomix.concepts.teacher import read_teacher_shape
 
-    estimate = _load_example("pipeline_gpu_estimate")
+    estimate = load_example("pipeline_gpu_estimate")
     assert read_teacher_shape(smollm2_gguf()) == estimate.teacher_shape("smollm2", None)
