@@ -188,15 +188,36 @@ def test_train_sae_resume_is_exact_and_eval(assets, tmp_path, capsys):
     # A checkpoint with another width is refused on resume, naming both values.
     assert tool.main(train_flags(assets, tmp_path / "straight", 12, **{"--num-latents": 32})) == 2
     assert "num_latents 64 but --num-latents/--k of this run" in capsys.readouterr().err
+    # ... and so is one that would read other windows.
+    assert tool.main(train_flags(assets, tmp_path / "straight", 12, **{"--sequences-per-step": 2})) == 2
+    assert "resumed with sequences_per_step 4 -> 2;" in capsys.readouterr().err
 
 
-def test_train_sae_two_processes(assets, tmp_path):
+def test_train_sae_two_processes_equal_one(assets, tmp_path, capsys):
+    """Data parallel: 2 processes (torchrun, gloo) with 2 windows each per step read the same windows as one
+    process with 4 and take the same steps (each rank's loss is its share of the whole batch's FVU and AuxK, the
+    gradients are summed), AuxK included (--dead-tokens 200: latents die within the 6 steps): the same weights to
+    float rounding, the same training and held-out metrics."""
+    from megatron_cocomix.concepts import load_sae
+    from tools import train_sae as tool
+
     proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port()), "tools/train_sae.py"] + train_flags(assets, tmp_path / "dp", 6))
+                str(free_port()), "tools/train_sae.py"]
+               + train_flags(assets, tmp_path / "dp", 6, **{"--sequences-per-step": 2}))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["steps"] == 6 and result["train_fvu_last"] < result["train_fvu_first"]
+    two = json.loads(proc.stdout.strip().splitlines()[-1])
     assert json.load(open(tmp_path / "dp" / "iter_0000006" / "cfg.json"))["world_size"] == 2
+    assert tool.main(train_flags(assets, tmp_path / "one", 6)) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    print("2 processes:", two, "\n1 process:", one)
+    assert two["steps"] == one["steps"] == 6 and 0 < one["train_dead_fraction"] < 1
+    a, b = load_sae(str(tmp_path / "dp" / "iter_0000006")), load_sae(str(tmp_path / "one" / "iter_0000006"))
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    for key in ("train_fvu_first", "train_fvu_last", "fvu", "l0", "clean_loss", "spliced_loss"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    assert two["delta_lm_loss"] == pytest.approx(one["delta_lm_loss"], abs=2e-6)  # float32 losses of ~4.6
+    assert two["dead_fraction"] == one["dead_fraction"] and two["train_dead_fraction"] == one["train_dead_fraction"]
 
 
 def test_import_openai_sae(assets, tmp_path, capsys):
