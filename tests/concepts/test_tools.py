@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 
+import numpy
 import pytest
 import torch
 
@@ -218,6 +219,41 @@ def test_train_sae_two_processes_equal_one(assets, tmp_path, capsys):
         assert two[key] == pytest.approx(one[key], rel=1e-5), key
     assert two["delta_lm_loss"] == pytest.approx(one["delta_lm_loss"], abs=2e-6)  # float32 losses of ~4.6
     assert two["dead_fraction"] == one["dead_fraction"] and two["train_dead_fraction"] == one["train_dead_fraction"]
+
+
+def test_eval_sae_equals_independent_metrics(assets, tmp_path, capsys):
+    """tools/eval_sae.py's FVU, L0, dead fraction, clean / spliced LM loss and delta LM loss equal the ones
+    tests/helpers/sae_reference.py computes without the project (numpy SAE from the .pt tensors, the plain
+    Hugging Face teacher, a forward hook for the splice) on the same windows: the last 8 windows of 16 tokens of
+    the token stream, read here from the .bin file, evaluated in batches of 3 (the sums run over uneven batches).
+    A random SAE with negative latent biases makes every number informative: some top-k activations are not
+    positive (L0 < k), some latents never fire, and the splice changes the LM loss."""
+    from tests.helpers import sae_reference
+    from tests.helpers.concept_files import random_sae_tensors
+    from tools import eval_sae
+
+    sae = str(tmp_path / "sae.pt")
+    tensors = random_sae_tensors(32, 128, seed=5)
+    tensors["latent_bias"] -= 2.0
+    torch.save(dict(tensors, activation="TopK", activation_state_dict={"k": 8, "postact_fn": "ReLU"}), sae)
+    assert eval_sae.main(["--sae", sae, "--teacher-model", str(assets / "gpt2"), "--teacher-layer",
+                          "2", "--data-path", str(assets / "data"), "--seq-length", "16", "--num-sequences", "8",
+                          "--batch-size", "3", "--no-progress"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stream = numpy.fromfile(str(assets / "data.bin"), dtype=numpy.int32)
+    count = len(stream) // 16
+    windows = stream[(count - 8) * 16:count * 16].reshape(8, 16)
+    expected = sae_reference.metrics(sae, str(assets / "gpt2"), 2, windows, skip=1)
+    print("eval_sae:", got, "\nreference:", expected)
+    assert 0 < expected["l0"] < expected["k"] and 0 < expected["dead_fraction"] < 1, expected
+    assert abs(expected["delta_lm_loss"]) > 1e-3, expected
+    assert got["tokens"] == expected["tokens"] == 8 * 15
+    assert got["fvu"] == pytest.approx(expected["fvu"], rel=1e-5)
+    assert got["l0"] == pytest.approx(expected["l0"], abs=1e-12)
+    assert got["dead_fraction"] == pytest.approx(expected["dead_fraction"], abs=1e-12)
+    for key in ("clean_loss", "spliced_loss"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+    assert got["delta_lm_loss"] == pytest.approx(expected["delta_lm_loss"], abs=2e-5)
 
 
 def test_import_openai_sae(assets, tmp_path, capsys):
