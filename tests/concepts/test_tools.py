@@ -2,6 +2,9 @@
 
 extract_concepts: labels aligned with the training samples (compared with attribution_labels on the samples the
 data pipeline builds), identical with 1 and 2 processes (torchrun, gloo), resumable, refusing mismatches.
+train_sae: resumes exactly, refuses a resume that would read other windows, 2 processes (torchrun, gloo) train
+the SAE 1 process trains with twice the windows per step. eval_sae: every metric equals an independent
+computation (tests/helpers/sae_reference.py).
 """
 
 import json

@@ -6,6 +6,10 @@
   "Question: {goal}\\nAnswer:", the continuations " {sol}", tokens read off the NullTokenizer's words by hand),
   for a checkpoint (through its export) and its HF export, in a Table 1 with the held-out perplexity and the
   tokens the checkpoint was trained on;
+- LAMBADA (last-word accuracy, perplexity), HellaSwag (acc, acc_norm, lm-eval's cleaning), SIQA, ARC-Easy
+  (acc, acc_norm) and WinoGrande (partial scoring), and every document's log-likelihoods, equal the plain-torch
+  scorer of tests/helpers/zero_shot_reference.py: for an export on its logits, and for a checkpoint (--load) on
+  the logits of megatron's own forward, not on the export the tool goes through;
 - WikiText's word perplexity, byte perplexity and bits per byte, and each article's log-likelihood, equal a
   plain-torch rolling log-likelihood (every token predicted once, chunk by chunk of the context, lm-eval's word
   count of the raw article), in a Table 1 with both perplexity columns (--data-name OpenWebText, WikiText);
