@@ -222,6 +222,8 @@ def test_five_tasks_export_equals_plain_torch(five_tasks, exports):
     docs, rows, captured = five_tasks
     scorer = zero_shot_reference.hf_scorer(exports["cocomix"], CONTEXT)
     expected = _check_against_reference(rows[1], captured[1], scorer, docs)
+    # These hold for the documents of seed 7 and the tiny models of the fixtures; should the models change, pick
+    # the seed of task_documents in five_tasks again so that they hold.
     for task, reference in expected.items():
         assert 0 < reference["acc"] < 1, (task, reference)
     for task in ("hellaswag", "arc_easy"):
