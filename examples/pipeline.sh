@@ -203,6 +203,8 @@ tokenise() {
 train_teacher() {
     if [ "${TEACHER}" = smollm2 ]; then
         echo "teacher: ${TEACHER_MODEL} (SmolLM2-135M, pretrained; nothing to train)"
+        mkdir -p "${RUN_DIR}/teacher"
+        ln -sfn "${TEACHER_MODEL}" "${RUN_DIR}/teacher/smollm2.gguf"  # the run's teacher, for the tools after it
         return
     fi
     # shellcheck disable=SC2046
