@@ -131,13 +131,15 @@ def _read_args_file(path: str) -> list:
         return [tok for line in f if not line.lstrip().startswith("#") for tok in line.split()]
 
 
-def test_layout_and_readme():
+def test_layout_and_docs():
     for name in ["pretrain_paper.sh", "common.sh", "multinode/hostfile.example", "configs/paper.args",
                  "configs/cocomix.args"] + [f"configs/{size}{kind}.args" for size in PAPER for kind in ("", ".ntp")]:
         assert os.path.isfile(os.path.join(EXAMPLES, name)), f"examples/{name} is missing"
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    for path in set(re.findall(r"examples/[\w./-]*\w", readme)) - {"examples/ds_config_zero"}:  # zero{1,2,3}
-        assert os.path.exists(os.path.join(ROOT, path)), f"README.md names {path}"
+    for doc in ["README.md"] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+        with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+            text = f.read()
+        for path in set(re.findall(r"examples/[\w./-]*\w", text)) - {"examples/ds_config_zero"}:  # zero{1,2,3}
+            assert os.path.exists(os.path.join(ROOT, path)), f"{os.path.relpath(doc, ROOT)} names {path}"
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: os.path.relpath(p, EXAMPLES))

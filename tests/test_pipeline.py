@@ -15,7 +15,7 @@ One run (a module fixture) serves every test:
   here from the students' validation curves (4 evaluations each), and the CSV has the same figures;
 - the concepts stage: latent descriptions of the SAE, the concept page of a held-out passage with those
   descriptions and the teacher's labels, one concept steered, all linked from the results table;
-- the README's commands after training, on the run's own files, each a fresh process with Python's warnings on
+- docs/pipeline.md's commands after training, on the run's own files, each a fresh process with Python's warnings on
   (stderr must stay empty): generate (checkpoint and export), inspect_concepts with teacher labels (checkpoint and
   export), steer, evaluate.
 """
@@ -183,7 +183,7 @@ def _concept_table(out: str) -> list:
 
 
 def test_tools_after_the_pipeline(pipeline, tmp_path):
-    """The README's next steps on the run's own files: an export of the CoCoMix student, generate from the
+    """docs/pipeline.md's next steps on the run's own files: an export of the CoCoMix student, generate from the
     checkpoint and the export (the same greedy text), inspect_concepts with the teacher's labels and the run's
     latent descriptions (the same table from both), steer (scale 1 is the unsteered greedy text), evaluate (the
     checkpoint and its export score alike, as the pipeline's own evaluation did)."""
