@@ -30,6 +30,9 @@ from typing import Dict, List, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_cocomix.errors import cli_main  # noqa: E402
+from megatron_cocomix.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before megatron-core is imported
 
 STUDENTS = ("cocomix", "ntp", "kd")
 SHARED_STAGES = ("tokenise", "teacher", "sae")
@@ -220,7 +223,8 @@ def student_table(summary: Dict, several: bool) -> List[str]:
         first = next(iter(model["per_seed"].values()))
         step = model.get("step_time")
         ratio = step / ntp_time if step and ntp_time else None
-        cells = [_mean_cell(model, key, digits, several and key in ("ppl", "bits_per_byte")) for key, digits in AVERAGED]
+        spread = several and name in STUDENTS  # the teacher is the same model at every seed
+        cells = [_mean_cell(model, key, digits, spread and key in ("ppl", "bits_per_byte")) for key, digits in AVERAGED]
         lines.append(f"| {name} | {_count(first['parameters'])} | {_count(first.get('tokens_seen'))} | "
                      + " | ".join(cells) + f" | {_fmt(step, 3)} | {_fmt(ratio, 2)} |")
     return lines
@@ -232,6 +236,8 @@ def seeds_table(summary: Dict) -> List[str]:
              "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd |",
              "|---|" + "---:|" * (len(seeds) + 2)]
     for name, model in summary["models"].items():
+        if name not in STUDENTS:
+            continue
         lines.append(f"| {name} | " + " | ".join(f"{model['per_seed'][s]['ppl']:.2f}" for s in seeds)
                      + f" | {model['ppl']:.2f} | {model['ppl_sd']:.2f} |")
     return lines

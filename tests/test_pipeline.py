@@ -280,7 +280,10 @@ def test_seeds_summary_mean_and_spread(two_seeds):
     with open(os.path.join(run_dir, "results.json")) as f:
         summary = json.load(f)
     assert summary["seeds"] == [1234, 4321]
-    for name in ("cocomix", "ntp", "kd", "teacher"):
+    teacher = per_seed[1234]["teacher"]  # the same teacher for both seeds: one number, no spread
+    assert per_seed[4321]["teacher"]["ppl"] == teacher["ppl"] and summary["models"]["teacher"]["ppl_sd"] == 0
+    assert f"| teacher | {_count(teacher['parameters'])} | - | {teacher['ppl']:.2f} | " in report
+    for name in ("cocomix", "ntp", "kd"):
         ppl = [per_seed[seed][name]["ppl"] for seed in (1234, 4321)]
         mean = (ppl[0] + ppl[1]) / 2
         sd = abs(ppl[0] - ppl[1]) / math.sqrt(2)  # n - 1 = 1
@@ -293,6 +296,12 @@ def test_seeds_summary_mean_and_spread(two_seeds):
     order = sorted(("cocomix", "ntp", "kd"), key=lambda n: summary["models"][n]["ppl"])
     assert f"best first (mean ± sample standard deviation over 2 seeds): {order[0]} " in report
     assert report in stdout
+
+
+def _count(n: int) -> str:
+    from megatron_cocomix.evaluation.lm import format_count
+
+    return format_count(n)
 
 
 def test_same_knobs_skip_everything_and_changed_knobs_redo_the_stage(two_seeds):
