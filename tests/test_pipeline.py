@@ -146,6 +146,10 @@ def test_concepts_stage_pages_and_steering(pipeline):
     assert "teacher labels" in concepts_page and "Gallop apace" in concepts_page
     shown = {int(i) for i in re.findall(r"<small>(\d+)</small>", concepts_page)}  # ids shown with a description
     assert shown and all(html.escape(records[i]["description"]) in concepts_page for i in shown)
+    # Every concept id links to its place on latents.html: a card for a live latent, the dead list's anchor else.
+    linked = {int(i) for i in re.findall(r'<a href="latents.html#latent-(\d+)">', concepts_page)}
+    assert linked == shown, (linked, shown)
+    assert all(f'id="latent-{i}"' in latents_page for i in linked)
 
     with open(os.path.join(run_dir, "steering.json"), encoding="utf-8") as f:
         steering = json.load(f)
