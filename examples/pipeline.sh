@@ -298,9 +298,10 @@ concepts() {
         --html "${RUN_DIR}/latents.html" --no-progress
     # shellcheck disable=SC2046
     "${PYTHON}" tools/inspect_concepts.py --load "${student}" --text "${CONCEPT_TEXT}" --top 3 $(concept_args) \
-        --latent-descriptions "${RUN_DIR}/latents.jsonl" --html "${RUN_DIR}/concepts.html"
+        --latent-descriptions "${RUN_DIR}/latents.jsonl" --html "${RUN_DIR}/concepts.html" --latents-page latents.html
     "${PYTHON}" tools/steer.py --load "${student}" --prompt "${STEER_PROMPT}" --concept top --max-new-tokens 24 \
-        --latent-descriptions "${RUN_DIR}/latents.jsonl" --output "${RUN_DIR}/steering.json" | tee "${RUN_DIR}/steering.txt"
+        --latent-descriptions "${RUN_DIR}/latents.jsonl" --output "${RUN_DIR}/steering.json" \
+        | tee "${RUN_DIR}/steering.txt"
 }
 
 # What each stage's outputs depend on, as name=value words: its own knobs and its inputs' (so a changed knob redoes
@@ -353,6 +354,7 @@ echo
 cat "${RUN_DIR}/steering.txt"
 echo
 echo "[pipeline] finished in $(($(date +%s) - PIPELINE_START)) s; everything is under ${RUN_DIR}/:"
-echo "  results.md / results.json (the table over the seeds), logs/ (one log per stage), latents.html (what each SAE latent"
-echo "  responds to), concepts.html (the CoCoMix student's concepts on a passage), steering.txt (one concept steered),"
-echo "  teacher/, sae/, and per seed seed<N>/: results.json, curves.png / curves.csv, labels/, students/{cocomix,ntp,kd}/"
+echo "  results.md / results.json (the table over the seeds), logs/ (one log per stage), latents.html (what each"
+echo "  SAE latent responds to), concepts.html (the CoCoMix student's concepts on a passage, linked to latents.html),"
+echo "  steering.txt (one concept steered), teacher/, sae/, and per seed seed<N>/: results.json, curves.png /"
+echo "  curves.csv, labels/, students/{cocomix,ntp,kd}/ (checkpoints, tensorboard)"
