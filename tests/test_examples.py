@@ -718,3 +718,20 @@ def test_pipeline_gpu_estimate_matches_flop_count(paper_run, inputs):
         from megatron_cocomix.concepts.teacher import read_teacher_shape
 
         assert read_teacher_shape(gguf) == estimate.teacher_shape("smollm2", None)
+
+
+# ------------------------------------------------------------------------------------------ examples/pipeline.sh
+@pytest.mark.parametrize("env, message", [
+    ({"TEACHER": "llama"}, "TEACHER=llama: expected tiny or smollm2"),
+    ({"SIZE": "huge"}, "SIZE=huge: expected default or small"),
+    ({"SEEDS": "1234,x"}, "SEEDS=1234,x: expected comma-separated non-negative integers"),
+    ({"SEED": "-1"}, "SEEDS=-1: expected comma-separated non-negative integers"),
+    ({"SEEDS": "7,7"}, "SEEDS=7,7: a seed twice"),
+])
+def test_pipeline_input_errors(env, message, tmp_path):
+    """One error line before anything runs or is written."""
+    run_dir = tmp_path / "run"
+    result = _run("pipeline.sh", {**env, "RUN_DIR": str(run_dir), "PYTHON": sys.executable}, check=False)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr.splitlines() == [f"error: {message}"], result.stderr
+    assert not run_dir.exists()
