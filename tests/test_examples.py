@@ -123,13 +123,15 @@ def _read_args_file(path: str) -> list:
         return [tok for line in f if not line.lstrip().startswith("#") for tok in line.split()]
 
 
-def test_layout_and_readme():
+def test_layout_and_docs():
     for name in ["pretrain_paper.sh", "common.sh", "multinode/hostfile.example", "configs/paper.args",
                  "configs/cocomix.args"] + [f"configs/{size}{kind}.args" for size in PAPER for kind in ("", ".ntp")]:
         assert os.path.isfile(os.path.join(EXAMPLES, name)), f"examples/{name} is missing"
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    for path in set(re.findall(r"examples/[\w./-]*\w", readme)) - {"examples/ds_config_zero"}:  # zero{1,2,3}
-        assert os.path.exists(os.path.join(ROOT, path)), f"README.md names {path}"
+    for doc in ["README.md"] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md"))):
+        with open(os.path.join(ROOT, doc), encoding="utf-8") as f:
+            text = f.read()
+        for path in set(re.findall(r"examples/[\w./-]*\w", text)) - {"examples/ds_config_zero"}:  # zero{1,2,3}
+            assert os.path.exists(os.path.join(ROOT, path)), f"{os.path.relpath(doc, ROOT)} names {path}"
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: os.path.relpath(p, EXAMPLES))
@@ -726,7 +728,7 @@ def test_pipeline_gpu_estimate_matches_flop_count(paper_run, inputs):
     assert stages["kd"].hours == pytest.approx(
         (stages["kd"].bf16 / (989e12 * 0.19) + stages["kd"].fp32 / (67e12 * 0.8)) / 8 / 3600)
     # The stated assumptions reproduce the measured 386M CoCoMix online step to within 2% of the measured range, as
-    # the README states (it predicts 15.1% for the measured 15.3-15.6%, 1.6% below the range).
+    # docs/pipeline.md states (it predicts 15.1% for the measured 15.3-15.6%, 1.6% below the range).
     low, high = estimate.MEASURED_386M_COCOMIX_MFU
     assert (low, high) == (0.153, 0.156)  # benchmarks/gpu_h200.md
     assert 0.98 * low <= estimate.calibration() <= 1.02 * high
@@ -739,3 +741,20 @@ def test_pipeline_gpu_estimate_smollm2_shape():
 
     estimate = load_example("pipeline_gpu_estimate")
     assert read_teacher_shape(smollm2_gguf()) == estimate.teacher_shape("smollm2", None)
+
+
+# ------------------------------------------------------------------------------------------ examples/pipeline.sh
+@pytest.mark.parametrize("env, message", [
+    ({"TEACHER": "llama"}, "TEACHER=llama: expected tiny or smollm2"),
+    ({"SIZE": "huge"}, "SIZE=huge: expected default or small"),
+    ({"SEEDS": "1234,x"}, "SEEDS=1234,x: expected comma-separated non-negative integers"),
+    ({"SEED": "-1"}, "SEEDS=-1: expected comma-separated non-negative integers"),
+    ({"SEEDS": "7,7"}, "SEEDS=7,7: a seed twice"),
+])
+def test_pipeline_input_errors(env, message, tmp_path):
+    """One error line before anything runs or is written."""
+    run_dir = tmp_path / "run"
+    result = _run("pipeline.sh", {**env, "RUN_DIR": str(run_dir), "PYTHON": sys.executable}, check=False)
+    assert result.returncode == 2 and result.stdout == "", result.stdout
+    assert result.stderr.splitlines() == [f"error: {message}"], result.stderr
+    assert not run_dir.exists()

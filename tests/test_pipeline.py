@@ -1,8 +1,12 @@
-"""examples/pipeline.sh end to end at its reduced size (SIZE=small), killed in the middle of a stage and re-run, and
-the tools a user runs next on its outputs.
+"""examples/pipeline.sh end to end at its reduced size (SIZE=small, TEACHER=tiny), killed in the middle of a stage
+and re-run, re-run with a second student seed, and the tools a user runs next on its outputs.
 
 One run (a module fixture) serves every test:
 - the re-run skips the finished stages, resumes the killed stage from its last checkpoint, and finishes;
+- a re-run with SEEDS=1234,4321 keeps the tokenizer, teacher, SAE and the first seed's stages and runs the second
+  seed's labels, students and evaluation; its table's means and standard deviations equal those computed here
+  from the per-seed results files; the same command again skips everything; a stage whose recorded knobs differ
+  is redone, its old outputs kept under previous/;
 - every stage's output exists and is sane: the teacher beats a unigram model on held-out text, the SAE's FVU is
   below 0.5, the CoCoMix student's concept top-k accuracy is above chance, and every student's held-out
   perplexity is finite and below the uniform distribution's (an untrained model's, up to its small initial
@@ -11,7 +15,7 @@ One run (a module fixture) serves every test:
   here from the students' validation curves (4 evaluations each), and the CSV has the same figures;
 - the concepts stage: latent descriptions of the SAE, the concept page of a held-out passage with those
   descriptions and the teacher's labels, one concept steered, all linked from the results table;
-- the README's commands after training, on the run's own files, each a fresh process with Python's warnings on
+- docs/pipeline.md's commands after training, on the run's own files, each a fresh process with Python's warnings on
   (stderr must stay empty): generate (checkpoint and export), inspect_concepts with teacher labels (checkpoint and
   export), steer, evaluate.
 """
@@ -35,13 +39,18 @@ from tests.helpers.paths import ROOT, load_example
 
 pytestmark = pytest.mark.slow
 PIPELINE = os.path.join(ROOT, "examples", "pipeline.sh")
-STAGES = ("tokenise", "teacher", "sae", "labels", "cocomix", "ntp", "kd", "evaluate", "concepts")
+SEED_STAGES = ("labels", "cocomix", "ntp", "kd", "evaluate")
+STAGES = ("tokenise", "teacher", "sae", *(f"{stage}.seed1234" for stage in SEED_STAGES), "concepts")
 
 
-def _environment(run_dir: str) -> dict:
-    env = {k: v for k, v in os.environ.items() if k not in ("TEACHER", "SIZE", "SEED", "RUN_DIR")}
-    env.update(SIZE="small", RUN_DIR=run_dir, PYTHON=sys.executable)
+def _environment(run_dir: str, **knobs: str) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("TEACHER", "SIZE", "SEED", "SEEDS", "RUN_DIR")}
+    env.update(TEACHER="tiny", SIZE="small", RUN_DIR=run_dir, PYTHON=sys.executable, **knobs)
     return env
+
+
+def _students(run_dir: str, seed: int = 1234) -> str:
+    return os.path.join(run_dir, f"seed{seed}", "students")
 
 
 def _wait_for(path: str, text: str, process: subprocess.Popen, timeout: float) -> None:
@@ -62,14 +71,14 @@ def pipeline(tmp_path_factory):
     env = _environment(run_dir)
     first = subprocess.Popen(["bash", PIPELINE], cwd=ROOT, env=env, stdout=subprocess.PIPE,
                              stderr=subprocess.STDOUT, text=True, start_new_session=True)
-    cocomix_log = os.path.join(run_dir, "logs", "cocomix.log")
+    cocomix_log = os.path.join(run_dir, "logs", "cocomix.seed1234.log")
     try:
         # Killed (the whole process group, as a preempted job) once the CoCoMix student saved its first checkpoint.
         _wait_for(cocomix_log, "successfully saved checkpoint at iteration", first, timeout=900)
     finally:
         os.killpg(first.pid, signal.SIGKILL)
         first.wait()
-    assert not os.path.exists(os.path.join(run_dir, "stages", "cocomix.done"))
+    assert not os.path.exists(os.path.join(run_dir, "stages", "cocomix.seed1234.done"))
 
     second = subprocess.run(["bash", PIPELINE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
@@ -78,9 +87,9 @@ def pipeline(tmp_path_factory):
 
 def test_pipeline_resumes_after_a_kill_and_its_outputs_are_sane(pipeline):
     run_dir, stdout, attempts = pipeline
-    for stage in ("tokenise", "teacher", "sae", "labels"):
+    for stage in STAGES[:4]:
         assert f"{stage}: already done" in stdout, stdout
-    assert "cocomix: already done" not in stdout
+    assert "cocomix.seed1234: already done" not in stdout
     assert len(attempts) == 3 and "loaded checkpoint" in attempts[2], attempts[-1][-2000:]
     for stage in STAGES:
         assert os.path.exists(os.path.join(run_dir, "stages", f"{stage}.done")), stage
@@ -100,13 +109,13 @@ def test_pipeline_resumes_after_a_kill_and_its_outputs_are_sane(pipeline):
         assert rows[name]["tokens_seen"] == rows["ntp"]["tokens_seen"] > 0  # equal tokens
     # Parameter-matched within 1%.
     assert abs(rows["ntp"]["parameters"] / rows["cocomix"]["parameters"] - 1) < 0.01
-    for name in ("results.md", "curves.png", "curves.csv"):
+    for name in ("results.md", "results.json", "seed1234/curves.png", "seed1234/curves.csv"):
         assert os.path.getsize(os.path.join(run_dir, name)) > 0, name
     assert "| cocomix |" in stdout and "unigram" in stdout
 
 
-def _results(run_dir: str) -> dict:
-    with open(os.path.join(run_dir, "results.json")) as f:
+def _results(run_dir: str, seed: int = 1234) -> dict:
+    with open(os.path.join(run_dir, f"seed{seed}", "results.json")) as f:
         return {row["name"]: row for row in json.load(f)["models"]}
 
 
@@ -133,6 +142,10 @@ def test_concepts_stage_pages_and_steering(pipeline):
     assert "teacher labels" in concepts_page and "Gallop apace" in concepts_page
     shown = {int(i) for i in re.findall(r"<small>(\d+)</small>", concepts_page)}  # ids shown with a description
     assert shown and all(html.escape(records[i]["description"]) in concepts_page for i in shown)
+    # Every concept id links to its place on latents.html: a card for a live latent, the dead list's anchor else.
+    linked = {int(i) for i in re.findall(r'<a href="latents.html#latent-(\d+)">', concepts_page)}
+    assert linked == shown, (linked, shown)
+    assert all(f'id="latent-{i}"' in latents_page for i in linked)
 
     with open(os.path.join(run_dir, "steering.json"), encoding="utf-8") as f:
         steering = json.load(f)
@@ -170,12 +183,12 @@ def _concept_table(out: str) -> list:
 
 
 def test_tools_after_the_pipeline(pipeline, tmp_path):
-    """The README's next steps on the run's own files: an export of the CoCoMix student, generate from the
+    """docs/pipeline.md's next steps on the run's own files: an export of the CoCoMix student, generate from the
     checkpoint and the export (the same greedy text), inspect_concepts with the teacher's labels and the run's
     latent descriptions (the same table from both), steer (scale 1 is the unsteered greedy text), evaluate (the
     checkpoint and its export score alike, as the pipeline's own evaluation did)."""
     run_dir, _, _ = pipeline
-    checkpoint = os.path.join(run_dir, "students", "cocomix", "checkpoints")
+    checkpoint = os.path.join(_students(run_dir), "cocomix", "checkpoints")
     export = str(tmp_path / "cocomix_hf")
     _tool("convert_to_hf", "--load", checkpoint, "--output", export)
     prompt = "ROMEO\nBut soft, what light"
@@ -218,7 +231,7 @@ def test_results_report_tokens_saved(pipeline):
     run_dir, stdout, _ = pipeline
     from megatron_cocomix.evaluation import curves
 
-    found = {name: curves.read_curve(os.path.join(run_dir, "students", name, "tensorboard"), name)
+    found = {name: curves.read_curve(os.path.join(_students(run_dir), name, "tensorboard"), name)
              for name in ("ntp", "cocomix", "kd")}
     assert {len(curve) for curve in found.values()} == {4}
     comparisons = curves.compare("ntp", found)
@@ -227,6 +240,91 @@ def test_results_report_tokens_saved(pipeline):
     with open(os.path.join(run_dir, "results.md")) as f:
         assert "\n" + "\n".join(expected) + "\n" in f.read()
     assert "\n" + "\n".join(expected) + "\n" in stdout
-    with open(os.path.join(run_dir, "curves.csv")) as f:
+    with open(os.path.join(run_dir, "seed1234", "curves.csv")) as f:
         rows = [r for r in csv.DictReader(f) if r["metric"] == "tokens saved vs ntp"]
     assert {r["run"]: float(r["value"]) for r in rows} == pytest.approx({c.candidate: c.saving for c in comparisons})
+
+
+# ---------------------------------------------------------------------------------------- re-runs with other knobs
+# These run last: they rewrite the run's results.md for two seeds.
+
+@pytest.fixture(scope="module")
+def two_seeds(pipeline):
+    """(run dir, stdout) of the same run re-run with SEEDS=1234,4321."""
+    run_dir = pipeline[0]
+    rerun = subprocess.run(["bash", PIPELINE], cwd=ROOT, env=_environment(run_dir, SEEDS="1234,4321"),
+                           capture_output=True, text=True, timeout=900)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    return run_dir, rerun.stdout
+
+
+def test_another_seed_keeps_the_teacher_and_sae_and_runs_its_own_students(two_seeds):
+    run_dir, stdout = two_seeds
+    done = re.findall(r"^\[pipeline\] \d+/14 (\S+): already done", stdout, re.M)
+    ran = re.findall(r"^\[pipeline\] \d+/14 (\S+): done in", stdout, re.M)
+    assert done == list(STAGES[:-1]) + ["concepts"], stdout
+    assert ran == [f"{stage}.seed4321" for stage in SEED_STAGES], stdout
+    assert "other knobs" not in stdout
+    # The second seed trained on other samples: other labels, other losses.
+    first, second = _results(run_dir, 1234), _results(run_dir, 4321)
+    assert first["cocomix"]["tokens_seen"] == second["cocomix"]["tokens_seen"]
+    assert first["cocomix"]["ppl"] != second["cocomix"]["ppl"]
+
+
+def test_seeds_summary_mean_and_spread(two_seeds):
+    """The table's mean and sample standard deviation per model, against a computation from the per-seed
+    results.json files."""
+    run_dir, stdout = two_seeds
+    per_seed = {seed: _results(run_dir, seed) for seed in (1234, 4321)}
+    report = open(os.path.join(run_dir, "results.md"), encoding="utf-8").read()
+    with open(os.path.join(run_dir, "results.json")) as f:
+        summary = json.load(f)
+    assert summary["seeds"] == [1234, 4321]
+    teacher = per_seed[1234]["teacher"]  # the same teacher for both seeds: one number, no spread
+    assert per_seed[4321]["teacher"]["ppl"] == teacher["ppl"] and summary["models"]["teacher"]["ppl_sd"] == 0
+    assert f"| teacher | {_count(teacher['parameters'])} | - | {teacher['ppl']:.2f} | " in report
+    for name in ("cocomix", "ntp", "kd"):
+        ppl = [per_seed[seed][name]["ppl"] for seed in (1234, 4321)]
+        mean = (ppl[0] + ppl[1]) / 2
+        sd = abs(ppl[0] - ppl[1]) / math.sqrt(2)  # n - 1 = 1
+        assert summary["models"][name]["ppl"] == pytest.approx(mean, rel=1e-12)
+        assert summary["models"][name]["ppl_sd"] == pytest.approx(sd, rel=1e-12)
+        row = f"| {name} | {ppl[0]:.2f} | {ppl[1]:.2f} | {mean:.2f} | {sd:.2f} |"
+        assert row in report, (row, report)
+        bpb = [per_seed[seed][name]["bits_per_byte"] for seed in (1234, 4321)]
+        assert f"| {sum(bpb) / 2:.4f} ± {abs(bpb[0] - bpb[1]) / math.sqrt(2):.4f} |" in report
+    order = sorted(("cocomix", "ntp", "kd"), key=lambda n: summary["models"][n]["ppl"])
+    assert f"best first (mean ± sample standard deviation over 2 seeds): {order[0]} " in report
+    assert report in stdout
+
+
+def _count(n: int) -> str:
+    from megatron_cocomix.evaluation.lm import format_count
+
+    return format_count(n)
+
+
+def test_same_knobs_skip_everything_and_changed_knobs_redo_the_stage(two_seeds):
+    run_dir, _ = two_seeds
+    env = _environment(run_dir, SEEDS="1234,4321")
+    again = subprocess.run(["bash", PIPELINE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert len(re.findall(r"^\[pipeline\] \d+/14 \S+: already done", again.stdout, re.M)) == 14, again.stdout
+
+    # The concepts stage recorded as made with another number of description tokens: redone, the old pages kept.
+    marker = os.path.join(run_dir, "stages", "concepts.done")
+    recorded = open(marker).read()
+    assert "concepts.tokens=4096" in recorded
+    with open(marker, "w") as f:
+        f.write(recorded.replace("concepts.tokens=4096", "concepts.tokens=2048"))
+    old_page = open(os.path.join(run_dir, "latents.html"), encoding="utf-8").read()
+    redo = subprocess.run(["bash", PIPELINE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert redo.returncode == 0, redo.stdout[-3000:] + redo.stderr[-3000:]
+    assert len(re.findall(r"^\[pipeline\] \d+/14 \S+: already done", redo.stdout, re.M)) == 13, redo.stdout
+    line = next(x for x in redo.stdout.splitlines() if x.startswith("[pipeline] 14/14 concepts: made with other"))
+    assert "(concepts.tokens=2048 -> concepts.tokens=4096)" in line, line
+    kept = re.search(r"the previous outputs are in (\S+)/$", line).group(1)
+    assert open(os.path.join(ROOT, kept, "latents.html"), encoding="utf-8").read() == old_page
+    assert os.path.isfile(os.path.join(ROOT, kept, "stages", "concepts.done"))
+    assert "concepts.tokens=4096" in open(marker).read()
+    assert os.path.getsize(os.path.join(run_dir, "latents.html")) > 0

@@ -3,11 +3,13 @@
     python tools/eval_sae.py --sae SAE --teacher-model MODEL --teacher-layer 6 --data-path PREFIX \
         --seq-length 128 [--num-sequences 64]
 
-FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the evaluated tokens (teacher scale, after the SAE's own
-de-normalisation); L0 = mean active latents per token; dead fraction = latents that fired on none of the
-evaluated tokens; delta LM loss = mean next-token CE with x_hat spliced in at hidden_states[layer] minus the clean
-CE. Windows: the last --num-sequences windows of --seq-length tokens of PREFIX (the ones tools/train_sae.py holds
-out with the same --eval-sequences). Prints one JSON line.
+FVU = sum ||x - x_hat||^2 / sum ||x - mean(x)||^2 over the evaluated tokens (the mean over the tokens; teacher
+scale, after the SAE's own de-normalisation); L0 = mean active (positive) latents per token; dead fraction =
+latents that fired on none of the evaluated tokens; delta LM loss = next-token CE with x_hat spliced in at
+hidden_states[layer] (every position, the skipped ones too) minus the clean CE, each the mean over windows of the
+window's mean CE. The evaluated tokens leave out the first --skip-positions of each window. Windows: the last
+--num-sequences windows of --seq-length tokens of PREFIX (the ones tools/train_sae.py holds out with the same
+--eval-sequences). Prints one JSON line.
 """
 
 from __future__ import annotations

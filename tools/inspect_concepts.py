@@ -71,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "id,description columns; .gz allowed.")
     output.add_argument("--html", metavar="FILE", help="Also write a self-contained HTML page (hover a token for its "
                                                        "concepts).")
+    output.add_argument("--latents-page", metavar="URL",
+                        help="With --html: link each concept id to its card on this page of tools/describe_latents.py "
+                             "(URL#latent-<id>; a path relative to the --html file, e.g. latents.html).")
     return parser
 
 
@@ -86,6 +89,8 @@ def _check_options(options: argparse.Namespace) -> bool:
         raise ValueError(f"{', '.join(given)} needs {' and '.join(missing)} too (teacher labels need all three)")
     if options.concept_num_labels <= 0:
         raise ValueError(f"--concept-num-labels must be positive, got {options.concept_num_labels}")
+    if options.latents_page and not options.html:
+        raise ValueError("--latents-page links the --html page's concept ids: give --html too")
     if options.html:
         parent = os.path.dirname(os.path.abspath(options.html))
         if os.path.isdir(options.html) or not os.path.isdir(parent):
@@ -181,7 +186,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(inspection.format_table(rows, descriptions, options.concept_attribution if with_teacher else None), end="")
     if options.html:
         title = f"Concepts of {os.path.join(*os.path.normpath(source).split(os.sep)[-2:])}"
-        page = inspection.render_html(rows, descriptions, title=title, notes=notes + [f"text: {options.text}"])
+        page = inspection.render_html(rows, descriptions, title=title, notes=notes + [f"text: {options.text}"],
+                                      latent_url=options.latents_page)
         with open(options.html, "w", encoding="utf-8") as f:
             f.write(page)
         print(f"wrote {options.html}")

@@ -1,6 +1,8 @@
 """CoCoMix concept steering, side by side: the greedy continuations of one prompt with one concept's logit scaled
-by each of several factors before the concept layer's top-k (the paper's steering figure; 1 is the unsteered
-model, negative scales push the concept out).
+by each of several factors before the concept layer's top-k, at every position of the prompt and of the generation
+(the paper's steering figure; 1 is the unsteered model). A negative scale flips the logit's sign: the concept
+leaves the top-k wherever the model predicted it (a positive logit) and enters it, with a large weight, wherever
+its logit was negative; `--mode add` with a negative scale pushes it out everywhere.
 
     python tools/steer.py --hf-model HF_DIR --prompt "The weather today" --concept 1234 --scales -10,-5,0,1,5,10
     python tools/steer.py --load CKPT_DIR --prompt "..." --concept top \
@@ -42,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
                              "the prompt's last token.")
     parser.add_argument("--scales", default="-10,-5,0,1,5,10", help="Comma-separated scales (1 = unsteered).")
     parser.add_argument("--mode", choices=["multiply", "add"], default="multiply",
-                        help="Multiply the concept's logit (the paper) or add the scale to it.")
+                        help="Multiply the concept's logit (the paper; a negative scale also flips a negative logit "
+                             "into the top-k) or add the scale to it (a negative one pushes the concept out).")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="Tokens generated after the prompt per scale.")
     parser.add_argument("--latent-descriptions", metavar="FILE",
                         help="Words for the concept ids (the formats of tools/inspect_concepts.py's flag, e.g. "

@@ -8,7 +8,10 @@ Data: the token stream of PREFIX is cut into windows of --seq-length; the last -
 out for the final evaluation. Each epoch visits the other windows in a seeded random order; at step s rank r
 reads windows [(s * world + r) * B, ... + B) of that order (B = --sequences-per-step), runs the teacher up to
 the hooked layer and trains on the B x (seq_length - skip_positions) activations [n, d]. Because the data of a
-step depends only on (seed, step, rank), resuming from a checkpoint continues the exact same stream.
+step depends only on (seed, step, rank), resuming from a checkpoint continues the exact same stream (a resume
+that changes --seq-length, --sequences-per-step, --seed, --eval-sequences or the world size is refused). The ranks
+of a step together read the windows one process reads with --sequences-per-step W x B, and the loss is that of
+the whole batch (sae_training.py), so W processes train the SAE one process trains with W x B windows per step.
 The maths (FVU, AuxK, decoder projection, geometric-median pre_bias) is in megatron_cocomix/concepts/sae_training.py.
 
 Checkpoints: SAVE/iter_XXXXXXX/ in the SAELens layout (cfg.json + sae_weights.safetensors, loadable with
@@ -143,6 +146,23 @@ def latest_checkpoint(load_dir: str) -> str | None:
     return folder
 
 
+# What fixes the window stream besides the step (see the module docstring): a resumed run must keep them.
+STREAM_ARGS = ("seq_length", "sequences_per_step", "seed", "eval_sequences")
+
+
+def _check_same_stream(resume: str, args: argparse.Namespace, world: int) -> None:
+    """One error line when the resumed run would read other windows than the saved one went on to read."""
+    with open(os.path.join(resume, "cfg.json")) as f:
+        cfg = json.load(f)
+    saved = dict(cfg.get("train_sae_args") or {}, world_size=cfg.get("world_size", world))
+    ours = dict(vars(args), world_size=world)
+    changed = [f"{name} {saved[name]} -> {ours[name]}" for name in STREAM_ARGS + ("world_size",)
+               if name in saved and saved[name] != ours[name]]
+    if changed:
+        raise ValueError(f"--load {resume}: resumed with {', '.join(changed)}; the windows of each step depend on "
+                         f"--seq-length, --sequences-per-step, --seed, --eval-sequences and the world size")
+
+
 def train(args: argparse.Namespace) -> dict:
     from tqdm import tqdm
 
@@ -178,10 +198,7 @@ def train(args: argparse.Namespace) -> dict:
     if resume:
         trainer.load_state_dict(torch.load(os.path.join(resume, "trainer_state.pt"), map_location=device,
                                            weights_only=True))
-        saved_world = json.load(open(os.path.join(resume, "cfg.json"))).get("world_size", world)
-        if saved_world != world:
-            raise ValueError(f"--load {resume}: saved with {saved_world} processes, resumed with {world}; the data "
-                             "order depends on the world size")
+        _check_same_stream(resume, args, world)
     else:
         sample_ids = list(window_order(num_train, args.seed, -1)[:args.median_sequences])
         trainer.init_pre_bias(activations(teacher, windows, sample_ids, args.skip_positions).to(device))

@@ -315,27 +315,33 @@ def _e(text) -> str:
     return html.escape(str(text), quote=True)
 
 
-def _concept_html(concept: int, descriptions: Optional[Dict[int, str]], agree: set) -> str:
+def _concept_html(concept: int, descriptions: Optional[Dict[int, str]], agree: set,
+                  latent_url: Optional[str] = None) -> str:
     text = (descriptions or {}).get(concept)
-    name = f"{_e(text)} <small>{concept}</small>" if text is not None and text.strip() else _e(concept)
+    number = f"<small>{concept}</small>" if text is not None and text.strip() else _e(concept)
+    if latent_url:
+        number = f'<a href="{_e(latent_url)}#latent-{concept}">{number}</a>'
+    name = f"{_e(text)} {number}" if text is not None and text.strip() else number
     return f'<span class="agreeing">{name}</span>' if concept in agree else name
 
 
-def _predicted_html(row: TokenConcepts, descriptions, agree: set, tag: str) -> List[str]:
-    return [f'<{tag} class="c">{_concept_html(c, descriptions, agree)} <small>logit {v:.3f}, p {p:.3f}</small></{tag}>'
+def _predicted_html(row: TokenConcepts, descriptions, agree: set, tag: str, latent_url: Optional[str]) -> List[str]:
+    return [f'<{tag} class="c">{_concept_html(c, descriptions, agree, latent_url)} '
+            f'<small>logit {v:.3f}, p {p:.3f}</small></{tag}>'
             for c, v, p in zip(row.concept_ids, row.concept_logits, row.concept_probs)]
 
 
-def _labels_html(row: TokenConcepts, descriptions, agree: set, tag: str) -> List[str]:
+def _labels_html(row: TokenConcepts, descriptions, agree: set, tag: str, latent_url: Optional[str]) -> List[str]:
     labelled = [c for c in row.labels or () if c != NO_LABEL]
-    return [f'<{tag} class="c">{_concept_html(c, descriptions, agree)}</{tag}>' for c in labelled] or \
+    return [f'<{tag} class="c">{_concept_html(c, descriptions, agree, latent_url)}</{tag}>' for c in labelled] or \
         [f'<{tag} class="c">none</{tag}>']
 
 
 def render_html(rows: Sequence[TokenConcepts], descriptions: Optional[Dict[int, str]] = None, title: str = "Concepts",
-                notes: Sequence[str] = ()) -> str:
+                notes: Sequence[str] = (), latent_url: Optional[str] = None) -> str:
     """A self-contained page: the text with each token coloured by the softmax probability of its top predicted
-    concept, its concepts (and teacher labels) shown on hover, and the same as a table."""
+    concept, its concepts (and teacher labels) shown on hover, and the same as a table. With `latent_url` (the
+    page tools/describe_latents.py wrote, as a link from this one) each concept id links to its card there."""
     with_labels = any(row.labels is not None for row in rows)
     top = len(rows[0].concept_ids) if rows else 0
     tokens = []
@@ -343,9 +349,9 @@ def render_html(rows: Sequence[TokenConcepts], descriptions: Optional[Dict[int, 
         agree = row.agreeing()
         tip = [f'<span class="h">#{row.position}, token {row.token_id}</span>',
                f'<span class="h">top {top} predicted concepts</span>',
-               *_predicted_html(row, descriptions, agree, "span")]
+               *_predicted_html(row, descriptions, agree, "span", latent_url)]
         if with_labels:
-            tip += ['<span class="h">teacher labels</span>', *_labels_html(row, descriptions, agree, "span")]
+            tip += ['<span class="h">teacher labels</span>', *_labels_html(row, descriptions, agree, "span", latent_url)]
         # A token holding part of a character has no text of its own: .part keeps it visible and hoverable.
         classes = "tok" + (" agree" if agree else "") + ("" if row.text else " part")
         tokens.append(f'<span class="{classes}" style="background-color: rgba({_COLOUR}, {row.confidence:.3f})">'
@@ -355,9 +361,9 @@ def render_html(rows: Sequence[TokenConcepts], descriptions: Optional[Dict[int, 
     for row in rows:
         agree = row.agreeing()
         cells = [_e(row.position), f"<code>{_e(json.dumps(row.text, ensure_ascii=False))}</code>",
-                 "".join(_predicted_html(row, descriptions, agree, "div"))]
+                 "".join(_predicted_html(row, descriptions, agree, "div", latent_url))]
         if with_labels:
-            cells.append("".join(_labels_html(row, descriptions, agree, "div")))
+            cells.append("".join(_labels_html(row, descriptions, agree, "div", latent_url)))
         table.append("<tr>" + "".join(f"<td>{c}</td>" for c in cells) + "</tr>")
     hover = f"its top {top} predicted concepts (logit and probability)"
     legend = (f"Colour: softmax probability (over all concepts) of the token's top predicted concept, "

@@ -88,8 +88,9 @@ def render_latent_page(records: Sequence[dict], title: str, notes: Sequence[str]
         *(_card(r) for r in live),
     ]
     if dead:
-        body.append(f'<p class="dead">Dead latents (no activation on the tokens read): '
-                    f'{", ".join(str(c) for c in dead)}</p>')
+        # Each with its anchor too, so that a link to any latent (concepts.html's) lands somewhere.
+        anchored = ", ".join(f'<span id="latent-{c}">{c}</span>' for c in dead)
+        body.append(f'<p class="dead">Dead latents (no activation on the tokens read): {anchored}</p>')
     return "\n".join(["<!DOCTYPE html>", '<html lang="en">', "<head>", '<meta charset="utf-8">',
                       f"<title>{_e(title)}</title>", f"<style>{_STYLE}</style>", "</head>", "<body>", *body,
                       "</body>", "</html>", ""])

@@ -1,17 +1,21 @@
 """Training and evaluating a TopK SAE on teacher activations (OpenAI recipe), data-parallel with torch.distributed.
 
-Per step, on a batch of activations x [n, d] of one rank (xn = LN(x), all losses in the normalised space):
+Per step, on the step's batch of activations x [n, d] (xn = LN(x), all losses in the normalised space):
 
     pre    = W_enc (xn - pre_bias) + latent_bias                  [n, C]
     x_hat  = W_dec TopK_k(pre)+ + pre_bias                        [n, d]
     fvu    = sum ||xn - x_hat||^2 / sum ||xn - mean_n(xn)||^2      (MSE normalised by the batch variance)
-    dead   = latents that fired for none of the last `dead_tokens` tokens (counted over all ranks)
+    dead   = latents that fired for none of the last `dead_tokens` tokens
     e      = xn - x_hat (detached); e_hat = W_dec TopK_kaux(pre restricted to dead)+
     aux    = sum ||e - e_hat||^2 / sum ||e - mean_n(e)||^2         (AuxK: gives dead latents a gradient)
     loss   = fvu + aux_coef * aux                                  (aux_coef = 1/32)
 
-Gradients are averaged over ranks (all-reduce), the component of each decoder row's gradient along the row is
-projected out, Adam steps, and the rows are renormalised to unit norm. pre_bias starts at the geometric median
+Data parallel: the batch is the rows of every rank together. The denominators (and the means in them) are sums
+over all ranks, taken by all-reduce, and depend on the data only; each rank's loss is its share, its own rows'
+squared errors over those denominators, and the gradients are summed over ranks. So W ranks with n rows each
+take exactly the step one process takes on the W x n rows (up to float rounding); the dead-latent counters add
+every rank's tokens. The component of each decoder row's gradient along the row is projected out, the gradient
+norm is clipped, Adam steps, and the rows are renormalised to unit norm. pre_bias starts at the geometric median
 of a sample of xn (Weiszfeld iterations). The learning rate default scales as 1/sqrt(C) (2e-4 at C = 2^14).
 
 Evaluation (`evaluate_sae`) reports, in the teacher's own scale: FVU of x vs decode(encode(x)), L0 (mean active
@@ -48,9 +52,22 @@ def geometric_median(points: torch.Tensor, iterations: int = 100, tol: float = 1
     return median
 
 
-def _fvu(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
-    total = (target - target.mean(dim=0, keepdim=True)).square().sum()
-    return (target - recon).square().sum() / total.clamp_min(1e-12)
+@torch.no_grad()
+def centred_sum_of_squares(x: torch.Tensor, distributed: bool = False) -> torch.Tensor:
+    """sum_i ||x_i - mean(x)||^2 over the rows x [n, d] (of every rank, the mean over all of them, when
+    `distributed`), summed in float64; a scalar in x's dtype, the same on every rank."""
+    stats = torch.cat([x.double().sum(0), x.new_tensor([x.shape[0]], dtype=torch.float64)])
+    if distributed:
+        dist.all_reduce(stats)
+    total = (x.double() - stats[:-1] / stats[-1].clamp_min(1)).square().sum()
+    if distributed:
+        dist.all_reduce(total)
+    return total.to(x.dtype)
+
+
+def _fvu_share(target: torch.Tensor, recon: torch.Tensor, distributed: bool) -> torch.Tensor:
+    """This rank's share of the FVU of the rows of every rank: its squared error over the common denominator."""
+    return (target - recon).square().sum() / centred_sum_of_squares(target, distributed).clamp_min(1e-12)
 
 
 class SAETrainer:
@@ -88,7 +105,7 @@ class SAETrainer:
         top_pre, indices = pre.topk(sae.k, dim=-1)
         values = F.relu(top_pre)
         recon = sae.decode_normalized(values, indices)
-        fvu = _fvu(xn, recon)
+        fvu = _fvu_share(xn, recon, self.distributed)
         dead = self.dead_mask()
         num_dead = int(dead.sum())
         aux = torch.zeros((), device=x.device)
@@ -97,15 +114,14 @@ class SAETrainer:
             aux_pre = pre.masked_fill(~dead, float("-inf"))
             aux_top, aux_idx = aux_pre.topk(min(self.k_aux, num_dead), dim=-1)
             aux_recon = F.embedding_bag(aux_idx, sae.dictionary, per_sample_weights=F.relu(aux_top), mode="sum")
-            aux = torch.nan_to_num(_fvu(residual, aux_recon), nan=0.0)
+            aux = torch.nan_to_num(_fvu_share(residual, aux_recon, self.distributed), nan=0.0)
         return {"loss": fvu + self.aux_coef * aux, "fvu": fvu, "aux": aux, "indices": indices, "values": values}
 
     def _all_reduce_grads(self) -> None:
-        world = dist.get_world_size()
+        """Sum of the ranks' gradients: the gradient of the whole batch's loss (each rank's loss is its share)."""
         for param in self.sae.parameters():
             if param.grad is not None:
                 dist.all_reduce(param.grad)
-                param.grad.div_(world)
 
     @torch.no_grad()
     def _project_decoder_grad(self) -> None:
@@ -114,7 +130,7 @@ class SAETrainer:
             grad.sub_((grad * rows).sum(-1, keepdim=True) * rows)
 
     def step(self, x: torch.Tensor) -> dict[str, float]:
-        """One optimizer step on this rank's activations x [n, d]; returns metrics averaged over ranks."""
+        """One optimizer step on this rank's activations x [n, d]; returns the metrics of the whole batch."""
         self.optimizer.zero_grad(set_to_none=True)
         out = self.losses(x)
         out["loss"].backward()
@@ -129,18 +145,18 @@ class SAETrainer:
             fired = torch.zeros(self.sae.num_latents, dtype=torch.long, device=x.device)
             fired.scatter_add_(0, out["indices"][out["values"] > 0], torch.ones_like(out["indices"][out["values"] > 0]))
             tokens = torch.tensor(x.shape[0], device=x.device)
+            # The loss terms are this rank's shares: their sum over the ranks is the batch's value.
             metrics = torch.stack([out["loss"].detach(), out["fvu"].detach(), out["aux"].detach(),
-                                   (out["values"] > 0).sum(-1).float().mean()])
+                                   (out["values"] > 0).sum().float()])
             if self.distributed:
                 dist.all_reduce(fired)
                 dist.all_reduce(tokens)
                 dist.all_reduce(metrics)
-                metrics /= dist.get_world_size()
             self.tokens_since_fired += tokens
             self.tokens_since_fired[fired > 0] = 0
         self.step_count += 1
-        loss, fvu, aux, l0 = metrics.tolist()
-        return {"loss": loss, "fvu": fvu, "aux_loss": aux, "l0": l0, "grad_norm": float(grad_norm),
+        loss, fvu, aux, active = metrics.tolist()
+        return {"loss": loss, "fvu": fvu, "aux_loss": aux, "l0": active / int(tokens), "grad_norm": float(grad_norm),
                 "dead_fraction": float(self.dead_mask().float().mean()), "lr": self.lr}
 
     def state_dict(self) -> dict:

@@ -214,7 +214,11 @@ def test_page_has_one_card_per_live_latent_and_is_self_contained(one_process):
         assert shown == [c["tokens"][c["highlight"]] for c in record["contexts"]], record["index"]
     for needle in ("http", "<script", "<link", "<img", "@import", "url(", "src="):
         assert needle not in content.lower(), needle
-    assert f"Dead latents (no activation on the tokens read): {DEAD}" in content
+    # Dead latents listed, each with its anchor (so a link to any latent's card lands on the page).
+    dead = [r["index"] for r in records if r["dead"]]
+    anchored = ", ".join(f'<span id="latent-{c}">{c}</span>' for c in dead)
+    assert f"Dead latents (no activation on the tokens read): {anchored}" in content
+    assert dead == [DEAD]
 
 
 def _one_error(argv, *matches):

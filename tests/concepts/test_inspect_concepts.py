@@ -244,3 +244,4 @@ def test_bad_inputs_are_one_error_line(cocomix_export, checkpoints, export_root,
                "the teacher must share the student's tokenizer")
     _one_error(base + ["--teacher-model", tiny_teacher()], "--teacher-model needs --teacher-layer and --sae")
     _one_error(base + ["--top", "65"], "--top 65: the model has 64 concepts")
+    _one_error(base + ["--latents-page", "latents.html"], "--latents-page links the --html page's concept ids")

@@ -2,6 +2,9 @@
 
 extract_concepts: labels aligned with the training samples (compared with attribution_labels on the samples the
 data pipeline builds), identical with 1 and 2 processes (torchrun, gloo), resumable, refusing mismatches.
+train_sae: resumes exactly, refuses a resume that would read other windows, 2 processes (torchrun, gloo) train
+the SAE 1 process trains with twice the windows per step. eval_sae: every metric equals an independent
+computation (tests/helpers/sae_reference.py).
 """
 
 import json
@@ -9,6 +12,7 @@ import os
 import subprocess
 import sys
 
+import numpy
 import pytest
 import torch
 
@@ -188,15 +192,71 @@ def test_train_sae_resume_is_exact_and_eval(assets, tmp_path, capsys):
     # A checkpoint with another width is refused on resume, naming both values.
     assert tool.main(train_flags(assets, tmp_path / "straight", 12, **{"--num-latents": 32})) == 2
     assert "num_latents 64 but --num-latents/--k of this run" in capsys.readouterr().err
+    # ... and so is one that would read other windows.
+    assert tool.main(train_flags(assets, tmp_path / "straight", 12, **{"--sequences-per-step": 2})) == 2
+    assert "resumed with sequences_per_step 4 -> 2;" in capsys.readouterr().err
 
 
-def test_train_sae_two_processes(assets, tmp_path):
+def test_train_sae_two_processes_equal_one(assets, tmp_path, capsys):
+    """Data parallel: 2 processes (torchrun, gloo) with 2 windows each per step read the same windows as one
+    process with 4 and take the same steps (each rank's loss is its share of the whole batch's FVU and AuxK, the
+    gradients are summed), AuxK included (--dead-tokens 200: latents die within the 6 steps): the same weights to
+    float rounding, the same training and held-out metrics."""
+    from megatron_cocomix.concepts import load_sae
+    from tools import train_sae as tool
+
     proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port()), "tools/train_sae.py"] + train_flags(assets, tmp_path / "dp", 6))
+                str(free_port()), "tools/train_sae.py"]
+               + train_flags(assets, tmp_path / "dp", 6, **{"--sequences-per-step": 2}))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert result["steps"] == 6 and result["train_fvu_last"] < result["train_fvu_first"]
+    two = json.loads(proc.stdout.strip().splitlines()[-1])
     assert json.load(open(tmp_path / "dp" / "iter_0000006" / "cfg.json"))["world_size"] == 2
+    assert tool.main(train_flags(assets, tmp_path / "one", 6)) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    print("2 processes:", two, "\n1 process:", one)
+    assert two["steps"] == one["steps"] == 6 and 0 < one["train_dead_fraction"] < 1
+    a, b = load_sae(str(tmp_path / "dp" / "iter_0000006")), load_sae(str(tmp_path / "one" / "iter_0000006"))
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=name)
+    for key in ("train_fvu_first", "train_fvu_last", "fvu", "l0", "clean_loss", "spliced_loss"):
+        assert two[key] == pytest.approx(one[key], rel=1e-5), key
+    assert two["delta_lm_loss"] == pytest.approx(one["delta_lm_loss"], abs=2e-6)  # float32 losses of ~4.6
+    assert two["dead_fraction"] == one["dead_fraction"] and two["train_dead_fraction"] == one["train_dead_fraction"]
+
+
+def test_eval_sae_equals_independent_metrics(assets, tmp_path, capsys):
+    """tools/eval_sae.py's FVU, L0, dead fraction, clean / spliced LM loss and delta LM loss equal the ones
+    tests/helpers/sae_reference.py computes without the project (numpy SAE from the .pt tensors, the plain
+    Hugging Face teacher, a forward hook for the splice) on the same windows: the last 8 windows of 16 tokens of
+    the token stream, read here from the .bin file, evaluated in batches of 3 (the sums run over uneven batches).
+    A random SAE with negative latent biases makes every number informative: some top-k activations are not
+    positive (L0 < k), some latents never fire, and the splice changes the LM loss."""
+    from tests.helpers import sae_reference
+    from tests.helpers.concept_files import random_sae_tensors
+    from tools import eval_sae
+
+    sae = str(tmp_path / "sae.pt")
+    tensors = random_sae_tensors(32, 128, seed=5)
+    tensors["latent_bias"] -= 2.0
+    torch.save(dict(tensors, activation="TopK", activation_state_dict={"k": 8, "postact_fn": "ReLU"}), sae)
+    assert eval_sae.main(["--sae", sae, "--teacher-model", str(assets / "gpt2"), "--teacher-layer",
+                          "2", "--data-path", str(assets / "data"), "--seq-length", "16", "--num-sequences", "8",
+                          "--batch-size", "3", "--no-progress"]) == 0
+    got = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    stream = numpy.fromfile(str(assets / "data.bin"), dtype=numpy.int32)
+    count = len(stream) // 16
+    windows = stream[(count - 8) * 16:count * 16].reshape(8, 16)
+    expected = sae_reference.metrics(sae, str(assets / "gpt2"), 2, windows, skip=1)
+    print("eval_sae:", got, "\nreference:", expected)
+    assert 0 < expected["l0"] < expected["k"] and 0 < expected["dead_fraction"] < 1, expected
+    assert abs(expected["delta_lm_loss"]) > 1e-3, expected
+    assert got["tokens"] == expected["tokens"] == 8 * 15
+    assert got["fvu"] == pytest.approx(expected["fvu"], rel=1e-5)
+    assert got["l0"] == pytest.approx(expected["l0"], abs=1e-12)
+    assert got["dead_fraction"] == pytest.approx(expected["dead_fraction"], abs=1e-12)
+    for key in ("clean_loss", "spliced_loss"):
+        assert got[key] == pytest.approx(expected[key], rel=1e-5), key
+    assert got["delta_lm_loss"] == pytest.approx(expected["delta_lm_loss"], abs=2e-5)
 
 
 def test_import_openai_sae(assets, tmp_path, capsys):

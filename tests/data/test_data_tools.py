@@ -12,7 +12,7 @@ from tests.helpers.paths import CORPUS, GPT2_FLAGS, ROOT
 
 
 def test_quickstart_corpus_preprocess_and_inspect(tmp_path):
-    """The README path: shipped corpus -> preprocess_data.py -> inspect_data.py, as subprocesses."""
+    """docs/data.md's path: shipped corpus -> preprocess_data.py -> inspect_data.py, as subprocesses."""
     prefix = str(tmp_path / "shakespeare")
     done = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"), "--input", CORPUS,
                            "--output-prefix", prefix, *GPT2_FLAGS, "--append-eod", "--workers", "2"],

@@ -6,6 +6,10 @@
   "Question: {goal}\\nAnswer:", the continuations " {sol}", tokens read off the NullTokenizer's words by hand),
   for a checkpoint (through its export) and its HF export, in a Table 1 with the held-out perplexity and the
   tokens the checkpoint was trained on;
+- LAMBADA (last-word accuracy, perplexity), HellaSwag (acc, acc_norm, lm-eval's cleaning), SIQA, ARC-Easy
+  (acc, acc_norm) and WinoGrande (partial scoring), and every document's log-likelihoods, equal the plain-torch
+  scorer of tests/helpers/zero_shot_reference.py: for an export on its logits, and for a checkpoint (--load) on
+  the logits of megatron's own forward, not on the export the tool goes through;
 - WikiText's word perplexity, byte perplexity and bits per byte, and each article's log-likelihood, equal a
   plain-torch rolling log-likelihood (every token predicted once, chunk by chunk of the context, lm-eval's word
   count of the raw article), in a Table 1 with both perplexity columns (--data-name OpenWebText, WikiText);
@@ -23,7 +27,8 @@ import numpy
 import pytest
 import torch
 
-from tests.helpers.evaluation_data import EOD, run_evaluate
+from tests.helpers import zero_shot_reference
+from tests.helpers.evaluation_data import CONTEXT, EOD, run_evaluate
 from tests.helpers.task_data import SPLITS, task_documents, write_task_data
 
 ALL_TASKS = "lambada_openai,wikitext,hellaswag,piqa,social_iqa,arc_easy,winogrande"
@@ -145,6 +150,93 @@ def test_piqa_accuracy_equals_plain_torch(tiny_checkpoints, exports, token_data,
     report = zero_shot.evaluate(model, tasks, bootstrap_iters=0, progress=False, log_likelihoods=True)
     assert report["tasks"]["piqa"]["acc"] == rows[1]["tasks"]["piqa"]["acc"]
     assert numpy.allclose(report["log_likelihoods"]["piqa"], expected["log_likelihoods"], rtol=0, atol=1e-4)
+
+
+REFERENCE_TASKS = ("lambada_openai", "hellaswag", "social_iqa", "arc_easy", "winogrande")
+
+
+@pytest.fixture(scope="module")
+def five_tasks(tiny_checkpoints, exports, tmp_path_factory):
+    """One tools/evaluate.py run of the CoCoMix checkpoint (--load, scored through its in-memory export) and of its
+    export (--hf-model) on LAMBADA, HellaSwag, SIQA, ARC-Easy and WinoGrande, 7 documents each; lm-eval's
+    log-likelihoods of every document and choice are captured from that same run. Every other LAMBADA text ends
+    with the export's most likely next word, so that its accuracy is not 0. Returns (documents per task, the JSON
+    rows, [per-document log-likelihoods per task] per model)."""
+    from megatron_cocomix.evaluation import zero_shot
+
+    export_scorer = zero_shot_reference.hf_scorer(exports["cocomix"], CONTEXT)
+    docs = {task: task_documents(task, 7, seed=7) for task in REFERENCE_TASKS}
+    for doc in docs["lambada_openai"][::2]:
+        context = doc["text"].rsplit(" ", 1)[0]
+        doc["text"] = f"{context} {export_scorer.next_word(context)}"
+    root = tmp_path_factory.mktemp("five_tasks")
+    data, out_json = str(root / "tasks"), str(root / "five.json")
+    write_task_data(data, num_docs=2, overrides=docs)
+    captured, evaluate = [], zero_shot.evaluate
+
+    def keep_log_likelihoods(*args, **kwargs):
+        report = evaluate(*args, **dict(kwargs, log_likelihoods=True))
+        captured.append(report.pop("log_likelihoods"))
+        return report
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(zero_shot, "evaluate", keep_log_likelihoods)
+        code, out, err = run_evaluate(["--load", tiny_checkpoints["cocomix"], "--hf-model", exports["cocomix"],
+                                       "--name", "ckpt", "export", "--tasks", ",".join(REFERENCE_TASKS),
+                                       "--task-data-dir", data, "--bootstrap-iters", "0", "--output-json", out_json])
+    assert code == 0, err[-3000:]
+    print("\n" + out)
+    with open(out_json) as f:
+        rows = json.load(f)["models"]
+    assert [row["kind"] for row in rows] == ["checkpoint", "hf"] and len(captured) == 2
+    return docs, rows, captured
+
+
+def _check_against_reference(row: dict, log_likelihoods: dict, scorer, docs: dict) -> dict:
+    """Each task's metrics in the row equal the reference's, and lm-eval's log-likelihood of every document and
+    choice equals the reference's to 1e-4; returns the reference's numbers."""
+    expected = {}
+    for task in REFERENCE_TASKS:
+        reference = expected[task] = zero_shot_reference.score_task(scorer, task, docs[task])
+        numbers = row["tasks"][task]
+        assert numbers["documents"] == len(docs[task]), (row["name"], task)
+        got = log_likelihoods[task]
+        assert [len(lls) for lls in got] == [len(lls) for lls in reference["log_likelihoods"]], (row["name"], task)
+        assert numpy.allclose(numpy.concatenate(got), numpy.concatenate(reference["log_likelihoods"]), rtol=0,
+                              atol=1e-4), (row["name"], task, got, reference["log_likelihoods"])
+        for metric in ("acc", "acc_norm"):
+            if metric in reference and metric in numbers:
+                assert numbers[metric] == pytest.approx(reference[metric], abs=1e-12), (row["name"], task, metric)
+        if task == "lambada_openai":
+            assert numbers["perplexity"] == pytest.approx(reference["perplexity"], rel=1e-4), (row["name"], numbers)
+    assert set(row["tasks"]["hellaswag"]) >= {"acc", "acc_norm"} and "acc_norm" in row["tasks"]["arc_easy"]
+    return expected
+
+
+def test_five_tasks_export_equals_plain_torch(five_tasks, exports):
+    """The export's LAMBADA (last-word accuracy, perplexity), HellaSwag (acc, acc_norm, lm-eval's cleaning), SIQA,
+    ARC-Easy (acc, acc_norm) and WinoGrande (partial scoring) equal the plain-torch reference on the export's
+    logits. The documents make the comparison able to fail: every accuracy is strictly between 0 and 1, and
+    HellaSwag's and ARC-Easy's acc_norm differs from their acc and from what dividing by tokens instead of
+    characters would give."""
+    docs, rows, captured = five_tasks
+    scorer = zero_shot_reference.hf_scorer(exports["cocomix"], CONTEXT)
+    expected = _check_against_reference(rows[1], captured[1], scorer, docs)
+    # These hold for the documents of seed 7 and the tiny models of the fixtures; should the models change, pick
+    # the seed of task_documents in five_tasks again so that they hold.
+    for task, reference in expected.items():
+        assert 0 < reference["acc"] < 1, (task, reference)
+    for task in ("hellaswag", "arc_easy"):
+        assert expected[task]["acc_norm"] not in (expected[task]["acc"], expected[task]["acc_by_tokens"]), task
+
+
+def test_five_tasks_checkpoint_equals_megatron_forward(five_tasks, tiny_checkpoints, single_process):
+    """The checkpoint's row (tools/evaluate.py --load: lm-eval on its in-memory export) equals the plain-torch
+    reference on the logits of megatron's own forward of the checkpoint, so a fault in the export would show."""
+    docs, rows, captured = five_tasks
+    scorer = zero_shot_reference.megatron_scorer(tiny_checkpoints["cocomix"])
+    assert scorer.vocab_size == EOD + 1 and scorer.max_length == CONTEXT
+    _check_against_reference(rows[0], captured[0], scorer, docs)
 
 
 def reference_wikitext(hf_dir: str, pages, context: int) -> dict:

@@ -40,12 +40,13 @@ def task_documents(task: str, num_docs: int, seed: int = 0) -> List[dict]:
         elif task == "wikitext":
             docs.append({"page": wikitext_page(rng)})
         elif task == "hellaswag":
-            # Rowan/hellaswag: the label is a string; "[title]" is one of the artefacts lm-eval's helper removes.
+            # Rowan/hellaswag: the label is a string; "[title]" and "[step]" are artefacts lm-eval's helper cleans.
             docs.append({"ind": i, "activity_label": "Cooking", "ctx_a": _words(rng, 3, 6),
                          "ctx_b": _words(rng, 1, 3), "ctx": "", "endings": [_words(rng, 2, 5) for _ in range(4)],
                          "source_id": f"wikihow~{i}", "split": "val", "split_type": "indomain",
                          "label": str(rng.randrange(4))})
             docs[-1]["ctx_a"] += " [title]"
+            docs[-1]["endings"][i % 4] = docs[-1]["endings"][i % 4].replace(" ", " [step] ", 1)
         elif task == "piqa":
             docs.append({"goal": _words(rng, 3, 8), "sol1": _words(rng, 2, 6), "sol2": _words(rng, 2, 6),
                          "label": rng.randrange(2)})
