@@ -35,7 +35,7 @@ import time
 
 import pytest
 
-from tests.helpers.paths import ROOT
+from tests.helpers.paths import ROOT, load_example
 
 pytestmark = pytest.mark.slow
 PIPELINE = os.path.join(ROOT, "examples", "pipeline.sh")
@@ -97,11 +97,7 @@ def test_pipeline_resumes_after_a_kill_and_its_outputs_are_sane(pipeline):
     rows = _results(run_dir)
     with open(os.path.join(run_dir, "sae", "eval_sae.json")) as f:
         sae = json.load(f)
-    sys.path.insert(0, os.path.join(ROOT, "examples"))
-    try:
-        from pipeline_report import unigram_loss
-    finally:
-        sys.path.pop(0)
+    unigram_loss = load_example("pipeline_report").unigram_loss
     teacher = rows["teacher"]
     unigram_ppl = math.exp(unigram_loss(teacher["data_path"], teacher["split"], teacher, teacher["vocab_size"]))
     assert teacher["ppl"] < unigram_ppl, (teacher["ppl"], unigram_ppl)

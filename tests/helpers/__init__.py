@@ -1,6 +1,6 @@
 """Helpers shared by the tests, imported as `from tests.helpers.<module> import ...`.
 
-paths           the repository root and the shipped example data (corpus, GPT-2 BPE files)
+paths           the repository root, the shipped example data (corpus, GPT-2 BPE files), examples/*.py as modules
 launch          running scripts under torchrun / DeepSpeed / one process on gloo; TINY_GPT; loss comparison
 cocomix_assets  the cached tiny random teacher + TopK SAE for TINY_GPT, and the CoCoMix flags that use them
 concept_files   tiny random HF teachers, OpenAI-format SAEs and token datasets written to a given path

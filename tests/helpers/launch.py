@@ -21,11 +21,13 @@ EXPORT_LOGITS_WORKER = os.path.join(HELPERS, "export_logits_worker.py")  # a che
 
 # A tiny GPT: 4 layers so that PP2 x virtual-PP2 has one layer per virtual stage. Vocabulary 255 + EOD = 256
 # needs no padding at TP1 or TP2, so the output softmax is the same at every layout. Dropout off: losses are
-# then a deterministic function of the weights and data.
+# then a deterministic function of the weights and data. No warmup: a warmup starts megatron's schedule at a
+# learning rate of 0, which would make the first of the 4 updates a no-op; here all 4 move the weights (cosine from
+# 1e-3 towards 1e-4), and the final validation follows the 4th.
 TINY_GPT = [
     "--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
     "--micro-batch-size", "2", "--global-batch-size", "8", "--train-iters", "4", "--lr", "1e-3",
-    "--lr-warmup-iters", "1", "--lr-decay-style", "cosine", "--min-lr", "1e-4",
+    "--lr-warmup-iters", "0", "--lr-decay-style", "cosine", "--min-lr", "1e-4",
     "--mock-data", "--vocab-size", "255", "--make-vocab-size-divisible-by", "128",
     "--hidden-dropout", "0", "--attention-dropout", "0", "--log-interval", "1", "--eval-interval", "2",
     "--eval-iters", "1", "--num-workers", "0", "--seed", "1234",
@@ -104,3 +106,28 @@ def assert_close(actual: Sequence[float], expected: Sequence[float], rtol: float
     assert len(actual) == len(expected), f"{what}: {len(actual)} values vs {len(expected)}"
     for i, (a, e) in enumerate(zip(actual, expected)):
         assert abs(a - e) <= rtol * abs(e), f"{what}: step {i + 1}: {a!r} vs reference {e!r} (rtol {rtol})"
+
+
+def update_learning_rates(summary: dict, flags: Sequence[str], resumed_from: Optional[dict] = None) -> List[float]:
+    """The learning rate each logged iteration's optimizer step used.
+
+    The log (as Megatron's) shows the rate after the scheduler's step, i.e. the NEXT step's: iteration i stepped
+    with the rate logged at iteration i - 1. The rate of a run's first step is not logged: from scratch it is
+    megatron's initial rate, 0 during a warmup and --lr without one (`flags`: the run's flags); a run resumed from
+    another (`resumed_from`: that run's summary) starts with the rate the other logged at the resumed iteration."""
+    history = summary["train_history"]
+    if resumed_from is not None:
+        first = next(e["lr"] for e in resumed_from["train_history"] if e["iteration"] == history[0]["iteration"] - 1)
+    else:
+        values = {}
+        for flag, value in zip(flags, list(flags[1:]) + [None]):
+            if flag.startswith("--"):
+                values[flag] = value
+        first = 0.0 if int(values.get("--lr-warmup-iters") or 0) > 0 else float(values["--lr"])
+    return [first] + [e["lr"] for e in history[:-1]]
+
+
+def assert_real_updates(rates: Sequence[float], at_least: int = 4, what: Optional[str] = None) -> None:
+    """At least `at_least` optimizer steps, all with a non-zero learning rate (update_learning_rates)."""
+    assert len(rates) >= at_least, f"{what}: {len(rates)} optimizer steps, fewer than {at_least}"
+    assert all(rate > 0 for rate in rates), f"{what}: a step with learning rate 0 changes no weight: {list(rates)}"

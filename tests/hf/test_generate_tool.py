@@ -107,7 +107,9 @@ def test_steer_rows_equal_a_hooked_reference(checkpoints, export_root, single_pr
     from tools import steer
 
     path, _ = export(checkpoints("tp1")["cocomix"], export_root, ("tp1", "cocomix"))
-    prompt, output = "3 1 4 1 5 9 2 6", str(tmp_path / "steering.json")
+    # The continuations below differ for this prompt and the tiny model of the fixtures; should the model change,
+    # pick the prompt again so that they do.
+    prompt, output = "2 7 1 8 2 8 1 8", str(tmp_path / "steering.json")
     assert steer.main(["--hf-model", path, "--prompt", prompt, "--concept", "top", "--scales", "1,1000,-1000",
                        "--max-new-tokens", "8", "--output", output]) == 0
     with open(output) as f:

@@ -5,7 +5,14 @@ uninterrupted one."""
 import os
 
 from tests.helpers.cocomix_assets import cocomix_flags
-from tests.helpers.launch import TINY_GPT, assert_close, losses, run_pretrain
+from tests.helpers.launch import (
+    TINY_GPT,
+    assert_close,
+    assert_real_updates,
+    losses,
+    run_pretrain,
+    update_learning_rates,
+)
 
 
 def test_tp2_cocomix_checkpoint_loads_at_tp1_and_resumes(tmp_path):
@@ -23,5 +30,8 @@ def test_tp2_cocomix_checkpoint_loads_at_tp1_and_resumes(tmp_path):
         f.write("2")
     resumed = run_pretrain(flags + ["--load", save], tmp_path, name="resumed")
     assert [h["iteration"] for h in resumed["train_history"]] == [3, 4]
+    # Steps 1-2 at TP2, 3-4 resumed at TP1: four real updates, the last one seen by the validation.
+    assert_real_updates(update_learning_rates(tp2, flags)[:2] + update_learning_rates(resumed, flags, resumed_from=tp2))
     for key in ("lm loss", "concept loss"):
         assert_close(losses(resumed, key), losses(tp2, key)[2:], rtol=1e-5, what=f"resumed {key}")
+        assert_close([resumed["valid"][key]], [tp2["valid"][key]], rtol=1e-5, what=f"resumed validation {key}")

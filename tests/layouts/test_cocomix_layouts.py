@@ -3,7 +3,8 @@
 The student is tests/helpers/launch.py's TINY_GPT (4 layers) with the concept layer at block 2, online labels from a tiny
 random GPT-2 teacher + random TopK SAE (tests/helpers/cocomix_assets.py), dropout off. Every layout trains from the same
 seed (initialisation is layout-independent) on the same mock data, and must reproduce the single-process run's
-lm loss AND concept loss at each of the 4 iterations (and the validation losses) to 1e-5 relative.
+lm loss AND concept loss at each of the 4 iterations (and the validation losses, after the 4th update) to 1e-5
+relative. All 4 optimizer steps have a non-zero learning rate.
 
 Launches are few (tests/helpers/multi_run_worker.py runs several trainings in one launch):
 - 1 process: online CoCoMix (concept layer 2; layer 1; layer 1 with rotary positions), label extraction with
@@ -12,8 +13,8 @@ Launches are few (tests/helpers/multi_run_worker.py runs several trainings in on
 - 2 processes: TP2, PP2 (concept layer on the second stage), TP2+SP, PP2 x VPP2 (concept layer on a middle
   virtual stage; the 2s-long stream crosses a stage boundary), PP2 with the concept layer on the first stage
   (2s positions sent between stages) with learned and with rotary positions, TP2+SP with rotary positions,
-  KD at TP2 (teacher distribution sliced over the vocabulary shards), pause tokens at PP2 x VPP2, and DP2 with
-  DeepSpeed ZeRO-1;
+  KD at TP2 (teacher distribution sliced over the vocabulary shards), pause tokens at PP2 x VPP2 and at TP2+SP,
+  additive mixing at TP2+SP, and DP2 with DeepSpeed ZeRO-1;
 - 4 processes: TP2 x PP2 with online and with precomputed labels.
 """
 
@@ -24,7 +25,15 @@ import json
 import pytest
 
 from tests.helpers.cocomix_assets import TEACHER_LAYER, cocomix_flags, tiny_teacher
-from tests.helpers.launch import MULTI_RUN_WORKER, TINY_GPT, assert_close, losses, run_script
+from tests.helpers.launch import (
+    MULTI_RUN_WORKER,
+    TINY_GPT,
+    assert_close,
+    assert_real_updates,
+    losses,
+    run_script,
+    update_learning_rates,
+)
 
 RTOL = 1e-5
 
@@ -44,6 +53,9 @@ def run_many(tmp_path, runs, nproc: int, timeout: int = 600) -> dict:
 
 def assert_same_training(result, reference, what, keys=("lm loss", "concept loss")):
     assert result["iteration"] == 4, what
+    # Every run here has TINY_GPT's schedule.
+    assert_real_updates(update_learning_rates(result, TINY_GPT), what=what)
+    assert_close(losses(result, "lr"), losses(reference, "lr"), rtol=1e-12, what=f"{what} learning rate")
     for key in keys:
         assert_close(losses(result, key), losses(reference, key), rtol=RTOL, what=f"{what} train {key}")
         if key in reference.get("valid", {}):
@@ -115,6 +127,10 @@ TWO_PROCESS = {
     "tp2_sp_rope": ("online_rope_layer1", TP2 + ["--sequence-parallel"]),
     "kd_tp2": ("kd", TP2),
     "pause_pp2_vpp2": ("pause", VPP2),
+    # The ablations where sequence parallelism matters: the compression reduce-scattered along the sequence and
+    # added to each shard; the pause vector's gradient summed over the TP ranks' shards.
+    "mixing_add_tp2_sp": ("mixing_add", TP2 + ["--sequence-parallel"]),
+    "pause_tp2_sp": ("pause", TP2 + ["--sequence-parallel"]),
     # DeepSpeed last: it is the one run that brings its own communication layer.
     "dp2_zero1": ("online", ["--deepspeed", "--deepspeed_config", None]),
 }

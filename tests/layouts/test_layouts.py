@@ -1,10 +1,18 @@
 """The layout table: each parallel layout trains the tiny GPT from scratch and must reproduce the single-process
 run on the same data and seed (losses to 1e-5 relative, dropout off). Initialisation is layout-independent, so
-no checkpoint is shared between the runs: this also tests that the same --seed gives the same model."""
+no checkpoint is shared between the runs: this also tests that the same --seed gives the same model. All 4 optimizer
+steps have a non-zero learning rate; the final validation follows the 4th."""
 
 import pytest
 
-from tests.helpers.launch import TINY_GPT, assert_close, losses, run_pretrain
+from tests.helpers.launch import (
+    TINY_GPT,
+    assert_close,
+    assert_real_updates,
+    losses,
+    run_pretrain,
+    update_learning_rates,
+)
 
 LAYOUTS = {
     "tp2": (2, ["--tensor-model-parallel-size", "2"]),
@@ -24,7 +32,9 @@ LAYOUTS = {
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory):
-    return run_pretrain(TINY_GPT, tmp_path_factory.mktemp("reference"), nproc=1)
+    result = run_pretrain(TINY_GPT, tmp_path_factory.mktemp("reference"), nproc=1)
+    assert_real_updates(update_learning_rates(result, TINY_GPT), what="reference")
+    return result
 
 
 @pytest.mark.parametrize("layout", list(LAYOUTS))
@@ -32,6 +42,7 @@ def test_layout_matches_single_process(layout, reference, tmp_path):
     nproc, flags = LAYOUTS[layout]
     result = run_pretrain(TINY_GPT + flags, tmp_path, nproc=nproc)
     assert result["iteration"] == 4
+    assert_real_updates(update_learning_rates(result, TINY_GPT + flags), what=layout)
     assert_close(losses(result), losses(reference), rtol=1e-5, what=f"{layout} train lm loss")
     assert_close([result["valid"]["lm loss"]], [reference["valid"]["lm loss"]], rtol=1e-5,
                  what=f"{layout} validation lm loss")
@@ -52,7 +63,10 @@ def modern_reference(tmp_path_factory):
 def test_llama_style_layout_matches_single_process(flags, modern_reference, tmp_path):
     """SwiGLU (fused gate/up sliced per TP rank), RMSNorm, RoPE, GQA, untied output layer."""
     result = run_pretrain(MODERN_GPT + flags, tmp_path, nproc=2)
+    assert_real_updates(update_learning_rates(result, MODERN_GPT), what="llama-style")
     assert_close(losses(result), losses(modern_reference), rtol=1e-5, what="llama-style lm loss")
+    assert_close([result["valid"]["lm loss"]], [modern_reference["valid"]["lm loss"]], rtol=1e-5,
+                 what="llama-style validation lm loss")
 
 
 def test_losses_fall_and_log_line_is_megatron_format(reference):

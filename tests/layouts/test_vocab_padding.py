@@ -9,7 +9,15 @@ import json
 
 import pytest
 
-from tests.helpers.launch import MULTI_RUN_WORKER, TINY_GPT, assert_close, losses, run_script
+from tests.helpers.launch import (
+    MULTI_RUN_WORKER,
+    TINY_GPT,
+    assert_close,
+    assert_real_updates,
+    losses,
+    run_script,
+    update_learning_rates,
+)
 
 RTOL = 1e-5
 
@@ -48,6 +56,7 @@ def runs(tmp_path_factory):
 
 @pytest.mark.parametrize("layout", ["tp2", "tp2_pp2", "tp4"])
 def test_same_losses_at_every_padding(runs, layout):
+    assert_real_updates(update_learning_rates(runs[layout], gpt2_vocab()), what=layout)
     assert_close(losses(runs[layout]), losses(runs["tp1"]), rtol=RTOL, what=f"{layout} vs TP1")
     assert_close([runs[layout]["valid"]["lm loss"]], [runs["tp1"]["valid"]["lm loss"]], rtol=RTOL,
                  what=f"{layout} validation")
@@ -57,4 +66,8 @@ def test_same_losses_at_every_padding(runs, layout):
 def test_tp2_checkpoint_resumes_at_another_padding(runs, layout):
     resumed = runs[layout]
     assert [e["iteration"] for e in resumed["train_history"]] == [3, 4]
+    assert_real_updates(update_learning_rates(runs["tp2"], gpt2_vocab())[:2]
+                        + update_learning_rates(resumed, gpt2_vocab(), resumed_from=runs["tp2"]), what=layout)
     assert_close(losses(resumed), losses(runs["tp2"])[2:], rtol=RTOL, what=f"{layout} iterations 3-4")
+    assert_close([resumed["valid"]["lm loss"]], [runs["tp2"]["valid"]["lm loss"]], rtol=RTOL,
+                 what=f"{layout} validation after iteration 4")

@@ -112,7 +112,7 @@ def test_nonfinite_grad_norm_skips_the_update_on_the_device(single_process):
     from megatron_cocomix.training.exit_conditions import DivergenceGuard, NonFiniteError
 
     backend = _backend([])
-    backend.scheduler.step(increment=1)  # past the warmup's zero learning rate
+    backend.scheduler.step(increment=1)  # a non-zero learning rate, whatever the warmup (which starts at 0)
     backend.zero_grad()
     params = _fill_grads(backend, 0, nan_at=3)
     before = [p.detach().clone() for p in params]

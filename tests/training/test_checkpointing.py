@@ -12,7 +12,15 @@ import pytest
 
 from megatron_cocomix.training import checkpointing
 from tests.helpers.checkpoint_files import checkpoint_copy, history
-from tests.helpers.launch import PRETRAIN_WORKER, TINY_GPT, assert_close, run_pretrain, run_script
+from tests.helpers.launch import (
+    PRETRAIN_WORKER,
+    TINY_GPT,
+    assert_close,
+    assert_real_updates,
+    run_pretrain,
+    run_script,
+    update_learning_rates,
+)
 
 DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
 TIMEOUT = 600
@@ -61,6 +69,11 @@ def test_tp2_pp2_checkpoint_loads_at_tp1(tmp_path):
                  what="TP1 losses after resuming the TP2xPP2 optimizer state")
     assert_close([resumed["train_history"][0]["lr"]], [source["train_history"][2]["lr"]], rtol=1e-12,
                  what="learning rate at iteration 3")
+    # Steps 1-2 at TP2 x PP2, 3-4 at TP1, all with a non-zero learning rate; the validation follows step 4.
+    assert_real_updates(update_learning_rates(source, TINY_GPT)[:2]
+                        + update_learning_rates(resumed, TINY_GPT, resumed_from=source))
+    assert_close([resumed["valid"]["lm loss"]], [source["valid"]["lm loss"]], rtol=1e-5,
+                 what="TP1 validation loss after resuming the TP2xPP2 optimizer state")
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -84,6 +97,7 @@ def test_resume_is_bit_exact_two_processes(tmp_path, layout):
                            nproc=2, name="resumed", timeout=TIMEOUT)
     assert "RNG" in resumed["stdout"] and "not loaded" not in resumed["stdout"]
     assert sorted(history(resumed)) == [3, 4]
+    assert_real_updates(update_learning_rates(full, flags)[:2] + update_learning_rates(resumed, flags, resumed_from=full))
     for i in (3, 4):
         assert history(resumed)[i] == history(full)[i], f"iteration {i}: {history(resumed)[i]!r} vs {history(full)[i]!r}"
     assert resumed["valid"]["lm loss"] == full["valid"]["lm loss"]
@@ -163,6 +177,9 @@ def test_resume_after_killed_save_is_bit_exact(single_process_runs):
     reference, resumed = single_process_runs["reference"], single_process_runs["resumed"]
     assert "loaded checkpoint" in resumed["stdout"] and "at iteration 2" in resumed["stdout"]
     assert sorted(history(resumed)) == [3, 4]
+    flags = [*TINY_GPT, *DROPOUT]
+    assert_real_updates(update_learning_rates(reference, flags)[:2]
+                        + update_learning_rates(resumed, flags, resumed_from=reference))
     for i in (3, 4):
         assert history(resumed)[i] == history(reference)[i], \
             f"iteration {i}: {history(resumed)[i]!r} vs uninterrupted {history(reference)[i]!r}"

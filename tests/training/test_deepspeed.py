@@ -15,7 +15,15 @@ import re
 
 import pytest
 
-from tests.helpers.launch import TINY_GPT, assert_close, losses, run_pretrain, run_script
+from tests.helpers.launch import (
+    TINY_GPT,
+    assert_close,
+    assert_real_updates,
+    losses,
+    run_pretrain,
+    run_script,
+    update_learning_rates,
+)
 from tests.helpers.paths import ROOT
 
 CLIP = 1.0
@@ -32,8 +40,9 @@ def write_ds_config(directory, name: str, config: dict) -> str:
 def reference(tmp_path_factory):
     result = run_pretrain(TINY_GPT + ["--clip-grad", str(CLIP)], tmp_path_factory.mktemp("ds_reference"), nproc=1)
     norms = losses(result, "grad_norm")
-    # The comparison below only tests clipping if the reference actually clips.
+    # The comparison below only tests clipping if the reference actually clips, and the 4 updates if they move.
     assert all(n > CLIP for n in norms), norms
+    assert_real_updates(update_learning_rates(result, TINY_GPT), what="reference")
     return result
 
 
@@ -60,6 +69,7 @@ def test_zero_matches_megatron_optimizer(case, reference, tmp_path):
     assert_close(losses(result), losses(reference), rtol=1e-5, what=f"{case} lm loss")
     assert_close(losses(result, "grad_norm"), losses(reference, "grad_norm"), rtol=1e-5, what=f"{case} grad norm")
     assert_close(losses(result, "lr"), losses(reference, "lr"), rtol=1e-12, what=f"{case} learning rate")
+    assert_real_updates(update_learning_rates(result, TINY_GPT), what=case)
     assert_close([result["valid"]["lm loss"]], [reference["valid"]["lm loss"]], rtol=1e-5,
                  what=f"{case} validation lm loss")
 
@@ -181,6 +191,9 @@ def test_zero_resume_continues_the_run(stage, reference, tmp_path):
                          nproc=2, name="first")
     resumed = run_pretrain(flags + ["--load", save], tmp_path, nproc=2, name="resumed")
     assert [h["iteration"] for h in resumed["train_history"]] == [3, 4]
+    assert_real_updates(update_learning_rates(first, flags) + update_learning_rates(resumed, flags, resumed_from=first))
     assert_close(losses(first) + losses(resumed), losses(reference), rtol=1e-5, what=f"ZeRO-{stage} resumed lm loss")
+    assert_close([resumed["valid"]["lm loss"]], [reference["valid"]["lm loss"]], rtol=1e-5,
+                 what=f"ZeRO-{stage} resumed validation lm loss")
     assert_close(losses(resumed, "grad_norm"), losses(reference, "grad_norm")[2:], rtol=1e-5,
                  what=f"ZeRO-{stage} resumed grad norm")
