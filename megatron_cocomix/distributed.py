@@ -100,6 +100,21 @@ def initialize_distributed(args: argparse.Namespace) -> None:
 _HOST_GROUP = None
 
 
+def init_data_parallel() -> tuple:
+    """(rank, world size, device) of a data-parallel tool (no model parallelism): torchrun's process group (NCCL
+    with GPUs, gloo without) when it launched several processes, or a world of one without a process group."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    if world == 1:
+        return 0, 1, device
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    return torch.distributed.get_rank(), world, device
+
+
 def host_group():
     """A gloo group over all ranks for host-side collectives, or None when the default group is gloo already."""
     return _HOST_GROUP

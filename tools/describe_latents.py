@@ -91,22 +91,6 @@ def _validate(args: argparse.Namespace) -> None:
             raise FileNotFoundError(f"{flag} {path}: no such file or directory")
 
 
-def _init_world():
-    """(rank, world, device): torchrun's process group (NCCL with GPUs, gloo without), or one process."""
-    import torch
-
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        if not torch.distributed.is_initialized():
-            torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return torch.distributed.get_rank(), world, device
-    return 0, 1, device
-
-
 def _windows(args: argparse.Namespace):
     """The windows [n, s] of the documents (evaluate.py's concept windows), and a note saying which they are."""
     from megatron_cocomix.evaluation.concepts import concept_windows
@@ -128,8 +112,9 @@ def describe(args: argparse.Namespace) -> Optional[dict]:
 
     from megatron_cocomix.concepts import check_teacher_sae, load_sae, load_teacher, load_teacher_tokenizer
     from megatron_cocomix.concepts.descriptions import LatentStats, collect, latent_records, write_jsonl
+    from megatron_cocomix.distributed import init_data_parallel
 
-    rank, world, device = _init_world()
+    rank, world, device = init_data_parallel()
     start = time.time()
     windows, data_note = _windows(args)
     teacher = load_teacher(args.teacher_model, args.teacher_layer, dtype=args.teacher_dtype, device=device)

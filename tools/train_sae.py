@@ -37,6 +37,7 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from megatron_cocomix.arguments import TEACHER_DTYPE_CHOICES  # noqa: E402
+from megatron_cocomix.distributed import init_data_parallel  # noqa: E402
 from megatron_cocomix.errors import cli_main  # noqa: E402
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -82,18 +83,6 @@ def _validate(args: argparse.Namespace) -> None:
         raise ValueError(f"--skip-positions {args.skip_positions} must be in [0, --seq-length {args.seq_length})")
     if args.num_latents is not None and args.num_latents < args.k:
         raise ValueError(f"--num-latents {args.num_latents} is smaller than --k {args.k}")
-
-
-def _init_distributed() -> tuple[int, int, torch.device]:
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-    if world > 1:
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        return dist.get_rank(), world, device
-    return 0, 1, device
 
 
 @functools.lru_cache(maxsize=4)
@@ -169,7 +158,7 @@ def train(args: argparse.Namespace) -> dict:
     from megatron_cocomix.concepts import TopKSAE, check_sae_compatible, load_sae, load_teacher
     from megatron_cocomix.concepts.sae_training import SAETrainer, TokenWindows, evaluate_sae
 
-    rank, world, device = _init_distributed()
+    rank, world, device = init_data_parallel()
     teacher = load_teacher(args.teacher_model, args.teacher_layer, dtype=args.teacher_dtype, device=device)
     windows = TokenWindows(args.data_path, args.seq_length)
     num_train = len(windows) - args.eval_sequences
