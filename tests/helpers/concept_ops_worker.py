@@ -27,6 +27,7 @@ from megatron.core.transformer.moe.moe_utils import MoEAuxLossAutoScaler  # noqa
 from megatron.core.transformer.transformer_config import TransformerConfig  # noqa: E402
 
 from megatron_cocomix import metrics  # noqa: E402
+from megatron_cocomix.model import losses  # noqa: E402
 from megatron_cocomix.model.concept_head import distributed_topk  # noqa: E402
 from megatron_cocomix.model.concept_mixing import CONCEPT_METRICS, ConceptMixing, sparse_compress  # noqa: E402
 from megatron_cocomix.model.losses import concept_cross_entropy, kd_kl_divergence  # noqa: E402
@@ -148,13 +149,16 @@ def check_kd_kl_divergence():
     ref_sum = (kl * loss_mask).sum()
     ref_sum.backward()
 
-    local = shard(student_full).clone().requires_grad_(True)
-    kl_sum, count = kd_kl_divergence(local, teacher_log_probs, loss_mask)
-    assert float(count) == float(loss_mask.sum())
-    torch.testing.assert_close(kl_sum, ref_sum.detach(), **TOL)
-    assert kl_sum.item() > 0
-    kl_sum.backward()
-    torch.testing.assert_close(local.grad, shard(student_ref.grad), **TOL)
+    for chunk_rows in (None, 3):  # one chunk of tokens, then chunks of 3 tokens (the last one shorter)
+        if chunk_rows:
+            losses.KD_CHUNK_ELEMENTS["cpu"] = chunk_rows * shard(student_full).shape[-1]
+        local = shard(student_full).clone().requires_grad_(True)
+        kl_sum, count = kd_kl_divergence(local, teacher_log_probs, loss_mask)
+        assert float(count) == float(loss_mask.sum())
+        torch.testing.assert_close(kl_sum, ref_sum.detach(), **TOL)
+        assert kl_sum.item() > 0
+        kl_sum.backward()
+        torch.testing.assert_close(local.grad, shard(student_ref.grad), **TOL)
 
 
 def mixing_config(sequence_parallel):
