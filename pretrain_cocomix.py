@@ -58,23 +58,27 @@ def model_provider(pre_process: bool = True, post_process: bool = True, vp_stage
                            block_spec=block_spec)
 
 
-def get_batch(data_iterator, vp_stage: Optional[int] = None, concept_stage: bool = False) -> Dict[str, torch.Tensor]:
+def get_batch(data_iterator, vp_stage: Optional[int] = None, concept_stage: bool = False,
+              kd_states: bool = False) -> Dict[str, torch.Tensor]:
     """The tensors this stage needs, read on TP rank 0 and broadcast to the other TP ranks (as Megatron).
 
-    First stage: tokens, position ids (and the attention mask); last stage: labels and loss mask (and tokens for
-    KD); the stage holding the concept layer: tokens (online labels) or the precomputed concept labels."""
+    First stage: tokens, position ids (and the attention mask); last stage: labels and loss mask (and for KD the
+    tokens, or with `kd_states` the teacher's precomputed final states); the stage holding the concept layer:
+    tokens (online labels) or the precomputed concept labels."""
     args = get_args()
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
     last = parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage)
     online = args.concept_labels == "online"
     int_keys, float_keys = [], []
-    if first or (last and args.kd) or (concept_stage and online):
+    if first or (last and args.kd and not kd_states) or (concept_stage and online):
         int_keys.append("tokens")
     if first:
         int_keys.append("position_ids")
     if last:
         int_keys.append("labels")
         float_keys.append("loss_mask")
+        if kd_states:
+            float_keys.append("teacher_states")
     if concept_stage and not online:
         int_keys.append("concept_labels")
     if not int_keys:
@@ -134,7 +138,9 @@ def forward_step(data_iterator, model):
     args = get_args()
     vp_stage = get_attr_wrapped_model(model, "vp_stage")
     concept_stage = args.cocomix and find_concept_mixing(model) is not None
-    batch = get_batch(data_iterator, vp_stage, concept_stage)
+    # Precomputed teacher states exist for the training samples only (KD validation runs the student alone).
+    kd_states = bool(args.kd and args.kd_teacher_states and model.training)
+    batch = get_batch(data_iterator, vp_stage, concept_stage, kd_states)
     tokens, labels = batch.get("tokens"), batch.get("labels")
     first = parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage)
 
@@ -155,7 +161,10 @@ def forward_step(data_iterator, model):
         # Training only: validation reports the LM loss, what compares with the other students, without paying
         # a teacher forward per validation batch (design §6).
         logits = model(input_ids, position_ids, attention_mask, extra_block_kwargs=extra_block_kwargs)
-        teacher_log_probs = get_teacher().log_probs(tokens)
+        if kd_states:
+            teacher_log_probs = get_teacher().log_probs_from_final_states(batch["teacher_states"])
+        else:
+            teacher_log_probs = get_teacher().log_probs(tokens)
         return logits, partial(kd_loss_func, labels, batch["loss_mask"], teacher_log_probs)
     output_tensor = model(input_ids, position_ids, attention_mask, labels=labels,
                           extra_block_kwargs=extra_block_kwargs)
@@ -171,6 +180,8 @@ def train_valid_test_datasets_provider(train_val_test_num_samples):
 
         check_teacher_reads_student_ids(args, get_tokenizer(), args.teacher_shape.vocab_size)
     train, valid, test = build_train_valid_test_datasets(args, get_tokenizer(), train_val_test_num_samples)
+    if args.kd and args.kd_teacher_states:
+        train = _attach_teacher_states(args, train)
     if args.cocomix and args.concept_labels != "online":
         from megatron_cocomix.concepts.labeling import ConceptLabeledDataset
 
@@ -196,6 +207,19 @@ def _attach_precomputed_labels(args, train):
         labels.check_fingerprint(expected, ignore={"num_samples"})
     return ConceptLabeledDataset(train, labels, args.seq_length,
                                  samples_needed=args.train_iters * args.global_batch_size)
+
+
+def _attach_teacher_states(args, train):
+    from megatron_cocomix.data.concept_labels import expected_fingerprint
+    from megatron_cocomix.data.teacher_states import TeacherStatesAttached, TeacherStatesDataset
+
+    states = TeacherStatesDataset(args.kd_teacher_states)
+    if states.d_model != args.teacher_shape.hidden_size:
+        raise ValueError(f"--kd-teacher-states {args.kd_teacher_states}: states of width {states.d_model} but teacher "
+                         f"{args.teacher_model} has hidden size {args.teacher_shape.hidden_size}")
+    states.check_fingerprint(expected_fingerprint(args, get_tokenizer(), len(states), sae_sha256=None),
+                             ignore={"num_samples"})
+    return TeacherStatesAttached(train, states, args.train_iters * args.global_batch_size, args.seq_length)
 
 
 def resolve_concept_args(args) -> None:

@@ -13,7 +13,8 @@
 #                (next-token prediction) and export it to Hugging Face with tools/convert_to_hf.py
 #   3 sae        train a TopK SAE on one teacher layer (tools/train_sae.py), which ends with FVU, L0, dead fraction
 #                and delta LM loss on held-out windows (sae/eval.json)
-#   per seed     4 labels: concept labels for exactly that seed's training samples (tools/extract_concepts.py);
+#   per seed     4 labels: concept labels for exactly that seed's training samples (tools/extract_concepts.py),
+#                and the teacher's final hidden states of the same samples for the KD student (KD_STATES below);
 #                5-7 students: CoCoMix, a parameter-matched NTP model and a KD model (same data, tokens and seed);
 #                8 evaluate: held-out perplexity and concept accuracy (tools/evaluate.py), curves (plot_runs.py)
 #   9 concepts   what each SAE latent responds to on DESCRIBE_TOKENS test tokens (tools/describe_latents.py:
@@ -70,11 +71,18 @@ STUDENT_EVAL_INTERVAL=50  # validations per student: 6 (SmolLM2 4, SIZE=small 4)
 EVAL_DOCS=(); SAE_EVAL_SEQS=64
 DESCRIBE_TOKENS=16384  # test tokens the latent descriptions read: bounded, so the stage stays cheap for any teacher
 TEACHER_MODEL_ARGS=(--num-layers 4 --hidden-size 192 --num-attention-heads 6)
+# KD_STATES=yes: the labels stage keeps the teacher's final hidden states of the training samples (from the
+# forward its labels need anyway) and the KD student reads them instead of running the teacher each step (the
+# same distributions; extract_concepts.py --teacher-states-prefix). Costs 4 x d bytes per token of disk: worth it
+# for SmolLM2 (KD ~3 s -> ~1 s per step; 236 MB per seed), not for the tiny teacher's default 614K tokens (472 MB
+# to save a forward that is cheap); the reduced run uses it, so the tests cover it.
+KD_STATES=no
 if [ "${TEACHER}" = smollm2 ]; then
     # SmolLM2-135M: 30 layers of width 576, vocabulary 49152; the SAE reads hidden_states[6] (C = 8 x 576). Its
     # forward and backward cost ~100x the tiny teacher's per token, so the students see fewer tokens.
     TEACHER_LAYER=6; NUM_LATENTS=4608; SAE_K=32; CONCEPT_TOPK=32
     SAE_ITERS=200; STUDENT_ITERS=100; BATCH=8; EVAL_DOCS=(--max-documents 12); STUDENT_EVAL_INTERVAL=25
+    KD_STATES=yes
 else
     # The tiny teacher: 4 layers of width 192 (SentencePiece vocabulary 4096); the SAE reads hidden_states[2].
     TEACHER_LAYER=2; NUM_LATENTS=1536; SAE_K=16; CONCEPT_TOPK=16
@@ -83,7 +91,7 @@ fi
 if [ "${SIZE}" = small ]; then
     # The test suite's run: shorter windows, a 2-layer teacher, a few dozen steps per stage.
     SEQ=64; SAVE_INTERVAL=20; TEACHER_ITERS=80; SAE_ITERS=50; STUDENT_ITERS=40; SAE_EVAL_SEQS=8; DESCRIBE_TOKENS=4096
-    STUDENT_EVAL_INTERVAL=10
+    STUDENT_EVAL_INTERVAL=10; KD_STATES=yes
     EVAL_DOCS=(--max-documents 6)
     if [ "${TEACHER}" = tiny ]; then
         TEACHER_MODEL_ARGS=(--num-layers 2 --hidden-size 128 --num-attention-heads 4)
@@ -240,9 +248,11 @@ concept_args() {
 
 extract_labels() {
     mkdir -p "${SEED_DIR}/labels"
+    local states=()
+    if [ "${KD_STATES}" = yes ]; then states=(--teacher-states-prefix "${SEED_DIR}/labels/teacher_states"); fi
     # shellcheck disable=SC2046
     "${PYTHON}" tools/extract_concepts.py $(student_args) $(concept_args) --output-prefix "${SEED_DIR}/labels/train" \
-        --chunk-samples 256 --no-progress
+        "${states[@]}" --chunk-samples 256 --no-progress
 }
 
 # train_student NAME EXTRA_FLAGS...: one student, resumable from its own checkpoints.
@@ -265,8 +275,10 @@ train_cocomix() {
 }
 train_ntp() { train_student ntp --ffn-hidden-size "${NTP_FFN}"; }
 train_kd() {
+    local states=()
+    if [ "${KD_STATES}" = yes ]; then states=(--kd-teacher-states "${SEED_DIR}/labels/teacher_states"); fi
     train_student kd --ffn-hidden-size "${NTP_FFN}" --kd --kd-weight 0.1 \
-        --teacher-model "${TEACHER_MODEL}" --teacher-layer "${TEACHER_LAYER}"
+        --teacher-model "${TEACHER_MODEL}" --teacher-layer "${TEACHER_LAYER}" "${states[@]}"
 }
 
 evaluate() {
@@ -326,9 +338,13 @@ for SEED in "${SEED_LIST[@]}"; do
     SEED_DIR="${RUN_DIR}/seed${SEED}"
     at="seed${SEED}"
     knobs_labels="${KNOBS_SAE} $(student_knobs) labels.count=4"
+    if [ "${KD_STATES}" = yes ]; then knobs_labels+=" labels.teacher_states=yes"; fi
     knobs_cocomix="${knobs_labels} cocomix.topk=${CONCEPT_TOPK}"
     knobs_ntp="${KNOBS_TOKENISE} $(student_knobs) ntp.ffn=${NTP_FFN}"
     knobs_kd="${KNOBS_TEACHER} $(student_knobs) kd.ffn=${NTP_FFN}"
+    if [ "${KD_STATES}" = yes ]; then  # the labels stage's teacher states: the KD student is redone with them
+        knobs_kd="${knobs_labels} kd.ffn=${NTP_FFN} kd.teacher_states=yes"
+    fi
     knobs_evaluate="${knobs_cocomix} ${knobs_kd} ${knobs_ntp} evaluate.documents=${EVAL_DOCS[1]:-all}"
     run_stage "labels.${at}" "concept labels of the seed's training samples" "${knobs_labels}" "${at}/labels" \
         extract_labels

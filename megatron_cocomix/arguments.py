@@ -310,6 +310,11 @@ def _add_cocomix_args(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--sae", default=None, help="TopK SAE: OpenAI .pt, SAELens folder or sparsify folder.")
     g.add_argument("--kd", action="store_true", help="Baseline: knowledge distillation from --teacher-model.")
     g.add_argument("--kd-weight", type=float, default=0.1, help="Weight of KL(teacher || student).")
+    g.add_argument("--kd-teacher-states", default=None, metavar="PREFIX",
+                   help="KD from the teacher's final hidden states of the training samples, precomputed by "
+                        "tools/extract_concepts.py --teacher-states-prefix (PREFIX.{bin,idx,json}): the teacher's "
+                        "head turns them into its distributions, with no teacher forward per step (same numbers). "
+                        "Default: the teacher runs on every training batch.")
     g.add_argument("--pause-tokens", action="store_true",
                    help="Baseline: interleave a learned pause vector at --concept-layer instead of concepts.")
 
@@ -530,6 +535,14 @@ def validate_args(args: argparse.Namespace, world_size: int) -> None:
     args.variable_seq_lengths = doubles and pp > 1
     if args.kd and args.teacher_model is None:
         raise ArgumentError("--kd needs --teacher-model")
+    if args.kd_teacher_states is not None:
+        if not args.kd:
+            raise ArgumentError("--kd-teacher-states needs --kd")
+        for suffix in (".bin", ".idx", ".json"):
+            if not os.path.exists(args.kd_teacher_states + suffix):
+                raise ArgumentError(f"--kd-teacher-states {args.kd_teacher_states}: no such file "
+                                    f"{args.kd_teacher_states + suffix} (write it with tools/extract_concepts.py "
+                                    f"--teacher-states-prefix)")
     # --load equal to --save may not exist yet: the first run of a job that is requeued after preemption
     # (Megatron's resume-or-start pattern) starts from scratch there.
     load = ("load",) if args.load is not None and args.load != args.save else ()

@@ -14,11 +14,17 @@ Work is split into chunks of --chunk-samples consecutive samples; chunk c goes t
 chunk is written as OUTPUT.parts/chunk_XXXXXX.{bin,idx} plus a .done marker, so an interrupted run resumes at
 the first unfinished chunk (with any number of processes). When all chunks exist, rank 0 concatenates them in
 sample order into OUTPUT.{bin,idx}, writes the fingerprint OUTPUT.json last and removes the parts.
+
+--teacher-states-prefix STATES also keeps the teacher's final hidden states of the same samples, from the same
+forward (megatron_cocomix/data/teacher_states.py: 4 x d_model bytes per token), in the same chunks, merged into
+STATES.{bin,idx,json}: pretrain_cocomix.py --kd --kd-teacher-states STATES then trains the KD baseline on the
+teacher's exact distributions without a teacher forward per step.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -49,6 +55,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--extract-batch-size", type=int, default=None,
                    help="Sequences per teacher forward (default --micro-batch-size, else 8).")
     g.add_argument("--chunk-samples", type=int, default=256, help="Samples per resumable chunk.")
+    g.add_argument("--teacher-states-prefix", default=None,
+                   help="Also write the teacher's final hidden states of the same samples (float32, d_model per "
+                        "token) to TEACHER_STATES_PREFIX.{bin,idx,json}, for pretrain_cocomix.py --kd-teacher-states.")
     g.add_argument("--no-tokenizer-check", action="store_true",
                    help="Skip comparing the teacher's tokenizer with the data tokenizer (NullTokenizer data).")
     g.add_argument("--no-progress", action="store_true", help="No tqdm progress bar.")
@@ -68,6 +77,9 @@ def _validate(args: argparse.Namespace) -> None:
     for flag in ("teacher_model", "teacher_layer", "sae") + sizes:
         if getattr(args, flag) is None:
             raise ValueError(f"--{flag.replace('_', '-')} is required (use the training run's value)")
+    if args.teacher_states_prefix and args.eval_split:
+        raise ValueError("--teacher-states-prefix keeps the states of training samples, for the KD student: not with "
+                         "--eval-split")
     if args.max_documents is not None and not args.eval_split:
         raise ValueError("--max-documents needs --eval-split (it selects held-out documents)")
     if args.eval_split and (not args.data_path or len(args.data_path) != 1):
@@ -149,6 +161,7 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
     from megatron_cocomix.concepts.labeling import AttributionLabeler
     from megatron_cocomix.data.concept_labels import ConceptLabelsWriter, expected_fingerprint, write_fingerprint
     from megatron_cocomix.data.datasets import build_train_valid_test_datasets
+    from megatron_cocomix.data.teacher_states import TeacherStatesWriter
     from megatron_cocomix.data.tokenizer import build_tokenizer
 
     tokenizer = build_tokenizer(args)
@@ -156,6 +169,7 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
                                  args.concept_attribution, args.concept_label_masking, args.teacher_dtype, device,
                                  teacher_lm_head=args.teacher_lm_head)
     teacher, sae = labeler.teacher, labeler.sae
+    keep_states = bool(args.teacher_states_prefix)
     check_sae_compatible(sae, num_latents=args.concept_dim, where="--concept-dim")
     if tokenizer.vocab_size > teacher.vocab_size:
         raise ValueError(f"the data tokenizer has {tokenizer.vocab_size} ids but teacher {args.teacher_model} only "
@@ -185,11 +199,13 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
         except ValueError as e:
             raise ValueError(f"--output-prefix {args.output_prefix} already holds other labels ({e}); "
                              "choose another prefix") from None
+        if args.teacher_states_prefix:
+            _check_complete_states(args, fingerprint)
         if rank == 0:
             print(json.dumps({"output_prefix": args.output_prefix, "num_samples": num_samples, "complete": True}))
         return {"output_prefix": args.output_prefix, "num_samples": num_samples, "complete": True}
     parts = args.output_prefix + ".parts"
-    _check_parts_fingerprint(parts, fingerprint, rank)
+    _check_parts_fingerprint(parts, {**fingerprint, "teacher_states": bool(args.teacher_states_prefix)}, rank)
 
     chunks = list(range(0, num_samples, args.chunk_samples))
     mine = [c for i, c in enumerate(chunks) if i % world == rank]
@@ -201,21 +217,29 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
     for first in todo:
         prefix = _chunk_prefix(parts, first // args.chunk_samples)
         writer = ConceptLabelsWriter(prefix, args.seq_length, args.concept_num_labels, sae.num_latents)
+        states = TeacherStatesWriter(prefix + ".states", args.seq_length, teacher.d_model) if keep_states else None
         last = min(first + args.chunk_samples, num_samples)
         for begin in range(first, last, args.extract_batch_size):
             ids = range(begin, min(begin + args.extract_batch_size, last))
             tokens = torch.stack([sample_tokens(i) for i in ids])
-            labels = labeler(tokens)
+            with teacher.keeping_final_states() if keep_states else contextlib.nullcontext() as finals:
+                labels = labeler(tokens)
             writer.add(labels)
+            if states is not None:
+                states.add(torch.cat(finals))
             tokens_done += tokens.numel()
             bar.update(len(ids))
         writer.finalize()
+        if states is not None:
+            states.finalize()
         open(prefix + ".done", "w").close()
     bar.close()
     elapsed = time.time() - start
     dist.barrier()
 
     if rank == 0:
+        if keep_states:  # complete before the labels' fingerprint, which marks the whole extraction complete
+            _merge_states(args, parts, len(chunks), fingerprint, teacher.d_model, num_samples)
         merged = ConceptLabelsWriter(args.output_prefix, args.seq_length, args.concept_num_labels, sae.num_latents)
         for index in range(len(chunks)):
             prefix = _chunk_prefix(parts, index)
@@ -240,6 +264,30 @@ def _extract(args: argparse.Namespace, rank: int, world: int, device: torch.devi
     if rank == 0:
         print(json.dumps(result))
     return result
+
+
+def _merge_states(args: argparse.Namespace, parts: str, num_chunks: int, fingerprint: dict, d_model: int,
+                  num_samples: int) -> None:
+    from megatron_cocomix.data.teacher_states import TeacherStatesWriter, write_states_fingerprint
+
+    merged = TeacherStatesWriter(args.teacher_states_prefix, args.seq_length, d_model)
+    for index in range(num_chunks):
+        merged.add_shard(_chunk_prefix(parts, index) + ".states")
+    merged.finalize()
+    if merged.num_samples != num_samples:
+        raise RuntimeError(f"merged {merged.num_samples} teacher states, expected {num_samples}")
+    write_states_fingerprint(args.teacher_states_prefix, fingerprint, args.seq_length, d_model, num_samples)
+
+
+def _check_complete_states(args: argparse.Namespace, fingerprint: dict) -> None:
+    """Labels already complete: their states must be too (they are written first), and of the same samples."""
+    from megatron_cocomix.data.teacher_states import TeacherStatesDataset
+
+    try:
+        TeacherStatesDataset(args.teacher_states_prefix).check_fingerprint(fingerprint)
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"--output-prefix {args.output_prefix} already holds these labels, but not these teacher "
+                         f"states ({e}); choose another --output-prefix to extract both") from None
 
 
 def _held_out_windows(args: argparse.Namespace) -> tuple[torch.Tensor, dict]:

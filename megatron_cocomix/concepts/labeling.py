@@ -141,6 +141,11 @@ class OnlineTeacher:
             return torch.log_softmax(self.teacher.logits(part).float(), dim=-1).to(tokens.device)
         return _split_over_tp(teacher_log_probs, tokens)
 
+    def log_probs_from_final_states(self, states: torch.Tensor) -> torch.Tensor:
+        """The teacher's final hidden states [b, s, d] (data/teacher_states.py) -> next-token log-probabilities
+        [b, s, V] (fp32) through its head alone. Every TP rank holds the states, so each applies the head itself."""
+        return torch.log_softmax(self.teacher.logits_from_final_states(states).float(), dim=-1).to(states.device)
+
 
 class ConceptLabeledDataset(torch.utils.data.Dataset):
     """Sample i of `dataset` plus 'concept_labels' [s, K] from precomputed labels sequence i.

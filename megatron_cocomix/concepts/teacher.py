@@ -189,6 +189,7 @@ class Teacher(nn.Module):
         self._mode: Optional[str] = None
         self._replace: Optional[Callable[[torch.Tensor], torch.Tensor]] = None
         self._captured: Optional[torch.Tensor] = None
+        self._final_states: Optional[list] = None
         if layer is not None:
             _find_blocks(model, num_layers, path)[layer - 1].register_forward_hook(self._hook)
         self.tf32 = tf32
@@ -257,6 +258,8 @@ class Teacher(nn.Module):
         try:
             with self.precision():
                 final = self.model.base_model(input_ids=tokens, use_cache=False).last_hidden_state
+                if self._final_states is not None:
+                    self._final_states.append(final.detach())
                 ce = self._head.token_losses(final, next_token_targets(tokens))
         finally:
             self._mode = None
@@ -288,6 +291,27 @@ class Teacher(nn.Module):
     def logits(self, tokens: torch.Tensor) -> torch.Tensor:
         """Next-token logits [b, t, V] (model dtype), for the KD baseline."""
         return self._run(None, self._check_tokens(tokens)).logits
+
+    @contextlib.contextmanager
+    def keeping_final_states(self) -> Iterator[list]:
+        """Inside the block, every loss forward (hidden_and_grad, sequence_losses) appends its final hidden states
+        [b, t, d] (after the final norm: what the LM head reads) to the yielded list, so one forward serves the
+        attribution and the KD baseline (`logits_from_final_states`). Needs the chunked head's plain linear head."""
+        if self._head is None:
+            raise ValueError(f"teacher {self.path}: its final hidden states are read where the head is a plain "
+                             f"linear map of them (--teacher-lm-head chunked on GPT-2 / Llama-family teachers)")
+        self._final_states = []
+        try:
+            yield self._final_states
+        finally:
+            self._final_states = None
+
+    @torch.no_grad()
+    def logits_from_final_states(self, final: torch.Tensor) -> torch.Tensor:
+        """Next-token logits [b, t, V] from final hidden states [b, t, d] (keeping_final_states): the model's own
+        head on them, so the numbers `logits` gives for the same tokens."""
+        head = self.model.get_output_embeddings()
+        return head(final.to(device=self.device, dtype=head.weight.dtype))
 
     @torch.no_grad()
     def sequence_losses(self, tokens: torch.Tensor,

@@ -67,28 +67,34 @@ def one_process_labels(assets):
     return out
 
 
-def test_labels_aligned_with_training_samples(assets, one_process_labels):
+def training_tokens(assets, output):
+    """(parsed flags, tokenizer, tokens [24, 16]) of the training samples extract_flags(assets, output) labels."""
     import torch.distributed as dist
 
-    from megatron_cocomix.concepts import attribution_labels, load_sae, load_teacher, sae_fingerprint
-    from megatron_cocomix.data.concept_labels import expected_fingerprint
     from megatron_cocomix.data.datasets import build_train_valid_test_datasets
     from megatron_cocomix.data.tokenizer import build_tokenizer
     from tools import extract_concepts as tool
 
-    args = tool.build_parser().parse_args(extract_flags(assets, one_process_labels))
+    args = tool.build_parser().parse_args(extract_flags(assets, output))
     tool._validate(args)
-    labels, ds = read_all(one_process_labels)
-    assert labels.shape == (24, 16, 4)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
     try:
         tokenizer = build_tokenizer(args)
         train, _, _ = build_train_valid_test_datasets(args, tokenizer, [24, 0, 0])
     finally:
         dist.destroy_process_group()
+    return args, tokenizer, torch.stack([torch.as_tensor(train[i]["tokens"]) for i in range(24)])
+
+
+def test_labels_aligned_with_training_samples(assets, one_process_labels):
+    from megatron_cocomix.concepts import attribution_labels, load_sae, load_teacher, sae_fingerprint
+    from megatron_cocomix.data.concept_labels import expected_fingerprint
+
+    labels, ds = read_all(one_process_labels)
+    assert labels.shape == (24, 16, 4)
+    args, tokenizer, tokens = training_tokens(assets, one_process_labels)
     teacher = load_teacher(str(assets / "gpt2"), 2)
     sae = load_sae(str(assets / "sae.pt")).freeze()
-    tokens = torch.stack([torch.as_tensor(train[i]["tokens"]) for i in range(24)])
     assert torch.equal(labels, attribution_labels(teacher, sae, tokens))
     assert (labels[:, -1] == -1).all() and (labels[:, :-1] >= 0).any()
     ds.check_fingerprint(expected_fingerprint(args, tokenizer, 24, sae_fingerprint(str(assets / "sae.pt"))))
@@ -97,16 +103,30 @@ def test_labels_aligned_with_training_samples(assets, one_process_labels):
         ds.check_fingerprint(expected_fingerprint(args, tokenizer, 24, sae_fingerprint(str(assets / "sae.pt"))))
 
 
-def test_two_processes_give_identical_labels(assets, one_process_labels):
+def test_two_processes_give_identical_labels_and_the_teacher_states(assets, one_process_labels):
+    """2 processes, chunks of 3 samples: the labels of one process; the teacher states kept beside them (merged
+    from the same chunks) are the teacher's final hidden states of the training samples, in order."""
+    from megatron_cocomix.concepts import load_teacher
+    from megatron_cocomix.data.teacher_states import TeacherStatesDataset
+
     out = assets / "labels_2"
     proc = run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-                str(free_port()), "tools/extract_concepts.py"] + extract_flags(assets, out, **{"--chunk-samples": 3}))
+                str(free_port()), "tools/extract_concepts.py"] + extract_flags(
+                    assets, out, **{"--chunk-samples": 3, "--teacher-states-prefix": assets / "states_2"}))
     assert proc.returncode == 0, proc.stderr[-3000:]
     a, ds_a = read_all(one_process_labels)
     b, ds_b = read_all(out)
     assert torch.equal(a, b)
     assert ds_a.fingerprint == ds_b.fingerprint
     assert not os.path.exists(str(out) + ".parts")
+
+    states = TeacherStatesDataset(str(assets / "states_2"))
+    assert len(states) == 24 and states.d_model == 32
+    _, _, tokens = training_tokens(assets, out)
+    teacher = load_teacher(str(assets / "gpt2"), None)
+    with torch.no_grad():
+        expected = teacher.model.transformer(input_ids=tokens).last_hidden_state  # GPT-2: after ln_f
+    torch.testing.assert_close(torch.stack([states[i] for i in range(24)]), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_resume_after_interruption(assets, one_process_labels, monkeypatch):
@@ -137,8 +157,16 @@ def test_resume_after_interruption(assets, one_process_labels, monkeypatch):
     assert tool.main(extract_flags(assets, out, **{"--concept-attribution": "abs"})) == 2
 
 
-def test_extract_errors(assets, capsys, tmp_path):
+def test_extract_errors(assets, capsys, tmp_path, one_process_labels):
     from tools import extract_concepts as tool
+
+    # Teacher states are kept for training samples only, and with labels extracted in the same run.
+    assert tool.main(extract_flags(assets, tmp_path / "x", **{"--eval-split": "test",
+                                                              "--teacher-states-prefix": tmp_path / "s"})) == 2
+    assert "--teacher-states-prefix keeps the states of training samples" in capsys.readouterr().err
+    assert tool.main(extract_flags(assets, one_process_labels, **{"--teacher-states-prefix": tmp_path / "s"})) == 2
+    assert "already holds these labels, but not these teacher states" in capsys.readouterr().err
+    assert not (tmp_path / "s.bin").exists()
 
     assert tool.main(extract_flags(assets, tmp_path / "x", **{"--global-batch-size": None})) == 2
     assert "--global-batch-size is required" in capsys.readouterr().err

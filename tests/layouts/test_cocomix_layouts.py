@@ -8,12 +8,13 @@ relative. All 4 optimizer steps have a non-zero learning rate.
 
 Launches are few (tests/helpers/multi_run_worker.py runs several trainings in one launch):
 - 1 process: online CoCoMix (concept layer 2; layer 1; layer 1 with rotary positions), label extraction with
-  tools/extract_concepts.py, training on those precomputed labels, NTP, and the ablations / baselines
-  (--concept-mixing none --no-concept-loss, add, --pause-tokens, --kd);
+  tools/extract_concepts.py (keeping the teacher's final states too), training on those precomputed labels, NTP,
+  and the ablations / baselines (--concept-mixing none --no-concept-loss, add, --pause-tokens, --kd, and --kd
+  from the precomputed teacher states);
 - 2 processes: TP2, PP2 (concept layer on the second stage), TP2+SP, PP2 x VPP2 (concept layer on a middle
   virtual stage; the 2s-long stream crosses a stage boundary), PP2 with the concept layer on the first stage
   (2s positions sent between stages) with learned and with rotary positions, TP2+SP with rotary positions,
-  KD at TP2 (teacher distribution sliced over the vocabulary shards), pause tokens at PP2 x VPP2 and at TP2+SP,
+  KD at TP2 (teacher distribution sliced over the vocabulary shards; online and from precomputed states), pause tokens at PP2 x VPP2 and at TP2+SP,
   additive mixing at TP2+SP, and DP2 with DeepSpeed ZeRO-1;
 - 4 processes: TP2 x PP2 with online and with precomputed labels.
 """
@@ -91,11 +92,14 @@ def reference_argv(name, labels_prefix):
         "mixing_add": cocomix() + ["--concept-mixing", "add"],
         "pause": TINY_GPT + ["--pause-tokens", "--concept-layer", "2"],
         "kd": TINY_GPT + ["--kd"] + teacher,
+        # The teacher's final states of the training samples, kept by the "extract" run (--teacher-states-prefix).
+        "kd_states": TINY_GPT + ["--kd"] + teacher + ["--kd-teacher-states", labels_prefix + "_states"],
     }[name]
 
 
 SINGLE = ["online", "extract", "precomputed", "online_reference", "extract_reference", "precomputed_reference",
-          "online_layer1", "online_rope_layer1", "ntp", "mixing_none_no_loss", "mixing_add", "pause", "kd"]
+          "online_layer1", "online_rope_layer1", "ntp", "mixing_none_no_loss", "mixing_add", "pause", "kd",
+          "kd_states"]
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +108,8 @@ def single(tmp_path_factory, labels_prefix):
     for name in SINGLE:
         if name == "extract":
             runs.append([name, "extract", cocomix() + ["--output-prefix", labels_prefix, "--no-tokenizer-check",
-                                                         "--no-progress"]])
+                                                         "--no-progress", "--teacher-states-prefix",
+                                                         labels_prefix + "_states"]])
         elif name == "extract_reference":
             runs.append([name, "extract", cocomix() + REFERENCE_MASKING + [
                 "--output-prefix", labels_prefix + "_reference", "--no-tokenizer-check", "--no-progress"]])
@@ -126,6 +131,7 @@ TWO_PROCESS = {
     "pp2_rope_concept_layer_on_first_stage": ("online_rope_layer1", PP2),
     "tp2_sp_rope": ("online_rope_layer1", TP2 + ["--sequence-parallel"]),
     "kd_tp2": ("kd", TP2),
+    "kd_states_tp2": ("kd_states", TP2),
     "pause_pp2_vpp2": ("pause", VPP2),
     # The ablations where sequence parallelism matters: the compression reduce-scattered along the sequence and
     # added to each shard; the pause vector's gradient summed over the TP ranks' shards.
@@ -165,7 +171,8 @@ def four_process(tmp_path_factory, single, labels_prefix):
 @pytest.mark.parametrize("layout", list(TWO_PROCESS))
 def test_two_process_layout_matches_single_process(layout, two_process, single):
     reference = TWO_PROCESS[layout][0]
-    keys = {"kd": ("lm loss", "kd loss"), "pause": ("lm loss",)}.get(reference, ("lm loss", "concept loss"))
+    keys = {"kd": ("lm loss", "kd loss"), "kd_states": ("lm loss", "kd loss"),
+            "pause": ("lm loss",)}.get(reference, ("lm loss", "concept loss"))
     assert_same_training(two_process[layout], single[reference], layout, keys=keys)
 
 
@@ -188,6 +195,14 @@ def test_precomputed_labels_give_the_online_losses(single, labels_prefix):
     assert "concept loss" not in single["precomputed"]["valid"]
     for key in ("concept top1 acc", "concept topk acc"):
         assert_close(losses(single["precomputed"], key), losses(single["online"], key), rtol=RTOL, what=key)
+
+
+def test_kd_from_precomputed_teacher_states_gives_the_online_losses(single, labels_prefix):
+    """--kd-teacher-states: the KD student trained on the teacher's final states kept by the label extraction
+    (the teacher's head applied to them, no teacher forward) has the online KD student's losses."""
+    meta = json.loads(open(labels_prefix + "_states.json").read())
+    assert meta["num_samples"] == 32 and meta["d_model"] == 32 and meta["format"] == "teacher_final_states"
+    assert_same_training(single["kd_states"], single["kd"], "KD from precomputed states", keys=("lm loss", "kd loss"))
 
 
 def test_reference_label_masking_online_equals_precomputed(single):

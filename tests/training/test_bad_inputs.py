@@ -49,3 +49,25 @@ def test_labels_file_too_short_is_refused_before_training(tmp_path):
     assert errors == [f"error: concept labels {prefix}: 8 samples but training needs 32; re-run "
                       f"tools/extract_concepts.py with the training flags"], proc.stderr[-2000:]
     assert "iteration" not in proc.stdout and "Traceback" not in proc.stderr
+
+
+def test_teacher_states_of_other_samples_are_refused_before_training(tmp_path):
+    """--kd-teacher-states whose fingerprint is not this run's stops the run at start-up with one line naming the
+    file and the first key that differs."""
+    import torch
+
+    from megatron_cocomix.data.teacher_states import TeacherStatesWriter, write_states_fingerprint
+
+    prefix = str(tmp_path / "states")
+    writer = TeacherStatesWriter(prefix, 32, 32)
+    writer.add(torch.randn(32, 32, 32))
+    writer.finalize()
+    flags = cocomix_flags()
+    teacher = flags[flags.index("--teacher-model"):flags.index("--teacher-layer") + 2]
+    write_states_fingerprint(prefix, {"seed": 999}, 32, 32, 32)
+    proc = run_script(os.path.join(ROOT, "pretrain_cocomix.py"),
+                      TINY_GPT + ["--kd", *teacher, "--kd-teacher-states", prefix], check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: teacher states {prefix}: fingerprint has no "), errors
+    assert "iteration" not in proc.stdout and "Traceback" not in proc.stderr
