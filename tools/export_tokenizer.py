@@ -44,7 +44,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     tokenizer.save_pretrained(options.output)
     # The students read the directory through the data tokenizer: it must give the teacher's ids.
     check_teacher_tokenizer(options.model, build_tokenizer_from_flags("HuggingFaceTokenizer",
-                                                                      tokenizer_model=options.output))
+                                                                      tokenizer_model=options.output),
+                            teacher_tokenizer=tokenizer)
     print(f"wrote {options.output}: {type(tokenizer).__name__}, vocabulary {len(tokenizer)}, "
           f"eos {tokenizer.eos_token!r} ({tokenizer.eos_token_id})")
     return 0

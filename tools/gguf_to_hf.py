@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _check(gguf_model, directory: str, gguf: str) -> None:
+def _check(gguf_model, gguf_tokenizer, directory: str, gguf: str) -> None:
     import torch
 
     from megatron_cocomix.concepts.teacher import (
@@ -49,7 +49,8 @@ def _check(gguf_model, directory: str, gguf: str) -> None:
     )
     from megatron_cocomix.data.tokenizer import build_tokenizer_from_flags
 
-    check_teacher_tokenizer(gguf, build_tokenizer_from_flags("HuggingFaceTokenizer", tokenizer_model=directory))
+    check_teacher_tokenizer(gguf, build_tokenizer_from_flags("HuggingFaceTokenizer", tokenizer_model=directory),
+                            teacher_tokenizer=gguf_tokenizer)
     written = load_hf_model(directory, torch.float32).eval()
     tokenizer = load_teacher_tokenizer(directory)
     with torch.no_grad():
@@ -85,7 +86,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _check(model, tmp, options.model)
+        _check(model, tokenizer, tmp, options.model)
         replace_dir(tmp, options.output, f"{tmp}.old")
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

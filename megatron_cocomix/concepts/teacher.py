@@ -385,12 +385,14 @@ def tokenizer_vocab_size(tokenizer) -> int:
     return int(tokenizer.vocab_size) if not hasattr(tokenizer, "__len__") else len(tokenizer)
 
 
-def check_teacher_tokenizer(teacher_path: str, student_tokenizer, texts: Sequence[str] = DEFAULT_CHECK_TEXTS) -> None:
+def check_teacher_tokenizer(teacher_path: str, student_tokenizer, texts: Sequence[str] = DEFAULT_CHECK_TEXTS,
+                            teacher_tokenizer=None) -> None:
     """Refuse a teacher whose tokenizer gives other ids than the student's (vocab size, then sample encodings).
 
     `student_tokenizer`: a megatron-style tokenizer (`tokenize`, `vocab_size`) or a HF tokenizer.
+    `teacher_tokenizer`: the teacher's, when the caller has loaded it already (a .gguf's takes ~12 s to parse).
     """
-    teacher_tok = load_teacher_tokenizer(teacher_path)
+    teacher_tok = teacher_tokenizer if teacher_tokenizer is not None else load_teacher_tokenizer(teacher_path)
     teacher_size, student_size = len(teacher_tok), tokenizer_vocab_size(student_tokenizer)
     if teacher_size != student_size:
         raise ValueError(f"teacher {teacher_path} has a vocabulary of {teacher_size} tokens but the student "
