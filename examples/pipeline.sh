@@ -332,7 +332,12 @@ student_knobs() {  # the students' data and schedule at seed SEED
 }
 
 run_stage tokenise "tokenizer and .bin/.idx data" "${KNOBS_TOKENISE}" "tokenizer data" tokenise
-run_stage teacher "pretrain and export the teacher" "${KNOBS_TEACHER}" "teacher" train_teacher
+if [ "${TEACHER}" = smollm2 ]; then
+    TEACHER_STAGE="the SmolLM2 gguf as a Hugging Face directory"
+else
+    TEACHER_STAGE="pretrain and export the teacher"
+fi
+run_stage teacher "${TEACHER_STAGE}" "${KNOBS_TEACHER}" "teacher" train_teacher
 run_stage sae "train and evaluate the SAE" "${KNOBS_SAE}" "sae" train_sae
 for SEED in "${SEED_LIST[@]}"; do
     SEED_DIR="${RUN_DIR}/seed${SEED}"
