@@ -63,26 +63,29 @@ export PYTHONWARNINGS="${PYTHONWARNINGS:-ignore}"  # keep the stage logs to the 
 # ---------------------------------------------------------------------------------------------------- sizes
 # Student: 4 layers x 128, sequence 128; the concept layer sits at the input of block 2. Tokens per student:
 # STUDENT_ITERS x BATCH x SEQ (tiny teacher: 300 x 16 x 128 = 614K tokens, 0.4 epoch of the training documents;
-# SmolLM2: 100 x 8 x 128 = 102K tokens).
+# SmolLM2: 80 x 8 x 128 = 82K tokens).
 SEQ=128
 BATCH=16
 SAVE_INTERVAL=50
 STUDENT_EVAL_INTERVAL=50  # validations per student: 6 (SmolLM2 4, SIZE=small 4); tokens saved needs 3 or more
-EVAL_DOCS=(); SAE_EVAL_SEQS=64
+EVAL_DOCS=(); SAE_EVAL_SEQS=64; SAE_SEQS=16  # SAE: held-out windows, windows per step
+CONCEPT_WINDOWS=()  # evaluate: concept accuracy on all the held-out windows (SmolLM2: the first 64)
 DESCRIBE_TOKENS=16384  # test tokens the latent descriptions read: bounded, so the stage stays cheap for any teacher
 TEACHER_MODEL_ARGS=(--num-layers 4 --hidden-size 192 --num-attention-heads 6)
 # KD_STATES=yes: the labels stage keeps the teacher's final hidden states of the training samples (from the
 # forward its labels need anyway) and the KD student reads them instead of running the teacher each step (the
 # same distributions; extract_concepts.py --teacher-states-prefix). Costs 4 x d bytes per token of disk: worth it
-# for SmolLM2 (KD ~3 s -> ~1 s per step; 236 MB per seed), not for the tiny teacher's default 614K tokens (472 MB
+# for SmolLM2 (KD ~4 s -> ~2 s per step; 189 MB per seed), not for the tiny teacher's default 614K tokens (472 MB
 # to save a forward that is cheap); the reduced run uses it, so the tests cover it.
 KD_STATES=no
 if [ "${TEACHER}" = smollm2 ]; then
     # SmolLM2-135M: 30 layers of width 576, vocabulary 49152; the SAE reads hidden_states[6] (C = 8 x 576). Its
-    # forward and backward cost ~100x the tiny teacher's per token, so the students see fewer tokens.
+    # forward and backward cost ~100x the tiny teacher's per token (~4 s per 1024 tokens on 2 cores), and the
+    # labels pay it on every student token, so the students see 82K tokens, the SAE 305K (200 steps of 12
+    # windows) and the held-out SAE and concept metrics 4K and 8K tokens: the run stays within 20 minutes.
     TEACHER_LAYER=6; NUM_LATENTS=4608; SAE_K=32; CONCEPT_TOPK=32
-    SAE_ITERS=200; STUDENT_ITERS=100; BATCH=8; EVAL_DOCS=(--max-documents 12); STUDENT_EVAL_INTERVAL=25
-    KD_STATES=yes
+    SAE_ITERS=200; SAE_SEQS=12; SAE_EVAL_SEQS=32; STUDENT_ITERS=80; BATCH=8; STUDENT_EVAL_INTERVAL=20
+    EVAL_DOCS=(--max-documents 12); CONCEPT_WINDOWS=(--concept-max-windows 64); KD_STATES=yes
 else
     # The tiny teacher: 4 layers of width 192 (SentencePiece vocabulary 4096); the SAE reads hidden_states[2].
     TEACHER_LAYER=2; NUM_LATENTS=1536; SAE_K=16; CONCEPT_TOPK=16
@@ -227,7 +230,7 @@ train_teacher() {
 train_sae() {
     "${PYTHON}" tools/train_sae.py --teacher-model "${TEACHER_MODEL}" --teacher-layer "${TEACHER_LAYER}" \
         --data-path "${DATA}" --seq-length "${SEQ}" --num-latents "${NUM_LATENTS}" --k "${SAE_K}" \
-        --train-iters "${SAE_ITERS}" --sequences-per-step 16 --seed "${BASE_SEED}" --save "${SAE_DIR}" \
+        --train-iters "${SAE_ITERS}" --sequences-per-step "${SAE_SEQS}" --seed "${BASE_SEED}" --save "${SAE_DIR}" \
         --save-interval "${SAVE_INTERVAL}" --eval-sequences "${SAE_EVAL_SEQS}" \
         --tensorboard-dir "${RUN_DIR}/sae/tensorboard" --no-progress
     # train_sae.py ends with the evaluation on the last SAE_EVAL_SEQS windows of the data, which it left out of
@@ -291,7 +294,8 @@ evaluate() {
     fi
     # shellcheck disable=SC2046
     "${PYTHON}" tools/evaluate.py "${models[@]}" "${names[@]}" \
-        --data-path "${DATA}" --split "${SPLIT}" --eval-split test "${EVAL_DOCS[@]}" $(concept_args) \
+        --data-path "${DATA}" --split "${SPLIT}" --eval-split test "${EVAL_DOCS[@]}" "${CONCEPT_WINDOWS[@]}" \
+        $(concept_args) \
         --output-json "${SEED_DIR}/results.json" --output-md "${SEED_DIR}/evaluate.md" --no-progress
     "${PYTHON}" tools/plot_runs.py "${students}"/{cocomix,ntp,kd}/tensorboard --name cocomix ntp kd \
         --reference ntp --output "${SEED_DIR}/curves.png"
@@ -325,7 +329,8 @@ else
     KNOBS_TEACHER="${KNOBS_TOKENISE} teacher.model=SmolLM2-135M teacher.files=hf"
 fi
 KNOBS_SAE="${KNOBS_TEACHER} sae.layer=${TEACHER_LAYER} sae.latents=${NUM_LATENTS} sae.k=${SAE_K}"
-KNOBS_SAE+=" sae.seq=${SEQ} sae.iters=${SAE_ITERS} sae.eval_sequences=${SAE_EVAL_SEQS} sae.seed=${BASE_SEED}"
+KNOBS_SAE+=" sae.seq=${SEQ} sae.iters=${SAE_ITERS} sae.sequences=${SAE_SEQS} sae.eval_sequences=${SAE_EVAL_SEQS}"
+KNOBS_SAE+=" sae.seed=${BASE_SEED}"
 student_knobs() {  # the students' data and schedule at seed SEED
     echo "students.seq=${SEQ} students.batch=${BATCH} students.iters=${STUDENT_ITERS}" \
         "students.eval_interval=${STUDENT_EVAL_INTERVAL} students.seed=${SEED}"
@@ -351,6 +356,7 @@ for SEED in "${SEED_LIST[@]}"; do
         knobs_kd="${knobs_labels} kd.ffn=${NTP_FFN} kd.teacher_states=yes"
     fi
     knobs_evaluate="${knobs_cocomix} ${knobs_kd} ${knobs_ntp} evaluate.documents=${EVAL_DOCS[1]:-all}"
+    knobs_evaluate+=" evaluate.concept_windows=${CONCEPT_WINDOWS[1]:-all}"
     run_stage "labels.${at}" "concept labels of the seed's training samples" "${knobs_labels}" "${at}/labels" \
         extract_labels
     run_stage "cocomix.${at}" "CoCoMix student" "${knobs_cocomix}" "${at}/students/cocomix" train_cocomix

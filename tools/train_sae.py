@@ -216,6 +216,7 @@ def train(args: argparse.Namespace) -> dict:
         if args.save and rank == 0 and args.save_interval and step % args.save_interval == 0:
             save_checkpoint(args.save, sae, trainer, args, world)
     bar.close()
+    train_seconds = time.time() - start
     if args.save and rank == 0 and (not args.save_interval or trainer.step_count % args.save_interval != 0
                                     or not history):
         save_checkpoint(args.save, sae, trainer, args, world)
@@ -227,7 +228,7 @@ def train(args: argparse.Namespace) -> dict:
     result.update(steps=trainer.step_count, train_fvu_first=history[0]["fvu"] if history else None,
                   train_fvu_last=history[-1]["fvu"] if history else None,
                   train_dead_fraction=trainer.dead_mask().float().mean().item(),
-                  tokens_per_second=tokens_per_step * len(history) / max(time.time() - start, 1e-9))
+                  tokens_per_second=tokens_per_step * len(history) / max(train_seconds, 1e-9))
     if rank == 0:
         if writer:
             for name in ("fvu", "l0", "dead_fraction", "delta_lm_loss"):
