@@ -51,37 +51,25 @@ def decode_labels(values: numpy.ndarray, seq_length: int, num_labels: int) -> to
     return labels.view(seq_length, num_labels)
 
 
-class ConceptLabelsWriter:
-    """Appends one [seq_length, num_labels] label block per sample to PREFIX.bin and writes PREFIX.idx on close.
+class SampleBlocksWriter:
+    """One block of values per sample, appended to PREFIX.bin by megatron-core's IndexedDatasetBuilder (one
+    "document" per sample); `add_shard` appends a finished file of the same dtype (shards are merged in order);
+    `finalize` writes PREFIX.idx. Subclasses check and encode the blocks."""
 
-    megatron-core's IndexedDatasetBuilder writes the files; `finalize` writes the index. The fingerprint is
-    written separately (`write_fingerprint`) once all shards are merged, so a file without it is incomplete.
-    """
-
-    def __init__(self, prefix: str, seq_length: int, num_labels: int, num_latents: int) -> None:
+    def __init__(self, prefix: str, dtype: type) -> None:
         from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
 
-        directory = os.path.dirname(os.path.abspath(prefix))
-        os.makedirs(directory, exist_ok=True)
-        self.prefix, self.seq_length, self.num_labels = prefix, seq_length, num_labels
-        self.dtype = labels_dtype(num_latents)
-        self._builder = IndexedDatasetBuilder(prefix + ".bin", dtype=self.dtype)
+        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
+        self.prefix, self.dtype = prefix, dtype
+        self._builder = IndexedDatasetBuilder(prefix + ".bin", dtype=dtype)
         self.num_samples = 0
 
-    def add(self, labels: torch.Tensor) -> None:
-        """labels: [seq_length, num_labels] or [n, seq_length, num_labels] (n samples in order)."""
-        if labels.dim() == 2:
-            labels = labels.unsqueeze(0)
-        if tuple(labels.shape[1:]) != (self.seq_length, self.num_labels):
-            raise ValueError(f"labels of shape {tuple(labels.shape[1:])} do not match [seq_length {self.seq_length}, "
-                             f"num_labels {self.num_labels}] of {self.prefix}")
-        for sample in labels.cpu():
-            self._builder.add_item(encode_labels(sample, self.dtype))
-            self._builder.end_document()
-            self.num_samples += 1
+    def _add_block(self, values: torch.Tensor) -> None:
+        self._builder.add_item(values)
+        self._builder.end_document()
+        self.num_samples += 1
 
     def add_shard(self, shard_prefix: str) -> None:
-        """Append every sample of another labels file of the same layout (shards are merged in order)."""
         from megatron.core.datasets.indexed_dataset import IndexedDataset
 
         self._builder.add_index(shard_prefix)
@@ -91,6 +79,35 @@ class ConceptLabelsWriter:
         self._builder.finalize(self.prefix + ".idx")
 
 
+def write_json_atomically(path: str, record: Mapping[str, Any]) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, indent=2, sort_keys=True)
+    os.replace(tmp, path)
+
+
+class ConceptLabelsWriter(SampleBlocksWriter):
+    """Appends one [seq_length, num_labels] label block per sample to PREFIX.bin and writes PREFIX.idx on close.
+
+    The fingerprint is written separately (`write_fingerprint`) once all shards are merged, so a file without it
+    is incomplete.
+    """
+
+    def __init__(self, prefix: str, seq_length: int, num_labels: int, num_latents: int) -> None:
+        super().__init__(prefix, labels_dtype(num_latents))
+        self.seq_length, self.num_labels = seq_length, num_labels
+
+    def add(self, labels: torch.Tensor) -> None:
+        """labels: [seq_length, num_labels] or [n, seq_length, num_labels] (n samples in order)."""
+        if labels.dim() == 2:
+            labels = labels.unsqueeze(0)
+        if tuple(labels.shape[1:]) != (self.seq_length, self.num_labels):
+            raise ValueError(f"labels of shape {tuple(labels.shape[1:])} do not match [seq_length {self.seq_length}, "
+                             f"num_labels {self.num_labels}] of {self.prefix}")
+        for sample in labels.cpu():
+            self._add_block(encode_labels(sample, self.dtype))
+
+
 def write_fingerprint(prefix: str, fingerprint: Mapping[str, Any], seq_length: int, num_labels: int,
                       num_latents: int, num_samples: int) -> dict:
     """Write PREFIX.json: the caller's fingerprint plus the storage layout; returns what was written."""
@@ -98,10 +115,7 @@ def write_fingerprint(prefix: str, fingerprint: Mapping[str, Any], seq_length: i
     record.update(format_version=FORMAT_VERSION, seq_length=seq_length, num_labels=num_labels,
                   num_latents=num_latents, num_samples=num_samples,
                   dtype=numpy.dtype(labels_dtype(num_latents)).name)
-    tmp = fingerprint_path(prefix) + ".tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-    os.replace(tmp, fingerprint_path(prefix))
+    write_json_atomically(fingerprint_path(prefix), record)
     return record
 
 

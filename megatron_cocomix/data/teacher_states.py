@@ -23,7 +23,7 @@ from typing import Any, Mapping
 import numpy
 import torch
 
-from megatron_cocomix.data.concept_labels import check_fingerprint
+from megatron_cocomix.data.concept_labels import SampleBlocksWriter, check_fingerprint, write_json_atomically
 
 FORMAT = "teacher_final_states"
 FORMAT_VERSION = 1
@@ -36,17 +36,13 @@ def states_fingerprint(labels_fingerprint: Mapping[str, Any]) -> dict:
     return {key: value for key, value in labels_fingerprint.items() if key not in LABEL_ONLY_KEYS}
 
 
-class TeacherStatesWriter:
+class TeacherStatesWriter(SampleBlocksWriter):
     """Appends one [seq_length, d_model] float32 block per sample to PREFIX.bin; PREFIX.idx is written on close.
     The fingerprint is written separately (`write_states_fingerprint`), last, so a file without it is incomplete."""
 
     def __init__(self, prefix: str, seq_length: int, d_model: int) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
-        os.makedirs(os.path.dirname(os.path.abspath(prefix)), exist_ok=True)
-        self.prefix, self.seq_length, self.d_model = prefix, seq_length, d_model
-        self._builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.float32)
-        self.num_samples = 0
+        super().__init__(prefix, numpy.float32)
+        self.seq_length, self.d_model = seq_length, d_model
 
     def add(self, states: torch.Tensor) -> None:
         """states: [n, seq_length, d_model] (n samples in order)."""
@@ -54,18 +50,7 @@ class TeacherStatesWriter:
             raise ValueError(f"teacher states of shape {tuple(states.shape[1:])} do not match [seq_length "
                              f"{self.seq_length}, d_model {self.d_model}] of {self.prefix}")
         for sample in states.detach().float().cpu():
-            self._builder.add_item(sample.reshape(-1))
-            self._builder.end_document()
-            self.num_samples += 1
-
-    def add_shard(self, shard_prefix: str) -> None:
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
-
-        self._builder.add_index(shard_prefix)
-        self.num_samples += len(IndexedDataset(shard_prefix))
-
-    def finalize(self) -> None:
-        self._builder.finalize(self.prefix + ".idx")
+            self._add_block(sample.reshape(-1))
 
 
 def write_states_fingerprint(prefix: str, fingerprint: Mapping[str, Any], seq_length: int, d_model: int,
@@ -73,10 +58,7 @@ def write_states_fingerprint(prefix: str, fingerprint: Mapping[str, Any], seq_le
     record = dict(states_fingerprint(fingerprint))
     record.update(format=FORMAT, format_version=FORMAT_VERSION, seq_length=seq_length, d_model=d_model,
                   num_samples=num_samples, dtype="float32")
-    tmp = prefix + ".json.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, indent=2, sort_keys=True)
-    os.replace(tmp, prefix + ".json")
+    write_json_atomically(prefix + ".json", record)
     return record
 
 
