@@ -1,10 +1,13 @@
-"""Durable, atomic directory writes shared by checkpoints and exports: a reader sees the old directory or the
+"""Durable, atomic directory writes shared by checkpoints, exports and converted teachers: a reader sees the old directory or the
 complete new one, never a half-written one, even across a crash."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
+from typing import Iterator
 
 
 def fsync_dir(path: str) -> None:
@@ -35,3 +38,18 @@ def replace_dir(finished: str, target: str, old: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.rename(finished, target)
+
+
+@contextlib.contextmanager
+def publishing_dir(output: str) -> Iterator[str]:
+    """Yields a fresh temporary sibling of `output` to write into; when the block ends normally the directory
+    replaces `output` (`replace_dir`), and when it raises it is removed and `output` is left as it was."""
+    parent = os.path.dirname(os.path.abspath(output)) or "."
+    os.makedirs(parent, exist_ok=True)
+    tmp = tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(output))}.tmp-")
+    try:
+        yield tmp
+        replace_dir(tmp, output, f"{tmp}.old")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

@@ -66,13 +66,11 @@ def _check(gguf_model, gguf_tokenizer, directory: str, gguf: str) -> None:
 @cli_main
 def main(argv: Optional[List[str]] = None) -> int:
     options = build_parser().parse_args(argv)
-    import shutil
-
     import torch
 
     from megatron_cocomix.concepts.teacher import load_hf_model, load_teacher_tokenizer
-    from megatron_cocomix.conversion.export import check_output, fresh_dir_next_to
-    from megatron_cocomix.files import replace_dir
+    from megatron_cocomix.conversion.export import check_output
+    from megatron_cocomix.files import publishing_dir
 
     if not os.path.isfile(options.model) or not options.model.endswith(".gguf"):
         raise ValueError(f"--model {options.model}: expected a .gguf file")
@@ -82,15 +80,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         tokenizer = load_teacher_tokenizer(options.model)
     except (ValueError, KeyError, OSError, struct.error) as e:
         raise ValueError(f"--model {options.model}: not a readable gguf causal LM ({type(e).__name__}: {e})") from None
-    tmp = fresh_dir_next_to(options.output)
-    try:
+    with publishing_dir(options.output) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
         _check(model, tokenizer, tmp, options.model)
-        replace_dir(tmp, options.output, f"{tmp}.old")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     parameters = sum(p.numel() for p in model.parameters())
     print(f"wrote {options.output}: {type(model).__name__}, {parameters / 1e6:.1f}M parameters (float32), "
           f"vocabulary {len(tokenizer)}; logits and token ids checked against {options.model}")

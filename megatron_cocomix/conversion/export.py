@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from typing import Dict, Optional
 
 import torch
 import torch.nn.functional as F
 
 from megatron_cocomix.conversion.weights import hf_config, megatron_to_hf
-from megatron_cocomix.files import replace_dir
+from megatron_cocomix.files import publishing_dir
 
 HF_SOURCE_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "hf")
 COCOMIX_FILES = ("configuration_cocomix.py", "modeling_cocomix.py")
@@ -92,12 +91,6 @@ def hf_model_from_checkpoint(root: str, iteration: Optional[int], directory: str
     return model, AutoTokenizer.from_pretrained(directory)
 
 
-def fresh_dir_next_to(output: str) -> str:
-    parent = os.path.dirname(os.path.abspath(output)) or "."
-    os.makedirs(parent, exist_ok=True)
-    return tempfile.mkdtemp(dir=parent, prefix=f".{os.path.basename(os.path.abspath(output))}.tmp-")
-
-
 def check_output(output: str, overwrite: bool) -> None:
     if os.path.exists(output) and not os.path.isdir(output):
         raise ValueError(f"--output {output}: exists and is not a directory")
@@ -110,8 +103,7 @@ def write_export(hf, tokenizer: dict, output: str, max_shard_size: str, model_ma
     """Write everything into a temporary sibling of `output`, run `check(tmp_dir)`, then rename into place."""
     from megatron_cocomix.conversion.tokenizer_files import write_tokenizer
 
-    tmp = fresh_dir_next_to(output)
-    try:
+    with publishing_dir(output) as tmp:
         hf.save_pretrained(tmp, max_shard_size=max_shard_size)
         if getattr(hf.config, "model_type", None) == "cocomix":
             for name in COCOMIX_FILES:
@@ -119,10 +111,6 @@ def write_export(hf, tokenizer: dict, output: str, max_shard_size: str, model_ma
         write_tokenizer(tokenizer, tmp, model_max_length)
         if check is not None:
             check(tmp)
-        replace_dir(tmp, output, f"{tmp}.old")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def load_export(path: str, dtype: torch.dtype = torch.float32):
