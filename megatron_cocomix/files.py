@@ -1,5 +1,5 @@
-"""Durable, atomic directory writes shared by checkpoints, exports and converted teachers: a reader sees the old directory or the
-complete new one, never a half-written one, even across a crash."""
+"""Durable, atomic directory writes shared by checkpoints, exports and converted teachers: a reader sees the old
+directory or the complete new one, never a half-written one, even across a crash."""
 
 from __future__ import annotations
 
