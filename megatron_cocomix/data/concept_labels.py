@@ -119,15 +119,17 @@ def write_fingerprint(prefix: str, fingerprint: Mapping[str, Any], seq_length: i
     return record
 
 
-def read_fingerprint(prefix: str) -> dict:
+def read_fingerprint(prefix: str, what: str = "concept labels") -> dict:
+    """PREFIX.json of a file tools/extract_concepts.py wrote; `what` names the file kind in errors."""
     path = fingerprint_path(prefix)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"concept labels {prefix}: no fingerprint {path} (incomplete or not a labels file)")
+        raise FileNotFoundError(f"{what} {prefix}: no fingerprint {path} (incomplete, or not written by "
+                                "tools/extract_concepts.py)")
     try:
         with open(path) as f:
             return json.load(f)
     except json.JSONDecodeError as e:
-        raise ValueError(f"concept labels {prefix}: invalid fingerprint {path} ({e})") from None
+        raise ValueError(f"{what} {prefix}: invalid fingerprint {path} ({e})") from None
 
 
 class ConceptLabelsDataset(torch.utils.data.Dataset):
@@ -174,17 +176,19 @@ class ConceptLabelsDataset(torch.utils.data.Dataset):
 
 
 def check_fingerprint(actual: Mapping[str, Any], expected: Mapping[str, Any], prefix: str = "",
-                      ignore: Optional[set] = None) -> None:
+                      ignore: Optional[set] = None, what: str = "concept labels") -> None:
+    """The first key of `expected` that `actual` lacks or holds another value of: one error naming the file
+    (`what` PREFIX), the key and both values."""
     for key in sorted(expected):
         if ignore and key in ignore:
             continue
         want = _canonical(expected[key])
         if key not in actual:
-            raise ValueError(f"concept labels {prefix}: fingerprint has no {key!r} (expected {want!r}); "
+            raise ValueError(f"{what} {prefix}: fingerprint has no {key!r} (expected {want!r}); "
                              "re-run tools/extract_concepts.py")
         got = _canonical(actual[key])
         if got != want:
-            raise ValueError(f"concept labels {prefix}: fingerprint {key!r} is {got!r} but this run has {want!r}; "
+            raise ValueError(f"{what} {prefix}: fingerprint {key!r} is {got!r} but this run has {want!r}; "
                              "re-run tools/extract_concepts.py with the training flags")
 
 
