@@ -134,7 +134,7 @@ def teacher_flops_per_sequence(args: argparse.Namespace) -> Dict[str, float]:
         return {}
     s = args.seq_length
     layers = teacher.num_layers
-    if args.kd and getattr(args, "kd_teacher_states", None) and not online:
+    if args.kd and args.kd_teacher_states and not online:
         # Precomputed final states (data/teacher_states.py): the teacher's head is all that runs.
         return {"teacher forward": output_layer_flops(teacher, s)}
     forward = layers * (layer_linear_flops(teacher, s) + layer_attention_core_flops(teacher, s))

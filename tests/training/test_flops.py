@@ -260,6 +260,14 @@ def test_teacher_flops_match_flop_counter():
     # KD: forward only; precomputed labels: no teacher at all.
     args.kd, args.cocomix = True, False
     assert flops.teacher_flops_per_sequence(args) == {"teacher forward": terms["teacher forward"]}
+    # KD from precomputed final states: the teacher's output layer on them, nothing else.
+    args.kd_teacher_states = "states/prefix"
+    head = measured(lambda: torch.nn.functional.linear(torch.randn(args.global_batch_size, args.seq_length, 48),
+                                                       torch.randn(256, 48)))
+    assert set(flops.teacher_flops_per_sequence(args)) == {"teacher forward"}
+    assert args.global_batch_size * flops.teacher_flops_per_sequence(args)["teacher forward"] == pytest.approx(
+        head, rel=1e-12)
+    args.kd_teacher_states = None
     args.kd, args.cocomix, args.concept_labels = False, True, "labels/prefix"
     assert flops.teacher_flops_per_sequence(args) == {}
 
