@@ -319,3 +319,19 @@ def test_gguf_to_hf_errors(assets, tmp_path, capsys):
     assert capsys.readouterr().err.strip().splitlines()[-1].startswith(
         f"error: --model {fake}: not a readable gguf causal LM (")
     assert not (tmp_path / "out").exists()
+
+
+def test_final_states_need_the_plain_linear_head(assets):
+    """Teacher.keeping_final_states records what the chunked head reads; with the model's own head (--teacher-lm-head
+    full) there is no such tensor to keep, and it says so instead of yielding nothing."""
+    from megatron_cocomix.concepts import load_teacher
+
+    teacher = load_teacher(str(assets / "gpt2"), 2)
+    tokens = torch.randint(0, VOCAB - 1, (2, 16), generator=torch.Generator().manual_seed(0))
+    with teacher.keeping_final_states() as finals:
+        teacher.hidden_and_grad(tokens)
+    assert len(finals) == 1 and finals[0].shape == (2, 16, 32)
+    torch.testing.assert_close(teacher.logits_from_final_states(finals[0]), teacher.logits(tokens))
+    with pytest.raises(ValueError, match="--teacher-lm-head chunked"):
+        with load_teacher(str(assets / "gpt2"), 2, lm_head="full").keeping_final_states():
+            pass
